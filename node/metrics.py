@@ -1,0 +1,34 @@
+"""Prometheus metrics of one MN, served on its HTTP port at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_SENT = Counter("zstack_bus_messages_sent_total", "Messages this MN published", ["service", "kind"])
+MESSAGES_RECEIVED = Counter(
+    "zstack_bus_messages_received_total", "Messages this MN consumed", ["service", "kind"]
+)
+MESSAGES_REJECTED = Counter(
+    "zstack_bus_messages_rejected_total",
+    "Messages dead-lettered or refused, by reason (malformed, no_route, hop_limit, expired, ...)",
+    ["service", "reason"],
+)
+CALL_SECONDS = Histogram(
+    "zstack_bus_call_seconds",
+    "Latency of bus calls made by this MN, from publish to reply",
+    ["service"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REROUTES = Counter(
+    "zstack_bus_reroutes_total", "Messages re-routed to a new owner after their MN left", ["service", "cause"]
+)
+RING_MEMBERS = Gauge("zstack_ring_members", "MNs in this MN's copy of the ring")
+RING_EPOCH = Gauge("zstack_ring_epoch", "Fingerprint of this MN's ring member set; equal on MNs that agree")
+RING_CHANGES = Counter("zstack_ring_changes_total", "Times this MN rebuilt its ring", ["cause"])
+EVICTIONS = Counter("zstack_membership_evictions_total", "Stale MNs this MN evicted from the table")
+FENCES = Counter("zstack_membership_fences_total", "Times this MN fenced itself", ["reason"])
+TAKEOVERS = Counter(
+    "zstack_takeovers_total", "Takeover hooks run on this MN, by service and event", ["service", "event"]
+)
+HEARTBEAT_AGE = Gauge("zstack_heartbeat_age_seconds", "Seconds since this MN last wrote its heartbeat")
+NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
