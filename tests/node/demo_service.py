@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from zstack_node.bus import BusError
 from zstack_node.envelope import Envelope
 from zstack_node.ring import Ring, RingChange
 from zstack_node.service import Service, ServiceError, handles
@@ -36,6 +38,19 @@ class DemoService(Service):
     async def sleep(self, msg: Envelope) -> dict[str, Any]:
         await asyncio.sleep(float(msg.body.get("seconds", 1)))
         return {"mn": self.node.uuid}
+
+    @handles("Relay")
+    async def relay(self, msg: Envelope) -> dict[str, Any]:
+        """Call demo/Sleep on the owner of body.resource from this MN, and report how it ended."""
+        started = time.monotonic()
+        try:
+            reply = await self.node.bus.call(
+                "demo", "Sleep", {"seconds": msg.body["seconds"]}, resource=msg.body["resource"],
+                timeout=msg.body["timeout"], idempotent=msg.body["idempotent"])
+            outcome = {"ok": True, "mn": reply["mn"]}
+        except BusError as exc:
+            outcome = {"ok": False, "code": exc.code, "message": str(exc)}
+        return {**outcome, "elapsed": time.monotonic() - started}
 
     @handles("Fail")
     async def fail(self, msg: Envelope) -> dict[str, Any]:

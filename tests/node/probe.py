@@ -1,0 +1,64 @@
+"""A bus client for tests: publishes envelopes with plain pika and waits for the replies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pika
+
+from zstack_node.bus import API_QUEUE, DEAD_LETTER_QUEUE, P2P_EXCHANGE, reply_queue, service_queue
+from zstack_node.envelope import Envelope
+
+
+class BusProbe:
+    """Plays a caller outside every MN: its own reply queue, raw publishes, raw reads."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self.channel = self.connection.channel()
+        self.uuid = uuid.uuid4().hex
+        self.replies = reply_queue(self.uuid)
+        self.channel.queue_declare(self.replies, exclusive=True)
+        self.channel.queue_bind(self.replies, P2P_EXCHANGE, self.replies)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def call(self, queue: str, message_type: str, body: dict | None = None, *, resource: str | None = None,
+             kind: str = "call", timeout: float = 10.0, idempotent: bool = False) -> Envelope:
+        """Publish a call to `queue` and return its reply envelope."""
+        correlation = uuid.uuid4().hex
+        envelope = Envelope(message_type, "demo", kind, body or {}, resource, correlation=correlation,
+                            reply_to=self.replies, deadline=time.time() + timeout, sender=self.uuid,
+                            idempotent=idempotent)
+        self.channel.basic_publish(P2P_EXCHANGE, queue, envelope.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            method, _props, raw = self.channel.basic_get(self.replies, auto_ack=True)
+            if method is None:
+                self.connection.process_data_events(time_limit=0.01)
+                continue
+            reply = Envelope.decode(raw)
+            if reply.correlation == correlation:
+                return reply
+        raise TimeoutError(f"no reply to {message_type} on {queue} within {timeout}s")
+
+    def call_mn(self, mn_uuid: str, message_type: str, body: dict | None = None, **kwargs) -> Envelope:
+        return self.call(service_queue("demo", mn_uuid), message_type, body, **kwargs)
+
+    def call_api(self, message_type: str, body: dict | None = None, **kwargs) -> Envelope:
+        return self.call(API_QUEUE, message_type, body, kind="api", **kwargs)
+
+    def publish_raw(self, queue: str, body: bytes) -> None:
+        self.channel.basic_publish(P2P_EXCHANGE, queue, body)
+
+    def dead_letters(self) -> list[tuple[bytes, dict]]:
+        """Drain the dead-letter queue: (body, headers) pairs."""
+        found = []
+        while True:
+            method, props, raw = self.channel.basic_get(DEAD_LETTER_QUEUE, auto_ack=True)
+            if method is None:
+                return found
+            found.append((raw, props.headers or {}))

@@ -1,0 +1,147 @@
+"""Three MN processes on a real RabbitMQ and PostgreSQL: one ring, routing, failures, recovery."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from devcluster.localnodes import wait_until
+from zstack_node.bus import service_queue
+from zstack_node.ring import Ring
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT_INTERVAL = 1.0  # the defaults: what users get
+HEARTBEAT_TIMEOUT = 4.0
+
+
+def owned_by(ring: Ring, mn: str, keys: list[str]) -> list[str]:
+    return [k for k in keys if ring.owner(k) == mn]
+
+
+def test_three_mns_join_one_ring_with_identical_members(cluster):
+    nodes = cluster.start(3)
+    uuids = {n.uuid for n in nodes}
+    assert len(uuids) == 3 and all(len(u) == 32 for u in uuids)
+    assert cluster.wait_agreed(uuids) == uuids
+    epochs = {n.ring()["epoch"] for n in nodes}
+    assert len(epochs) == 1
+
+
+def test_messages_reach_the_owner_the_ring_names(cluster, probe):
+    nodes = cluster.start(3)
+    ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
+    for resource in cluster.keys[:30]:
+        owner = ring.owner(resource)
+        sender = nodes[hash(resource) % 3].uuid  # any MN's queue: the owner must still be the one to answer
+        direct = probe.call_mn(owner, "Echo", {"n": 1}, resource=resource)
+        assert direct.body["mn"] == owner
+        via_api = probe.call_api("Echo", resource=resource)
+        assert via_api.body["mn"] == owner, f"api.portal routed {resource} away from its owner"
+        assert sender in ring
+    # A message without a resource UUID stays on the MN that got it.
+    for node in nodes:
+        assert probe.call_mn(node.uuid, "Echo").body["mn"] == node.uuid
+    # Handler errors come back as clean error replies.
+    failed = probe.call_mn(nodes[0].uuid, "Fail", {"why": "test"})
+    assert failed.error == {"code": "DemoFailure", "message": "asked to fail: test"}
+
+
+def test_kill_9_survivors_converge_and_only_gainers_take_over(cluster):
+    nodes = cluster.start(3)
+    old_ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
+    victim, survivors = nodes[0], nodes[1:]
+    victim_uuid = victim.uuid
+    lost_keys = set(owned_by(old_ring, victim_uuid, cluster.keys))
+
+    started = time.monotonic()
+    victim.kill()
+    cluster.wait_agreed({n.uuid for n in survivors}, timeout=HEARTBEAT_TIMEOUT + 4)
+    converged = time.monotonic() - started
+    assert converged <= HEARTBEAT_TIMEOUT + 2 * HEARTBEAT_INTERVAL, cluster.logs()
+
+    new_ring = old_ring.without_member(victim_uuid)
+    wait_until(lambda: cluster.records("takeover"), 5, "takeover records")
+    takeovers = cluster.records("takeover")
+    taken = {key for record in takeovers for key in record["gained"]}
+    assert taken == lost_keys
+    for record in takeovers:
+        assert record["left"] == [victim_uuid]
+        assert all(new_ring.owner(k) == record["mn"] for k in record["gained"])
+    gainers = {new_ring.owner(k) for k in lost_keys}
+    assert {r["mn"] for r in takeovers} == gainers
+
+
+def test_sigterm_leaves_gracefully_and_survivors_converge_within_a_second(cluster):
+    nodes = cluster.start(3)
+    cluster.wait_agreed({n.uuid for n in nodes})
+    leaver, survivors = nodes[2], nodes[:2]
+    leaver_uuid = leaver.uuid
+
+    started = time.monotonic()
+    leaver.signal(signal.SIGTERM)
+    cluster.wait_agreed({n.uuid for n in survivors}, timeout=5)
+    converged = time.monotonic() - started
+    assert leaver.process.wait(10) == 0
+    assert converged < 1.0, f"survivors took {converged:.2f}s to drop the leaver"
+    assert f"left the ring gracefully as {leaver_uuid}" in leaver.tail()
+    assert not any("evicted" in n.tail() for n in survivors)
+
+
+def test_calls_in_flight_to_a_killed_mn_are_rerouted_or_fail_cleanly(cluster, probe_factory):
+    nodes = cluster.start(3)
+    ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
+    caller, victim = nodes[0], nodes[1]
+    target = owned_by(ring, victim.uuid, cluster.keys)[0]
+    outcomes: dict[str, object] = {}
+
+    def relay(idempotent: bool) -> None:
+        probe = probe_factory()
+        reply = probe.call_mn(caller.uuid, "Relay", {"resource": target, "seconds": 2.0, "timeout": 9.0,
+                                                     "idempotent": idempotent}, timeout=12)
+        outcomes[str(idempotent)] = reply.body
+
+    threads = [threading.Thread(target=relay, args=(flag,)) for flag in (True, False)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # both Sleep calls are now running on the victim
+    victim_uuid = victim.uuid
+    victim.kill()
+    # Sent after the death, before the ring knows: caught by the alternate exchange and re-routed.
+    late = probe_factory().call_mn(victim_uuid, "Echo", resource=target, timeout=9)
+    for thread in threads:
+        thread.join(15)
+
+    new_owner = ring.without_member(victim_uuid).owner(target)
+    assert late.body["mn"] == new_owner
+    repeated, failed = outcomes["True"], outcomes["False"]
+    assert repeated["ok"] and repeated["mn"] == new_owner and repeated["elapsed"] < 9.0
+    assert not failed["ok"] and failed["code"] == "TargetLeft" and failed["elapsed"] < 9.0
+
+
+def test_a_malformed_message_is_dead_lettered_and_the_mn_stays_alive(cluster, probe):
+    (node,) = cluster.start(1)
+    probe.dead_letters()  # start from an empty dead-letter queue
+    probe.publish_raw(service_queue("demo", node.uuid), b"{not json")
+    letters = wait_until(probe.dead_letters, 5, "the malformed message in the dead-letter queue")
+    assert letters[0][0] == b"{not json"
+    assert "not JSON" in letters[0][1]["x-zstack-reason"]
+    assert node.ready()
+    assert probe.call_mn(node.uuid, "Echo").body["mn"] == node.uuid
+    assert "dead-lettered a message" in node.tail()
+
+
+def test_every_mn_recovers_after_a_broker_restart(cluster, rabbitmq, probe_factory):
+    nodes = cluster.start(3)
+    uuids = {n.uuid for n in nodes}
+    cluster.wait_agreed(uuids)
+    rabbitmq.restart()
+    wait_until(lambda: all(n.ready() for n in nodes), 60, "every MN to be ready again")
+    probe = probe_factory()
+    for node in nodes:
+        reply = probe.call_mn(node.uuid, "Echo", timeout=10)
+        assert reply.body["mn"] == node.uuid
+    assert cluster.wait_agreed() == uuids, "a broker restart must not change membership"

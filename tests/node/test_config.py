@@ -1,0 +1,52 @@
+"""Configuration errors name the flag and env var, and the CLI refuses bad values."""
+
+import pytest
+from click.testing import CliRunner
+
+from zstack_node.cli import main
+from zstack_node.config import ConfigError, Settings, redact
+
+GOOD = {"broker_url": "amqp://u:p@127.0.0.1:5672/%2F", "database_url": "postgresql://u:p@127.0.0.1/zstack"}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"broker_url": "http://127.0.0.1"}, "--broker-url / ZSTACK_BROKER_URL"),
+        ({"broker_url": ""}, "--broker-url"),
+        ({"database_url": "mysql://x@h/db"}, "--database-url / ZSTACK_DATABASE_URL"),
+        ({"database_url": "postgresql://u@h:99999/db"}, "--database-url"),
+        ({"heartbeat_interval": 0}, "--heartbeat-interval"),
+        ({"heartbeat_timeout": 1.5}, "--heartbeat-timeout"),
+        ({"ring_vnodes": 0}, "--ring-vnodes"),
+        ({"http_port": 70000}, "--http-port"),
+    ],
+)
+def test_bad_settings_name_the_setting(override, named):
+    with pytest.raises(ConfigError, match=named):
+        Settings(**{**GOOD, **override}).validate()
+
+
+def test_passwords_never_appear_in_errors():
+    with pytest.raises(ConfigError) as err:
+        Settings(**{**GOOD, "broker_url": "http://user:s3cret@h"}).validate()
+    assert "s3cret" not in str(err.value)
+    assert redact("amqp://u:s3cret@h/") == "amqp://u:***@h/"
+
+
+def test_postgres_urls_get_the_psycopg2_driver():
+    settings = Settings(**{**GOOD, "database_url": "postgres://u@h/db"}).validate()
+    assert settings.database_url_for_sqlalchemy == "postgresql+psycopg2://u@h/db"
+
+
+def test_cli_reports_a_bad_env_var_by_name():
+    result = CliRunner().invoke(main, [], env={"ZSTACK_BROKER_URL": "amqp://h", "ZSTACK_DATABASE_URL": "x://h/db"})
+    assert result.exit_code == 2
+    assert "ZSTACK_DATABASE_URL" in result.output
+
+
+def test_cli_reports_an_unloadable_service():
+    result = CliRunner().invoke(main, ["--service", "no.such.module:Nope"], env={
+        "ZSTACK_BROKER_URL": GOOD["broker_url"], "ZSTACK_DATABASE_URL": GOOD["database_url"]})
+    assert result.exit_code == 2
+    assert "--service" in result.output and "no.such.module" in result.output
