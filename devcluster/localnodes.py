@@ -87,6 +87,10 @@ class LocalNode:
         except urllib.error.HTTPError as err:
             return json.load(err)
 
+    def text(self, path: str, timeout: float = 2.0) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return response.read().decode()
+
     def ring(self) -> dict[str, Any]:
         return self.get("/v1/cluster/ring")
 

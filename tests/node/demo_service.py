@@ -52,6 +52,12 @@ class DemoService(Service):
             outcome = {"ok": False, "code": exc.code, "message": str(exc)}
         return {**outcome, "elapsed": time.monotonic() - started}
 
+    @handles("Submit")
+    async def submit(self, msg: Envelope) -> dict[str, Any]:
+        """Publish a Note for body.resource on the durable API queue, with a publisher confirm."""
+        await self.node.bus.send_api("demo", "Note", {"tag": msg.body["tag"]}, resource=msg.body["resource"])
+        return {"confirmed": True}
+
     @handles("Fail")
     async def fail(self, msg: Envelope) -> dict[str, Any]:
         raise ServiceError("DemoFailure", f"asked to fail: {msg.body.get('why', '')}")

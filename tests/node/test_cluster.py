@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.localnodes import wait_until
 from zstack_node.bus import service_queue
@@ -29,6 +30,9 @@ def test_three_mns_join_one_ring_with_identical_members(cluster):
     assert cluster.wait_agreed(uuids) == uuids
     epochs = {n.ring()["epoch"] for n in nodes}
     assert len(epochs) == 1
+    samples = {s.name: s.value for f in text_string_to_metric_families(nodes[0].text("/metrics")) for s in f.samples}
+    assert samples["zstack_ring_members"] == 3
+    assert samples["zstack_ring_epoch"] == epochs.pop()
 
 
 def test_messages_reach_the_owner_the_ring_names(cluster, probe):
@@ -45,6 +49,11 @@ def test_messages_reach_the_owner_the_ring_names(cluster, probe):
     # A message without a resource UUID stays on the MN that got it.
     for node in nodes:
         assert probe.call_mn(node.uuid, "Echo").body["mn"] == node.uuid
+    # An MN publishes on the durable API queue (confirmed); whoever takes it routes it to the owner.
+    for tag, resource in enumerate(cluster.keys[30:40]):
+        assert probe.call_mn(nodes[0].uuid, "Submit", {"tag": tag, "resource": resource}).body == {"confirmed": True}
+    notes = wait_until(lambda: len(cluster.records("note")) == 10 and cluster.records("note"), 5, "10 notes")
+    assert all(note["mn"] == ring.owner(note["resource"]) for note in notes)
     # Handler errors come back as clean error replies.
     failed = probe.call_mn(nodes[0].uuid, "Fail", {"why": "test"})
     assert failed.error == {"code": "DemoFailure", "message": "asked to fail: test"}
@@ -145,3 +154,15 @@ def test_every_mn_recovers_after_a_broker_restart(cluster, rabbitmq, probe_facto
         reply = probe.call_mn(node.uuid, "Echo", timeout=10)
         assert reply.body["mn"] == node.uuid
     assert cluster.wait_agreed() == uuids, "a broker restart must not change membership"
+
+
+def test_an_unreachable_broker_is_waited_for_and_named_in_the_log(cluster, fresh_database, tmp_path):
+    from devcluster.localnodes import LocalNode, free_port
+
+    closed = free_port()
+    node = LocalNode("lonely", f"amqp://u:secret@127.0.0.1:{closed}/%2F", fresh_database, tmp_path).start()
+    cluster.nodes.append(node)
+    wait_until(lambda: "waiting for the broker at" in node.tail(), 10, "the waiting log line")
+    assert f"127.0.0.1:{closed}" in node.tail() and "secret" not in node.tail()
+    assert node.get("/readyz")["checks"]["broker"] is False
+    assert node.get("/healthz") == {"status": "ok"}
