@@ -146,9 +146,9 @@ class ManagementNode:
         metrics.FENCES.labels(reason.split(":")[0]).inc()
         log.error("fencing myself (%s): stopped serving as %s; will rejoin with a new UUID", reason, old)
         self._set_ring(Ring.of((), self.settings.ring_vnodes), "fenced")
+        self._publish_event(LEFT_TOPIC, {"uuid": old, "reason": "fenced"})  # before the connection goes
         await self.bus.stop_serving(reason)
         await self._run_hooks(lambda s: s.on_self_dead())
-        self._publish_event(LEFT_TOPIC, {"uuid": old, "reason": "fenced"})
         await self._retry("database", "remove fenced row", lambda: self.membership.remove(old))
         self._tombstone(old)
         await self._join()
