@@ -132,7 +132,7 @@ def up(root: Path, say: Say = stderr_say) -> UpResult:
         except BaseException:
             if started:
                 say(f"startup failed; stopping what this run started: {', '.join(started)}")
-                _stop(st, [n for n in reversed(list(st.procs)) if n in started], say)
+                _stop(lay, st, [n for n in reversed(list(st.procs)) if n in started], say)
                 save(root, st)
             raise
     return UpResult(lay.kubeconfig, started, time.monotonic() - t0)
@@ -147,7 +147,7 @@ def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, start
         if rec.argv == argv:
             return
         say(f"  {comp.name}: configuration changed, restarting pid {rec.pid}")
-        _stop(st, [comp.name], say)
+        _stop(lay, st, [comp.name], say)
     if comp.name == "etcd":
         lay.etcd_data.mkdir(parents=True, exist_ok=True)
         lay.etcd_data.chmod(0o700)
@@ -158,21 +158,38 @@ def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, start
     say(f"  started {comp.name} pid {rec.pid}" + (f" ({listen})" if listen else ""))
 
 
-def _stop(st: State, names: list[str], say: Say) -> list[str]:
-    """Stop the named components tier by tier (STOP_TIERS), then any leftover descendants (pods).
+def _kubelet_pidfiles(lay: Layout) -> list[tuple[int, int]]:
+    """(pid, start time) of container processes the kubelet recorded in ``pods/*/run/*.pid``."""
+    out = []
+    for pidfile in lay.kubelet_root.glob("pods/*/run/*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid, start = pidfile.read_text().split()[:2]
+            out.append((int(pid), int(start)))
+    return out
+
+
+def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
+    """Stop the named components tier by tier (STOP_TIERS), then any leftover pod processes.
 
     Clients go before the API server (it drains open connections before exiting) and etcd goes last.
+    Pods run in their own sessions, so they are found by pid: the process trees snapshotted before
+    stopping, and the kubelet's pidfiles (which also cover pods of a kubelet that crashed).
     Returns the names of the components that were running.
     """
     recs = {n: st.procs[n] for n in names if n in st.procs}
     live = {n: r for n, r in recs.items() if procs.record_alive(r)}
-    # Snapshot the process trees first: children in their own sessions (pods) are not in our groups.
-    orphans = procs.descendants(list(live.values()))
+    orphans = [(p.pid, p.start_time) for p in procs.descendants(list(live.values()))]
+    if "kubelet" in recs:
+        orphans += _kubelet_pidfiles(lay)
     for tier, grace in STOP_TIERS:
         group = [live[n] for n in tier if n in live]
         if group:
             procs.stop_groups([(r.pid, r.start_time) for r in group], grace)
-    leftover = {(p.pgid, p.start_time) for p in orphans if procs.is_alive(p.pid, p.start_time)}
+    leftover = set()
+    for pid, start in orphans:
+        info = procs.read_proc(pid)
+        if info is not None and info.start_time == start and info.state not in ("Z", "X"):
+            leftover.add((info.pgid, start))
     if leftover:
         say(f"  stopping {len(leftover)} leftover process group(s) of pods")
         procs.stop_groups(sorted(leftover), 2.0)
@@ -189,7 +206,7 @@ def down(root: Path, say: Say = stderr_say, purge: bool = False) -> list[str]:
         return []
     with locked(root):
         st = load(root)
-        stopped = _stop(st, [n for tier, _ in STOP_TIERS for n in tier], say)
+        stopped = _stop(lay, st, [n for tier, _ in STOP_TIERS for n in tier], say)
         save(root, st)
         say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         if purge:
