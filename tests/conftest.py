@@ -1,0 +1,5 @@
+"""Shared pytest configuration: plugins that provide the session fixtures."""
+
+pytest_plugins = [
+    "tests.fixtures.kube",
+]
