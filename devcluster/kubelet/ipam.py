@@ -1,0 +1,72 @@
+"""Pod IPs: one loopback address per pod.
+
+Linux routes all of 127.0.0.0/8 to the loopback device, so any 127.x.y.z can
+be bound without configuring anything. Pods get 127.0.x.y with x in 1..255 and
+y in 1..254 (127.0.0.0/24, and so 127.0.0.1, stays with the host). The lowest
+free address is handed out, so freed addresses are reused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+
+FIRST = int(ipaddress.IPv4Address("127.0.1.1"))
+LAST = int(ipaddress.IPv4Address("127.0.255.254"))
+
+
+def _usable(n: int) -> bool:
+    return 0 < (n & 0xFF) < 255
+
+
+class IPExhausted(RuntimeError):
+    """Every pod address is in use."""
+
+
+class LoopbackIPAM:
+    """Hands out unique pod addresses keyed by pod UID."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_owner: dict[str, int] = {}
+        self._used: set[int] = set()
+
+    @staticmethod
+    def valid(ip: str) -> bool:
+        """Whether ip is in the range this allocator manages."""
+        try:
+            n = int(ipaddress.IPv4Address(ip))
+        except ValueError:
+            return False
+        return FIRST <= n <= LAST and _usable(n)
+
+    def allocate(self, owner: str, preferred: str | None = None) -> str:
+        """Return owner's address; take `preferred` when it is valid and free."""
+        with self._lock:
+            if owner in self._by_owner:
+                return str(ipaddress.IPv4Address(self._by_owner[owner]))
+            if preferred and self.valid(preferred):
+                n = int(ipaddress.IPv4Address(preferred))
+                if n not in self._used:
+                    return self._take(owner, n)
+            for n in range(FIRST, LAST + 1):
+                if _usable(n) and n not in self._used:
+                    return self._take(owner, n)
+        raise IPExhausted("no free loopback pod address left in 127.0.1.1-127.0.255.254")
+
+    def _take(self, owner: str, n: int) -> str:
+        self._by_owner[owner] = n
+        self._used.add(n)
+        return str(ipaddress.IPv4Address(n))
+
+    def release(self, owner: str) -> None:
+        """Free owner's address, if it has one."""
+        with self._lock:
+            n = self._by_owner.pop(owner, None)
+            if n is not None:
+                self._used.discard(n)
+
+    def in_use(self) -> dict[str, str]:
+        """owner -> address, for diagnostics."""
+        with self._lock:
+            return {o: str(ipaddress.IPv4Address(n)) for o, n in self._by_owner.items()}
