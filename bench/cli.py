@@ -1,0 +1,46 @@
+"""`zstack-bench`: benchmarks that print one JSON object each (progress goes to stderr)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from zstack_node.ring import DEFAULT_VNODES
+
+
+def progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, indent=2))
+
+
+def pick(value: Any, small: bool, small_value: Any, full_value: Any) -> Any:
+    """An explicit option wins; otherwise the small or the full size."""
+    if value is not None:
+        return value
+    return small_value if small else full_value
+
+
+@click.group(context_settings={"max_content_width": 110})
+def main() -> None:
+    """Benchmarks of the management node runtime, as ratios to baselines measured in the same run."""
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 20k keys, 2 seeds")
+@click.option("--mns", type=click.IntRange(2), default=10, show_default=True, help="MNs in the ring")
+@click.option("--keys", type=click.IntRange(1), default=None, help="Random resource UUIDs [100000; small 20000]")
+@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds 1..n to repeat over [5; small 2]")
+@click.option("--vnodes", type=click.IntRange(1), default=DEFAULT_VNODES, show_default=True,
+              help="Virtual nodes per MN")
+def ring(small: bool, mns: int, keys: int | None, seeds: int | None, vnodes: int) -> None:
+    """Balance and moves of our Ring against jump consistent hash on the same keys."""
+    from . import ring as ring_bench
+
+    keys = pick(keys, small, 20_000, 100_000)
+    seeds = pick(seeds, small, 2, 5)
+    emit(ring_bench.run(mns, keys, range(1, seeds + 1), vnodes, progress=progress))
