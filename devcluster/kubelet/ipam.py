@@ -4,15 +4,30 @@ Linux routes all of 127.0.0.0/8 to the loopback device, so any 127.x.y.z can
 be bound without configuring anything. Pods get 127.0.x.y with x in 1..255 and
 y in 1..254 (127.0.0.0/24, and so 127.0.0.1, stays with the host). The lowest
 free address is handed out, so freed addresses are reused.
+
+Several devclusters may run on one machine (a developer's plus the test
+session's), so an address is also reserved host-wide: the owning kubelet holds
+an flock on LOCK_DIR/<ip>.lock. The kernel drops the lock when that kubelet
+dies, so a crashed kubelet never leaks addresses.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import os
+import tempfile
 import threading
+from pathlib import Path
 
 FIRST = int(ipaddress.IPv4Address("127.0.1.1"))
 LAST = int(ipaddress.IPv4Address("127.0.255.254"))
+
+
+def default_lock_dir() -> Path:
+    """Where kubelets on this machine coordinate their pod addresses."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"zstack-devcluster-ipam-{os.getuid()}"
 
 
 def _usable(n: int) -> bool:
@@ -26,10 +41,13 @@ class IPExhausted(RuntimeError):
 class LoopbackIPAM:
     """Hands out unique pod addresses keyed by pod UID."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock_dir: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._by_owner: dict[str, int] = {}
         self._used: set[int] = set()
+        self._fds: dict[int, int] = {}
+        self._dir = lock_dir or default_lock_dir()
+        self._dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def valid(ip: str) -> bool:
@@ -47,12 +65,23 @@ class LoopbackIPAM:
                 return str(ipaddress.IPv4Address(self._by_owner[owner]))
             if preferred and self.valid(preferred):
                 n = int(ipaddress.IPv4Address(preferred))
-                if n not in self._used:
+                if n not in self._used and self._reserve(n):
                     return self._take(owner, n)
             for n in range(FIRST, LAST + 1):
-                if _usable(n) and n not in self._used:
+                if _usable(n) and n not in self._used and self._reserve(n):
                     return self._take(owner, n)
         raise IPExhausted("no free loopback pod address left in 127.0.1.1-127.0.255.254")
+
+    def _reserve(self, n: int) -> bool:
+        """Take the host-wide lock of address n; False when another kubelet holds it."""
+        fd = os.open(self._dir / f"{ipaddress.IPv4Address(n)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fds[n] = fd
+        return True
 
     def _take(self, owner: str, n: int) -> str:
         self._by_owner[owner] = n
@@ -65,6 +94,9 @@ class LoopbackIPAM:
             n = self._by_owner.pop(owner, None)
             if n is not None:
                 self._used.discard(n)
+                fd = self._fds.pop(n, None)
+                if fd is not None:
+                    os.close(fd)
 
     def in_use(self) -> dict[str, str]:
         """owner -> address, for diagnostics."""

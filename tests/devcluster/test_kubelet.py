@@ -1,0 +1,416 @@
+"""The process kubelet against the real control plane: pods run as local processes.
+
+Pods talk back to the test through marker files in tmp_path (same machine, no containers).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster.kubelet.envvars import expand
+from devcluster.kubelet.ipam import LoopbackIPAM
+from tests.fixtures.kube import KubeCluster
+
+k8s = pytest.mark.k8s
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.25,
+             info: Callable[[], str] | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` (and `info()`) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            extra = f"\n{info()}" if info else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+class Kube:
+    """kubectl in one namespace, JSON in and out."""
+
+    def __init__(self, cluster: KubeCluster, ns: str) -> None:
+        self.cluster, self.ns = cluster, ns
+
+    def apply(self, *objs: dict[str, Any]) -> None:
+        doc = {"apiVersion": "v1", "kind": "List", "items": list(objs)}
+        self.cluster.kubectl("-n", self.ns, "apply", "-f", "-", input=json.dumps(doc))
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        out = self.cluster.kubectl("-n", self.ns, "get", kind, name, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def pods(self, selector: str = "") -> list[dict[str, Any]]:
+        args = ["-n", self.ns, "get", "pods", "-o", "json"] + (["-l", selector] if selector else [])
+        return json.loads(self.cluster.kubectl(*args).stdout)["items"]
+
+    def run(self, *args: str) -> str:
+        return self.cluster.kubectl("-n", self.ns, *args).stdout
+
+    def describe(self, kind: str, name: str = "") -> str:
+        """Diagnostics for failure messages."""
+        out = self.cluster.kubectl("-n", self.ns, "get", kind, *([name] if name else []), "-o", "yaml", check=False)
+        ev = self.cluster.kubectl("-n", self.ns, "get", "events", "--sort-by=.lastTimestamp", check=False)
+        return f"{out.stdout[-4000:]}\n--- events ---\n{ev.stdout[-3000:]}"
+
+
+@pytest.fixture
+def kube(devcluster: KubeCluster) -> Iterator[Kube]:
+    """A fresh namespace (with its default ServiceAccount) for one test."""
+    ns = f"kl-{uuid.uuid4().hex[:8]}"
+    devcluster.kubectl("create", "namespace", ns)
+    wait_for(f"ServiceAccount {ns}/default",
+             lambda: devcluster.kubectl("-n", ns, "get", "sa", "default", check=False).returncode == 0, 30)
+    try:
+        yield Kube(devcluster, ns)
+    finally:
+        devcluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def pod(name: str, *containers: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"terminationGracePeriodSeconds": 5, **spec, "containers": list(containers)}}
+
+
+def py(name: str, script: str, **extra: Any) -> dict[str, Any]:
+    """A container running a python3 snippet."""
+    return {"name": name, "image": "python:3", "command": ["python3", "-c", textwrap.dedent(script)], **extra}
+
+
+def condition(p: dict[str, Any] | None, ctype: str) -> str:
+    for c in ((p or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == ctype:
+            return c["status"]
+    return ""
+
+
+def proc_alive(pid: int, needle: str) -> bool:
+    """Whether pid is a live process whose command line contains needle (guards against pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and needle in cmdline
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+# ---- pure parts ----------------------------------------------------------------------------------
+
+
+def test_expansion_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)", env) == "1-two"
+    assert expand("$$(A)", env) == "$(A)"
+    assert expand("$(MISSING) $(A", env) == "$(MISSING) $(A"
+    assert expand("a$b $$ $", env) == "a$b $ $"
+
+
+def test_loopback_ipam_unique_and_reused() -> None:
+    ipam = LoopbackIPAM()
+    a, b = ipam.allocate("a"), ipam.allocate("b")
+    assert a != b and a.startswith("127.0.") and "127.0.0.1" not in (a, b)
+    assert ipam.allocate("a") == a
+    ipam.release("a")
+    assert ipam.allocate("c") == a
+    assert ipam.allocate("d", preferred=b) != b
+
+
+# ---- against the devcluster ----------------------------------------------------------------------
+
+# Kubernetes turns $$ into $ before the shell sees the command, so the shell's $$ is written $$$$.
+HTTP_SERVER = 'echo $$$$ > "$MARKS/$POD_NAME.pid"; exec python3 -m http.server 8080 --bind "$POD_IP"'
+
+
+def web_statefulset(marks: Path, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "web"},
+        "spec": {
+            "replicas": replicas, "serviceName": "web", "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "web", "image": "python:3",
+                        "command": ["sh", "-c", HTTP_SERVER],
+                        "env": [
+                            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "MARKS", "value": str(marks)},
+                        ],
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+                    }],
+                },
+            },
+        },
+    }
+
+
+@k8s
+def test_statefulset_ready_via_probe_and_scaling_starts_and_stops_processes(kube: Kube, tmp_path: Path) -> None:
+    kube.apply(web_statefulset(tmp_path, 2))
+
+    def ready(n: int) -> Callable[[], bool]:
+        def check() -> bool:
+            sts = kube.get("statefulset", "web") or {}
+            pods = kube.pods("app=web")
+            return (sts.get("status") or {}).get("readyReplicas") == n and len(pods) == n and all(
+                condition(p, "Ready") == "True" for p in pods)
+        return check
+
+    wait_for("2 ready replicas", ready(2), 60, info=lambda: kube.describe("pods"))
+    pods = {p["metadata"]["name"]: p for p in kube.pods("app=web")}
+    ips = {name: p["status"]["podIP"] for name, p in pods.items()}
+    assert len(set(ips.values())) == 2 and all(ip.startswith("127.0.") and ip != "127.0.0.1" for ip in ips.values())
+    for name, ip in ips.items():
+        assert http_ok(f"http://{ip}:8080/"), f"{name} does not serve on its pod IP {ip}"
+        pid = int((tmp_path / f"{name}.pid").read_text())
+        assert proc_alive(pid, "http.server"), f"no http.server process {pid} for {name}"
+
+    kube.run("scale", "statefulset", "web", "--replicas=3")
+    wait_for("3 ready replicas", ready(3), 60, info=lambda: kube.describe("pods"))
+    pid2 = int(wait_for("web-2 pid file", lambda: (tmp_path / "web-2.pid").exists() and
+                        (tmp_path / "web-2.pid").read_text().strip(), 10))
+    assert proc_alive(pid2, "http.server")
+
+    gone = {n: int((tmp_path / f"{n}.pid").read_text()) for n in ("web-1", "web-2")}
+    kube.run("scale", "statefulset", "web", "--replicas=1")
+    wait_for("web-1 and web-2 deleted", lambda: {p["metadata"]["name"] for p in kube.pods("app=web")} == {"web-0"},
+             60, info=lambda: kube.describe("pods"))
+    wait_for("their processes gone", lambda: not any(proc_alive(p, "http.server") for p in gone.values()), 10)
+    assert proc_alive(int((tmp_path / "web-0.pid").read_text()), "http.server"), "web-0 must keep running"
+
+
+PRESTOP_SERVER = """
+    import http.server, os, signal, sys, time
+    marks = os.environ["MARKS"]
+    def mark(name):
+        with open(os.path.join(marks, name), "w") as f:
+            f.write(repr(time.time()))
+    def on_term(*_):
+        mark("sigterm-" + os.environ["WHO"])
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/prestop":
+                mark("prestop-http")
+            self.send_response(200)
+            self.end_headers()
+        def log_message(self, *a):
+            pass
+    mark("started-" + os.environ["WHO"])
+    http.server.HTTPServer((os.environ["POD_IP"], int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+@k8s
+def test_delete_runs_prestop_then_sigterm(kube: Kube, tmp_path: Path) -> None:
+    def env(who: str, port: int) -> list[dict[str, Any]]:
+        return [{"name": "MARKS", "value": str(tmp_path)}, {"name": "WHO", "value": who},
+                {"name": "PORT", "value": str(port)},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+
+    exec_hook = {"exec": {"command": ["sh", "-c", 'python3 -c "import time; print(repr(time.time()))" '
+                                                  '> "$MARKS/prestop-exec"']}}
+    kube.apply(pod(
+        "graceful",
+        py("a", PRESTOP_SERVER, env=env("a", 8081), lifecycle={"preStop": exec_hook}),
+        py("b", PRESTOP_SERVER, env=env("b", 8082),
+           lifecycle={"preStop": {"httpGet": {"path": "/prestop", "port": 8082}}}),
+        terminationGracePeriodSeconds=20,
+    ))
+    wait_for("both containers started", lambda: all((tmp_path / f"started-{w}").exists() for w in "ab"), 30,
+             info=lambda: kube.describe("pod", "graceful"))
+    kube.run("delete", "pod", "graceful", "--wait=false")
+    wait_for("pod object removed", lambda: kube.get("pod", "graceful") is None, 30)
+    marks = {p.name: float(p.read_text()) for p in tmp_path.iterdir() if not p.name.startswith("started")}
+    assert set(marks) == {"prestop-exec", "prestop-http", "sigterm-a", "sigterm-b"}, marks
+    assert marks["prestop-exec"] <= marks["sigterm-a"], marks
+    assert marks["prestop-http"] <= marks["sigterm-b"], marks
+
+
+RBAC_CLIENT = """
+    import os, sys
+    from kubernetes import client, config
+    try:
+        config.load_incluster_config()
+        how = "incluster"
+    except config.ConfigException:
+        config.load_kube_config()
+        how = "kubeconfig"
+    ns = open(os.path.join(os.environ["POD_ROOT"], "var/run/secrets/kubernetes.io/serviceaccount/namespace")).read()
+    try:
+        client.CoreV1Api().list_namespaced_pod(ns)
+        result = "ok"
+    except client.ApiException as e:
+        result = str(e.status)
+    with open(os.path.join(os.environ["MARKS"], os.environ["POD_NAME"]), "w") as f:
+        f.write(how + " " + result)
+"""
+
+
+@k8s
+def test_serviceaccount_rbac_is_enforced(kube: Kube, tmp_path: Path) -> None:
+    ns = kube.ns
+    kube.apply(
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-reader"},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]},
+    )
+    env = [{"name": "MARKS", "value": str(tmp_path)},
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    for sa in ("reader", "nobody"):
+        kube.apply(pod(sa, py("c", RBAC_CLIENT, env=env), serviceAccountName=sa, restartPolicy="Never"))
+    for sa in ("reader", "nobody"):
+        wait_for(f"pod {sa} to finish", lambda sa=sa: (tmp_path / sa).exists()
+                 and ((kube.get("pod", sa) or {}).get("status") or {}).get("phase") == "Succeeded",
+                 60, info=lambda sa=sa: kube.describe("pod", sa))
+    assert (tmp_path / "reader").read_text() == "kubeconfig ok"
+    assert (tmp_path / "nobody").read_text() == "kubeconfig 403"
+
+
+@k8s
+def test_unrunnable_commands_are_never_running(kube: Kube) -> None:
+    kube.apply(
+        pod("missing", {"name": "c", "image": "busybox", "command": ["no-such-command-anywhere", "x"]}),
+        pod("imageonly", {"name": "c", "image": "nginx"}),
+    )
+
+    def waiting_reason(name: str) -> str:
+        st = ((kube.get("pod", name) or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return ((st[0].get("state") or {}).get("waiting") or {}).get("reason", "")
+
+    wait_for("CommandNotFound", lambda: waiting_reason("missing") == "CommandNotFound", 30,
+             info=lambda: kube.describe("pod", "missing"))
+    wait_for("NoCommand", lambda: waiting_reason("imageonly") == "NoCommand", 30,
+             info=lambda: kube.describe("pod", "imageonly"))
+    for name in ("missing", "imageonly"):
+        p = kube.get("pod", name) or {}
+        assert p["status"]["phase"] == "Pending", p["status"]
+        assert condition(p, "Ready") == "False"
+        assert not p["status"]["containerStatuses"][0]["started"]
+
+
+@k8s
+def test_liveness_failure_restarts_container(kube: Kube, tmp_path: Path) -> None:
+    kube.apply(pod("flaky", {
+        "name": "web", "image": "python:3",
+        "command": ["sh", "-c", 'echo $$$$ >> "$MARKS/pids"; exec python3 -m http.server 8080 --bind "$POD_IP"'],
+        "env": [{"name": "MARKS", "value": str(tmp_path)},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        # http.server answers 404 for a path that does not exist: the liveness probe fails.
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2},
+    }, terminationGracePeriodSeconds=2))
+
+    def restarted() -> bool:
+        st = ((kube.get("pod", "flaky") or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return st[0].get("restartCount", 0) >= 1 and "terminated" in (st[0].get("lastState") or {})
+
+    wait_for("restartCount >= 1", restarted, 40, info=lambda: kube.describe("pod", "flaky"))
+    pids = [int(x) for x in wait_for("two runs", lambda: len((tmp_path / "pids").read_text().split()) >= 2 and
+                                     (tmp_path / "pids").read_text().split(), 20)]
+    assert pids[0] != pids[1] and not proc_alive(pids[0], "http.server")
+
+
+@k8s
+def test_crashing_container_backs_off(kube: Kube) -> None:
+    kube.apply(pod("crashy", {"name": "c", "image": "x", "command": ["sh", "-c", "echo bye; exit 3"]}))
+
+    def backing_off() -> bool:
+        st = ((kube.get("pod", "crashy") or {}).get("status") or {}).get("containerStatuses") or [{}]
+        waiting = (st[0].get("state") or {}).get("waiting") or {}
+        last = (st[0].get("lastState") or {}).get("terminated") or {}
+        return waiting.get("reason") == "CrashLoopBackOff" and last.get("exitCode") == 3
+
+    wait_for("CrashLoopBackOff with exit code 3", backing_off, 40, info=lambda: kube.describe("pod", "crashy"))
+    assert (kube.get("pod", "crashy") or {})["status"]["phase"] == "Running"  # restarting, like the real kubelet
+
+
+ENV_DUMP = """
+    import json, os
+    root = os.environ["POD_ROOT"]
+    def read(rel):
+        with open(os.path.join(root, rel)) as f:
+            return f.read()
+    out = {k: v for k, v in os.environ.items() if k.startswith(("F_", "CM_", "S_", "X_", "POD_ROOT", "KUBE"))}
+    out["files"] = {rel: read(rel) for rel in ("etc/cfg/greeting", "etc/secret/password",
+                                               "etc/info/labels", "etc/info/name", "etc/one/g.txt")}
+    out["init"] = read("work/from-init")
+    with open(os.path.join(os.environ["MARKS"], "env.json"), "w") as f:
+        json.dump(out, f)
+"""
+
+
+@k8s
+def test_env_volumes_and_init_containers(kube: Kube, tmp_path: Path) -> None:
+    field = {f"F_{k.upper().replace('.', '_')}": k for k in (
+        "metadata.name", "metadata.namespace", "metadata.uid", "status.podIP", "spec.nodeName",
+        "spec.serviceAccountName")}
+    env = [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": p}}} for n, p in field.items()]
+    env += [
+        {"name": "MARKS", "value": str(tmp_path)},
+        {"name": "S_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "password"}}},
+        {"name": "CM_ONE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}}},
+        {"name": "X_EXPANDED", "value": "$(CM_ONE)-$(F_METADATA_NAME)-$$(CM_ONE)"},
+    ]
+    mounts = [{"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "sec", "mountPath": "/etc/secret"},
+              {"name": "info", "mountPath": "/etc/info"}, {"name": "work", "mountPath": "/work"},
+              {"name": "cfg", "mountPath": "/etc/one/g.txt", "subPath": "greeting"}]
+    init = {"name": "init", "image": "x", "command": ["sh", "-c", 'echo -n done > "$POD_ROOT/work/from-init"'],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}]}
+    kube.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting": "hello"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec"}, "stringData": {"password": "s3cret"}},
+        pod("envy", py("c", ENV_DUMP, env=env, volumeMounts=mounts,
+                       envFrom=[{"configMapRef": {"name": "cfg"}, "prefix": "CM_"}]),
+            initContainers=[init], restartPolicy="Never",
+            volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "sec", "secret": {"secretName": "sec"}},
+                     {"name": "work", "emptyDir": {}},
+                     {"name": "info", "downwardAPI": {"items": [
+                         {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                         {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}]),
+    )
+    wait_for("pod Succeeded", lambda: ((kube.get("pod", "envy") or {}).get("status") or {}).get("phase")
+             == "Succeeded", 60, info=lambda: kube.describe("pod", "envy"))
+    p = kube.get("pod", "envy") or {}
+    got = json.loads((tmp_path / "env.json").read_text())
+    assert got["F_METADATA_NAME"] == "envy" and got["F_METADATA_NAMESPACE"] == kube.ns
+    assert got["F_METADATA_UID"] == p["metadata"]["uid"]
+    assert got["F_STATUS_PODIP"] == p["status"]["podIP"]
+    assert got["F_SPEC_NODENAME"] == p["spec"]["nodeName"] and got["F_SPEC_SERVICEACCOUNTNAME"] == "default"
+    assert got["S_PASSWORD"] == "s3cret" and got["CM_ONE"] == "hello" and got["CM_greeting"] == "hello"
+    assert got["X_EXPANDED"] == "hello-envy-$(CM_ONE)"
+    assert "KUBERNETES_SERVICE_HOST" not in got and got["KUBECONFIG"].endswith("/kubeconfig")
+    assert got["files"] == {"etc/cfg/greeting": "hello", "etc/secret/password": "s3cret",
+                            "etc/info/labels": "", "etc/info/name": "envy", "etc/one/g.txt": "hello"}
+    assert got["init"] == "done"
+    assert p["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
