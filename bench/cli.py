@@ -44,3 +44,28 @@ def ring(small: bool, mns: int, keys: int | None, seeds: int | None, vnodes: int
     keys = pick(keys, small, 20_000, 100_000)
     seeds = pick(seeds, small, 2, 5)
     emit(ring_bench.run(mns, keys, range(1, seeds + 1), vnodes, progress=progress))
+
+
+def broker_option(func: Any) -> Any:
+    return click.option("--broker-url", envvar="ZSTACK_BENCH_BROKER_URL", show_envvar=True, default=None,
+                        help="RabbitMQ to use; without it a private one is started for the run")(func)
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 200 calls, 2000 messages, 2 rounds")
+@broker_option
+@click.option("--calls", type=click.IntRange(1), default=None, help="Timed calls per side [5000; small 200]")
+@click.option("--messages", type=click.IntRange(1), default=None,
+              help="Timed one-way messages per side [50000; small 2000]")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Alternating rounds [5; small 2]")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed calls per side first [200; small 50]")
+def bus(small: bool, broker_url: str | None, calls: int | None, messages: int | None, rounds: int | None,
+        warmup: int | None) -> None:
+    """CloudBus call and one-way rate against raw pika on the same broker."""
+    from . import bus as bus_bench
+    from .servers import broker
+
+    with broker(broker_url, progress) as url:
+        emit(bus_bench.run(url, calls=pick(calls, small, 200, 5000), messages=pick(messages, small, 2000, 50_000),
+                           rounds=pick(rounds, small, 2, 5), warmup=pick(warmup, small, 50, 200),
+                           progress=progress))
