@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def _controller_manager_argv(lay: Layout, p: Ports) -> list[str]:
 def _kubelet_argv(lay: Layout, p: Ports) -> list[str]:
     # The process kubelet authenticates with the admin kubeconfig (a documented simplification).
     return [
-        sys.executable, "-m", "devcluster.kubelet",
+        os.path.realpath(sys.executable), "-m", "devcluster.kubelet",
         "--kubeconfig", str(lay.kubeconfig),
         "--root", str(lay.kubelet_root),
         "--node-name", NODE_NAME,

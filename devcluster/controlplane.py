@@ -32,7 +32,7 @@ _BY_NAME = {c.name: c for c in COMPONENTS}
 # Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it can stop its pods while the
 # API still answers; etcd last.
 STOP_TIERS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("kubelet",), 10.0),
+    (("kubelet",), 15.0),  # the kubelet gives its containers up to 8 s (--shutdown-grace), then SIGKILL
     (("kube-scheduler", "kube-controller-manager"), 5.0),
     (("kube-apiserver",), 10.0),
     (("etcd",), 5.0),
