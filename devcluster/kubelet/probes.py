@@ -73,7 +73,9 @@ def _exec(command: list[str], target: Target, timeout: float) -> tuple[bool, str
     if exe is None:
         return False, f"executable {argv[0]!r} not found on the host"
     rc, out = run_exec([exe, *argv[1:]], target.env, target.cwd, timeout)
-    return rc == 0, out.strip() if rc != 0 else ""
+    if rc == 0:
+        return True, ""
+    return False, (f"command {argv!r} exited with {rc}: " if rc > 0 else "") + out.strip()
 
 
 def _http_get(h: dict[str, Any], target: Target, timeout: float) -> tuple[bool, str]:

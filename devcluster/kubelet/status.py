@@ -142,7 +142,8 @@ class StatusWriter:
         try:
             self._api.patch(pod_path(self._ns, self._name, "status"), body)
         except ApiError as e:
-            if e.status == 404 or (e.status == 409 and "UID" in e.message):
+            # A different uid (a new pod of the same name) answers 422 "metadata.uid ... immutable".
+            if e.status == 404 or (e.status in (409, 422) and "uid" in e.message.lower()):
                 return False
             log.warning("status of pod %s/%s not patched: %s", self._ns, self._name, e)
             self._last = None
