@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -69,3 +70,21 @@ def bus(small: bool, broker_url: str | None, calls: int | None, messages: int | 
         emit(bus_bench.run(url, calls=pick(calls, small, 200, 5000), messages=pick(messages, small, 2000, 50_000),
                            rounds=pick(rounds, small, 2, 5), warmup=pick(warmup, small, 50, 200),
                            progress=progress))
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 1 round")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds, each with 3 fresh MNs [3; small 1]")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
+def failover(small: bool, broker_url: str | None, database_url: str | None, rounds: int | None,
+             log_dir: Path | None) -> None:
+    """Ring convergence of 3 zstack-node processes after kill -9 and after SIGTERM; idle RSS."""
+    from . import failover as failover_bench
+    from .servers import broker, database
+
+    with broker(broker_url, progress) as mq, database(database_url, progress) as db:
+        emit(failover_bench.run(mq, db, rounds=pick(rounds, small, 1, 3), log_dir=log_dir, progress=progress))
