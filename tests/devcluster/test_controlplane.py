@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -117,6 +118,21 @@ def test_env_exports_work_for_kubectl(devcluster: KubeCluster) -> None:
     lines = shell.stdout.splitlines()
     assert lines[0] == str(tools.bin_dir() / "kubectl")
     assert lines[1].split()[:2] == [NODE_NAME, "Ready"], shell.stdout
+
+
+def test_tools_on_a_warm_cache_never_run_go() -> None:
+    """`zstack-dev tools` with every binary cached succeeds without `go` on PATH and prints the paths."""
+    python_dir = str(Path(os.path.realpath(sys.executable)).parent)
+    env = dict(os.environ, PATH=os.pathsep.join([python_dir, "/usr/bin", "/bin"]))
+    assert subprocess.run(["bash", "-c", "command -v go"], env=env, capture_output=True).returncode != 0
+    proc = subprocess.run(
+        [os.path.realpath(sys.executable), "-m", "devcluster.cli", "tools"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = dict(line.split("\t") for line in proc.stdout.splitlines())
+    assert printed == {name: str(tools.bin_dir() / name) for name in tools.TOOL_NAMES}
+    assert "building" not in proc.stderr
 
 
 SLEEPER = {
