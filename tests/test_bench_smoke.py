@@ -1,0 +1,81 @@
+"""Smoke runs of `zstack-bench` at its small sizes: the JSON shape and sane values, never timings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from zstack_bench.cli import main
+
+
+def bench(*args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    assert isinstance(data["targets_met"], bool)
+    assert data["checks"] and all(isinstance(ok, bool) for ok in data["checks"].values())
+    assert data["targets_met"] == all(data["checks"].values())
+    return data
+
+
+def worst_and_mean(data: dict[str, Any], key: str) -> tuple[float, float]:
+    value = data[key]
+    assert set(value) == {"worst", "mean"}, key
+    return value["worst"], value["mean"]
+
+
+def test_ring_small() -> None:
+    data = bench("ring", "--small")
+    assert data["benchmark"] == "ring"
+    assert data["params"]["mns"] == 10 and data["params"]["keys"] == 20_000
+    assert data["moved_between_staying"] == 0
+    assert data["checks"]["no_moves_between_staying"] is True
+    for key in ("balance_ratio", "join_moves_ratio", "leave_moves_ratio"):
+        worst, mean = worst_and_mean(data, key)
+        assert 0.5 < mean <= worst < 2.0, key
+    for key in ("ring_max_over_mean", "jump_max_over_mean"):
+        worst, mean = worst_and_mean(data, key)
+        assert 1.0 <= mean <= worst < 2.0, key
+    join_share, _ = worst_and_mean(data, "join_moved_share")
+    assert 0 < join_share < 0.5
+    for key in ("lookup_us", "jump_lookup_us", "build_ms"):
+        assert worst_and_mean(data, key)[1] > 0, key
+
+
+@pytest.mark.slow
+def test_bus_small(fresh_vhost: str) -> None:
+    data = bench("bus", "--small", "--broker-url", fresh_vhost)
+    assert data["benchmark"] == "bus"
+    for side in ("raw_call", "bus_call"):
+        stats = data[side]
+        assert stats["count"] == data["params"]["calls"] > 0
+        assert 0 < stats["p50_ms"] <= stats["p99_ms"]
+        assert stats["mean_ms"] > 0
+    assert data["call_p50_ratio"] > 0 and data["call_p99_ratio"] > 0
+    assert data["raw_oneway_per_s"] > 0 and data["bus_oneway_per_s"] > 0
+    assert data["oneway_rate_ratio"] > 0
+    assert data["ring_lookup_us"] > 0
+    assert 0 < data["ring_lookup_fraction_of_call_p50"] < 1
+    assert set(data["checks"]) == {"call_p50_ratio", "oneway_rate_ratio", "ring_lookup_fraction_of_call_p50"}
+
+
+@pytest.mark.slow
+def test_failover_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
+    data = bench("failover", "--small", "--broker-url", rabbitmq.url, "--database-url", fresh_database,
+                 "--log-dir", str(tmp_path))
+    assert data["benchmark"] == "failover"
+    assert data["params"]["rounds"] == 1
+    timeout = data["params"]["heartbeat_timeout_s"]
+    assert timeout > 0
+    kill9, _ = worst_and_mean(data, "kill9_convergence_s")
+    sigterm, _ = worst_and_mean(data, "sigterm_convergence_s")
+    assert kill9 > 0 and sigterm > 0
+    assert worst_and_mean(data, "kill9_over_heartbeat_timeout")[0] == pytest.approx(kill9 / timeout, abs=1e-2)
+    assert worst_and_mean(data, "kill9_over_target")[0] == pytest.approx(kill9 / 6.0, abs=1e-2)
+    rss, _ = worst_and_mean(data, "idle_rss_mib")
+    assert 5 < rss < 2048
+    assert set(data["checks"]) == {"kill9_convergence_s", "sigterm_convergence_s"}
