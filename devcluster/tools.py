@@ -166,6 +166,12 @@ def ensure_tools(say: Callable[[str], None] | None = None) -> dict[str, Path]:
     if not missing_tools():
         return {t.name: bin_dir() / t.name for t in TOOLS}
     go = _go()
+    absent = sorted({t.module for t in TOOLS} - {d.name for d in MODULES_DIR.glob("*") if (d / "go.mod").is_file()})
+    if absent:
+        raise DevclusterError(
+            f"the wrapper Go modules {', '.join(absent)} are missing under {MODULES_DIR}; "
+            "build from a source checkout (pip install -e .)"
+        )
     bin_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / "build.lock", "w") as lock:
         try:
