@@ -24,7 +24,7 @@ from zstack_node.bus import CloudBus
 from zstack_node.ring import Ring
 
 from .bus_peers import BENCH_SERVICE, DONE, bench_ring
-from .peers import peer
+from .peers import cpu_seconds, peer
 from .ring import random_uuid
 from .stats import latency_summary, percentile
 
@@ -136,6 +136,25 @@ def _timed(action: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+class CpuMeter:
+    """CPU seconds used by this process (the clients) and by one server process, summed over batches."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.client = self.server = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._client0, self._server0 = time.process_time(), cpu_seconds(self.server_pid)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.client += time.process_time() - self._client0
+        self.server += cpu_seconds(self.server_pid) - self._server0
+
+    def per_call_us(self, calls: int) -> dict[str, float]:
+        return {"client": round(self.client / calls * 1e6, 1), "server": round(self.server / calls * 1e6, 1)}
+
+
 def ring_lookup_us(mns: int = 10, keys: int = 20_000) -> float:
     """Mean cost of one lookup in a ring of `mns` MNs with the default vnodes, in microseconds."""
     import random
@@ -166,10 +185,11 @@ def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, wa
     oneway_ratios: list[float] = []
     with ExitStack() as stack:
         say("bus: starting the raw pika and CloudBus server processes")
-        stack.enter_context(peer("zstack_bench.bus_peers", ["raw", "--url", url, "--echo-queue", echo_q,
-                                                            "--sink-queue", sink_q, "--count", str(per_round_msgs)]))
-        stack.enter_context(peer("zstack_bench.bus_peers", ["cloudbus", "--url", url, "--server-uuid", server_uuid,
-                                                            "--client-uuid", client_uuid]))
+        raw_peer = stack.enter_context(peer("zstack_bench.bus_peers", [
+            "raw", "--url", url, "--echo-queue", echo_q, "--sink-queue", sink_q, "--count", str(per_round_msgs)]))
+        bus_peer = stack.enter_context(peer("zstack_bench.bus_peers", [
+            "cloudbus", "--url", url, "--server-uuid", server_uuid, "--client-uuid", client_uuid]))
+        raw_cpu, bus_cpu = CpuMeter(raw_peer.pid), CpuMeter(bus_peer.pid)
         raw = RawClient(url, echo_q, sink_q)
         stack.callback(raw.close)
         bus = BusClient(url, client_uuid, server_uuid)
@@ -184,11 +204,13 @@ def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, wa
 
         for n in range(1, rounds + 1):
             say(f"bus: round {n}/{rounds}: {per_round_calls} calls, {per_round_msgs} one-way messages per side")
-            for _ in range(per_round_calls):
-                start = time.perf_counter()
-                raw.call(raw_body)
-                raw_lat.append(time.perf_counter() - start)
-            bus_lat += bus.calls(per_round_calls)
+            with raw_cpu:
+                for _ in range(per_round_calls):
+                    start = time.perf_counter()
+                    raw.call(raw_body)
+                    raw_lat.append(time.perf_counter() - start)
+            with bus_cpu:
+                bus_lat += bus.calls(per_round_calls)
             raw_round = _timed(lambda: raw.oneway(per_round_msgs, raw_body))
             bus_round = _timed(lambda: bus.oneway(per_round_msgs))
             raw_time += raw_round
@@ -217,6 +239,7 @@ def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, wa
         "raw_call": latency_summary(raw_lat),
         "bus_call": latency_summary(bus_lat),
         **results,
+        "cpu_us_per_call": {"raw": raw_cpu.per_call_us(len(raw_lat)), "bus": bus_cpu.per_call_us(len(bus_lat))},
         "raw_oneway_per_s": round(raw_rate, 1),
         "bus_oneway_per_s": round(bus_rate, 1),
         "oneway_rate_ratio_per_round": {"worst": round(min(oneway_ratios), 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import subprocess
 import sys
@@ -52,3 +53,10 @@ def _wait_ready(proc: subprocess.Popen[bytes], module: str, timeout: float) -> N
                 raise PeerFailed(f"{module} exited with {proc.wait()} before it was ready")
         elif proc.poll() is not None:
             raise PeerFailed(f"{module} exited with {proc.returncode} before it was ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

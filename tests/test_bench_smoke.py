@@ -56,6 +56,9 @@ def test_bus_small(fresh_vhost: str) -> None:
         assert 0 < stats["p50_ms"] <= stats["p99_ms"]
         assert stats["mean_ms"] > 0
     assert data["call_p50_ratio"] > 0 and data["call_p99_ratio"] > 0
+    for side in ("raw", "bus"):
+        cpu = data["cpu_us_per_call"][side]
+        assert cpu["client"] >= 0 and cpu["server"] >= 0  # clock ticks: a tiny run may show 0
     assert data["raw_oneway_per_s"] > 0 and data["bus_oneway_per_s"] > 0
     assert data["oneway_rate_ratio"] > 0
     assert data["ring_lookup_us"] > 0
