@@ -74,6 +74,8 @@ class Container:
         self.probers: dict[str, Prober] = {}
         self._killing: threading.Thread | None = None
         self._kill_message = ""
+        # (start, end) byte offsets of each run in the log file, for `kubectl logs [--previous]`
+        self.runs: list[tuple[int, int | None]] = []
 
     # ---- derived state -------------------------------------------------------------------------
 
@@ -185,7 +187,10 @@ class Container:
         }
         if sig:
             term["signal"] = sig
-        runtime.log_line(self.ctx.log_path(self.name), f"container {self.name} (pid {proc.pid}) exited: code {code}")
+        logf = self.ctx.log_path(self.name)
+        if self.runs and self.runs[-1][1] is None:
+            self.runs[-1] = (self.runs[-1][0], logf.stat().st_size)
+        runtime.log_line(logf, f"container {self.name} (pid {proc.pid}) exited: code {code}")
         restart = policy == "Always" or (policy == "OnFailure" and code != 0)
         if not restart:
             self.terminated = term
@@ -233,6 +238,7 @@ class Container:
             cwd.mkdir(parents=True, exist_ok=True)
         logf = self.ctx.log_path(self.name)
         runtime.log_line(logf, f"starting container {self.name}: {argv}")
+        offset = logf.stat().st_size
         try:
             proc = runtime.start(exe, argv, env, cwd, logf, self.ctx.pidfile(self.name))
         except OSError as e:
@@ -240,6 +246,7 @@ class Container:
             self._wait("RunContainerError", f"cannot start {argv[0]!r}: {e}", max(self._backoff, RETRY_CONFIG))
             return
         runtime.log_line(logf, f"container {self.name} started, pid {proc.pid}")
+        self.runs.append((offset, None))
         if self._ever_started:
             self.restart_count += 1
         self._ever_started = True

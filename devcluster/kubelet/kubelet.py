@@ -14,6 +14,7 @@ from .ipam import LoopbackIPAM
 from .node import NodeAgent
 from .pods import PodWorker
 from .runtime import kill_leftovers
+from .server import KubeletServer, LogNotFound, LogRange
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class Kubelet:
         self.settings = settings
         settings.root.mkdir(parents=True, exist_ok=True)
         self.api = Api(settings.kubeconfig)
-        self.node = NodeAgent(self.api, settings)
+        self.server = KubeletServer(settings.root / "pki", settings.node_name, self._log_range)
+        self.node = NodeAgent(self.api, settings, self.server.port)
         self.svc = Services(
             settings=settings,
             api=self.api,
@@ -48,6 +50,7 @@ class Kubelet:
         n = kill_leftovers(self.settings.root)
         if n:
             log.warning("killed leftovers of %d container(s) from an earlier kubelet", n)
+        self.server.start()
         self.node.start()
         watcher = threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True)
         watcher.start()
@@ -138,6 +141,28 @@ class Kubelet:
             self._finished = {u: at for u, at in self._finished.items() if t - at < 600}
             self._finished[w.uid] = t
 
+    def _log_range(self, namespace: str, pod: str, container: str, previous: bool) -> LogRange:
+        """Which part of which log file `kubectl logs` wants."""
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.key == f"{namespace}/{pod}"]
+        if not workers:
+            raise LogNotFound(f'pod "{pod}" in namespace "{namespace}" is not running on this node')
+        c = workers[-1].container(container)
+        if c is None:
+            raise LogNotFound(f'container "{container}" in pod "{pod}" not found')
+        runs = list(c.runs)
+        if previous:
+            if len(runs) < 2:
+                raise LogNotFound(f'previous terminated container "{container}" in pod "{pod}" not found')
+            start, end = runs[-2]
+            return LogRange(c.ctx.log_path(c.name), start, end, lambda: False)
+        if not runs:
+            reason, msg = c.waiting
+            raise LogNotFound(f'container "{container}" in pod "{pod}" is waiting to start: {reason} {msg}'.strip())
+        n = len(runs)
+        start, end = runs[-1]
+        return LogRange(c.ctx.log_path(c.name), start, end, lambda: len(c.runs) == n and c.running)
+
     # ---- shutdown -------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
@@ -153,6 +178,7 @@ class Kubelet:
         if left:
             log.warning("pods still stopping at exit: %s", ", ".join(left))
         self.node.stop()
+        self.server.stop()
         self.svc.events.close()
         self.api.close()
         log.info("kubelet stopped")

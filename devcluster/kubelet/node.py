@@ -66,8 +66,9 @@ def capacity(settings: Settings) -> dict[str, str]:
 class NodeAgent:
     """Registers the Node, renews its Lease and posts Ready heartbeats."""
 
-    def __init__(self, api: Api, settings: Settings) -> None:
+    def __init__(self, api: Api, settings: Settings, kubelet_port: int = 0) -> None:
         self.api = api
+        self.kubelet_port = kubelet_port
         self.settings = settings
         self.name = settings.node_name
         self.capacity = capacity(settings)
@@ -148,8 +149,9 @@ class NodeAgent:
                  "lastHeartbeatTime": ts, "lastTransitionTime": self._transition(t, s, ts)}
                 for t, s, r, m in conds
             ],
-            "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": self.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            # No Hostname address: the API server would try to resolve it before InternalIP.
+            "addresses": [{"type": "InternalIP", "address": HOST_IP}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": machine_id,
                 "systemUUID": machine_id,

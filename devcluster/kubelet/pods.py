@@ -124,6 +124,10 @@ class PodWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def container(self, name: str) -> Container | None:
+        """A container (regular or init) by name."""
+        return next((c for c in (*self.main, *self.init) if c.name == name), None)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def _main(self) -> None:

@@ -353,6 +353,20 @@ def test_crashing_container_backs_off(kube: Kube) -> None:
 
     wait_for("CrashLoopBackOff with exit code 3", backing_off, 40, info=lambda: kube.describe("pod", "crashy"))
     assert (kube.get("pod", "crashy") or {})["status"]["phase"] == "Running"  # restarting, like the real kubelet
+    # kubectl logs goes through the API server to the kubelet's endpoint; kubelet lines are not shown.
+    assert kube.run("logs", "crashy") == "bye\n"
+    assert kube.run("logs", "crashy", "--previous") == "bye\n"
+
+
+@k8s
+def test_kubectl_logs_and_follow(kube: Kube) -> None:
+    kube.apply(pod("talker", {"name": "c", "image": "x", "command": [
+        "sh", "-c", "echo one; echo two; sleep 3; echo three"]}, restartPolicy="Never"))
+    wait_for("the first lines", lambda: kube.cluster.kubectl("-n", kube.ns, "logs", "talker", check=False).stdout
+             == "one\ntwo\n", 30, info=lambda: kube.describe("pod", "talker"))
+    # -f streams until the container exits
+    assert kube.cluster.kubectl("-n", kube.ns, "logs", "-f", "talker", timeout=30).stdout == "one\ntwo\nthree\n"
+    assert kube.run("logs", "talker", "--tail=1") == "three\n"
 
 
 ENV_DUMP = """
