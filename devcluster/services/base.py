@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -64,6 +65,20 @@ def tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return f"({path} does not exist)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+_ERROR_RE = re.compile(r"\[error\]|\bERROR\b|\bFATAL\b|\bPANIC\b|BOOT FAILED", re.I)
+_RUN_MARK = "devcluster starts "
+
+
+def first_errors(path: Path, lines: int = 12) -> list[str]:
+    """The first error lines of the latest run in a log (runs start at a ``devcluster starts`` marker)."""
+    try:
+        text = path.read_bytes()[-512 * 1024:].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    run = text[text.rfind(_RUN_MARK):] if _RUN_MARK in text else text
+    return [line for line in run.splitlines() if _ERROR_RE.search(line)][:lines]
 
 
 def is_alive(proc: ProcInfo) -> bool:
@@ -334,7 +349,11 @@ class Service:
         if hint := self._hint():
             parts.append(hint)
         for path in self._log_files():
-            parts.append(f"--- last lines of {path}:\n{tail(path)}")
+            last = tail(path)
+            errors = [line for line in first_errors(path) if line not in last]
+            if errors:
+                parts.append(f"--- first error lines of this run in {path}:\n" + "\n".join(errors))
+            parts.append(f"--- last lines of {path}:\n{last}")
         return "\n".join(parts)
 
     def _remember(self) -> None:
