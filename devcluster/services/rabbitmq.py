@@ -347,7 +347,9 @@ class RabbitMQ(Service):
         return signal.SIGTERM  # handled by rabbit_prelaunch_sighandler: a graceful stop (~1s)
 
     def _log_files(self) -> list[Path]:
-        return [self.console_log, self.log_file]
+        epmd_log = self.base_dir / "log" / "epmd.log"
+        has_epmd_output = epmd_log.exists() and "\n" in epmd_log.read_text().strip()  # more than our marker
+        return [self.console_log, self.log_file, *([epmd_log] if has_epmd_output else [])]
 
     def _hint(self) -> str:
         return (f"Check the logs below ({self.log_file}, {self.console_log}). Common causes: one of the ports "
