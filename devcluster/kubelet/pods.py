@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import runtime, status, volumes
-from .api import ApiError, now, pod_path
+from .api import ApiError, now, parse_time, pod_path
 from .container import Container
 from .context import Services, host_env
 from .envvars import HOST_IP, ConfigError, build_env
@@ -219,6 +219,12 @@ class PodWorker:
         return self.pod["spec"].get("restartPolicy") or "Always"
 
     def _step(self) -> None:
+        limit = self.pod["spec"].get("activeDeadlineSeconds")
+        if limit is not None and time.time() - parse_time(self.start_time) >= float(limit):
+            msg = f"Pod was active on the node longer than the specified deadline ({limit}s)"
+            self.event("Normal", "DeadlineExceeded", msg)
+            self._become_terminal("Failed", "DeadlineExceeded", msg)
+            return
         policy = self._policy()
         init_policy = "Never" if policy == "Never" else "OnFailure"
         if not self.init_done:
@@ -245,14 +251,16 @@ class PodWorker:
         if ph in TERMINAL:
             self._become_terminal(ph)
 
-    def _become_terminal(self, ph: str) -> None:
-        log.info("pod %s finished: %s", self.key, ph)
+    def _become_terminal(self, ph: str, reason: str = "", message: str = "") -> None:
+        log.info("pod %s finished: %s %s", self.key, ph, reason)
         self._stop_all(time.time() + self.grace_seconds(), pre_stop=True)
         self.terminal = True
-        self._publish(force_phase=ph)
+        self._publish(force_phase=ph, reason=reason, message=message)
         self.svc.ipam.release(self.uid)
 
-    def _publish(self, force_phase: str | None = None, terminating: bool = False) -> None:
+    def _publish(
+        self, force_phase: str | None = None, terminating: bool = False, reason: str = "", message: str = ""
+    ) -> None:
         pod = self.pod
         policy = self._policy()
         if force_phase:
@@ -270,6 +278,8 @@ class PodWorker:
         }
         if self.init:
             st["initContainerStatuses"] = [c.status() for c in self.init]
+        if reason:
+            st.update(reason=reason, message=message)
         if pod["metadata"].get("generation"):
             st["observedGeneration"] = pod["metadata"]["generation"]
         if not self.writer.publish(st):
