@@ -112,7 +112,7 @@ def test_stopping_the_broker_leaves_no_process(rabbitmq: RabbitMQ) -> None:
     procs = rabbitmq.known_procs
     names = {_comm(p.pid) for p in procs if is_alive(p)}
     assert {"beam.smp", "epmd", "erl_child_setup"} <= names, names
-    roots = [c.pid for c in rabbitmq._children]
+    roots = rabbitmq.root_pids
     try:
         rabbitmq.stop()
         _assert_all_gone(procs, roots)
@@ -180,7 +180,7 @@ def test_stopping_postgres_leaves_no_process(postgres: PostgreSQL) -> None:
     busy = [postgres.connect() for _ in range(3)]  # backends are processes of their own
     procs = postgres.known_procs
     assert len([p for p in procs if is_alive(p)]) >= 4
-    roots = [c.pid for c in postgres._children]
+    roots = postgres.root_pids
     try:
         postgres.stop()
         _assert_all_gone(procs, roots)

@@ -284,6 +284,11 @@ class Service:
         return sorted(p.pid for p in self._live_procs())
 
     @property
+    def root_pids(self) -> list[int]:
+        """Pids of the processes we spawned (each leads its own session and process group)."""
+        return [c.pid for c in self._children]
+
+    @property
     def known_procs(self) -> list[ProcInfo]:
         """Every process of the instance seen since the last start (alive or not): for leak checks."""
         self._remember()
