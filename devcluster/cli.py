@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from devcluster import controlplane, tools
+from devcluster import demo as demo_mod
 from devcluster.errors import DevclusterError
 from devcluster.layout import DEFAULT_DIR, DIR_ENV, Layout, resolve_dir
 
@@ -96,6 +97,32 @@ def env(dir_: Path | None) -> None:
         click.echo("warning: some tools are not built; run `zstack-dev tools` first", err=True)
     click.echo(f"export KUBECONFIG={shlex.quote(str(lay.kubeconfig))}")
     click.echo(f"export PATH={shlex.quote(str(tools.bin_dir()))}:\"$PATH\"")
+
+
+@main.group()
+def demo() -> None:
+    """Private RabbitMQ and PostgreSQL plus a ring of management nodes on this machine."""
+
+
+@demo.command("up")
+@_dir_option
+@click.option("--replicas", type=click.IntRange(1, 20), default=3, show_default=True, help="How many MNs to run.")
+def demo_up(dir_: Path | None, replicas: int) -> None:
+    """Start the demo (no-op when it runs) and wait until the MNs agree on one ring."""
+    try:
+        ready = demo_mod.up(resolve_dir(dir_), replicas)
+    except (demo_mod.DemoError, TimeoutError) as err:
+        click.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(1)
+    demo_mod.print_next_steps(ready)
+
+
+@demo.command("down")
+@_dir_option
+def demo_down(dir_: Path | None) -> None:
+    """Stop the demo: the MNs leave the ring gracefully, then the servers stop."""
+    stopped = demo_mod.down(resolve_dir(dir_))
+    click.echo("demo stopped" if stopped else "demo was not running", err=True)
 
 
 if __name__ == "__main__":
