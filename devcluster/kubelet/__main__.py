@@ -10,6 +10,19 @@ from pathlib import Path
 
 from .context import Settings
 from .kubelet import Kubelet
+from .podnet import PodNetworkError, check_cidr
+
+
+def parse_taints(text: str) -> tuple[dict[str, str], ...]:
+    """'k=v:NoSchedule,k2:NoExecute' -> Node taints."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        kv, sep, effect = item.rpartition(":")
+        if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise argparse.ArgumentTypeError(f"bad taint {item!r}: want key[=value]:Effect")
+        key, _, value = kv.partition("=")
+        out.append({"key": key, "effect": effect, **({"value": value} if value else {})})
+    return tuple(out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-pods", type=int, default=110)
     p.add_argument("--cpu", default="", help="advertised cpu capacity (default: max(host cpus, 16))")
     p.add_argument("--memory", default="", help="advertised memory capacity (default: max(host, 64Gi))")
+    p.add_argument("--pod-cidr", default="",
+                   help="IPv4 range for pod IPs instead of 127.0.x.y, routed locally (needs root); "
+                        "lets EndpointSlices carry pod IPs. See devcluster/kubelet/podnet.py")
+    p.add_argument("--register-with-taints", default="", type=parse_taints,
+                   help="comma-separated key[=value]:Effect taints for the new Node")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -46,8 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         max_pods=args.max_pods,
         cpu=args.cpu,
         memory=args.memory,
+        pod_cidr=args.pod_cidr,
+        taints=args.register_with_taints,
     )
-    kubelet = Kubelet(settings)
+    try:
+        if settings.pod_cidr:
+            check_cidr(settings.pod_cidr)
+        kubelet = Kubelet(settings)
+    except PodNetworkError as e:
+        print(f"kubelet: {e}", file=sys.stderr)
+        return 2
 
     def on_signal(signum: int, _frame: object) -> None:
         logging.getLogger(__name__).info("got signal %d", signum)
@@ -55,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    kubelet.run()
+    try:
+        kubelet.run()
+    except PodNetworkError as e:
+        print(f"kubelet: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

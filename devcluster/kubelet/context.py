@@ -10,7 +10,7 @@ from typing import Any
 from .api import Api, ApiError, ClusterInfo
 from .envvars import ConfigError, decode_data
 from .events import Recorder
-from .ipam import LoopbackIPAM
+from .ipam import PodIPAM
 
 # Host variables a pod must not inherit: they would point it at the host's cluster or config.
 _DROP_PREFIXES = ("KUBE", "ZSTACK_", "POD_")
@@ -30,6 +30,8 @@ class Settings:
     cpu: str = ""
     memory: str = ""
     volume_resync: float = 30.0
+    pod_cidr: str = ""  # empty: loopback pod IPs (127.0.x.y)
+    taints: tuple[dict[str, str], ...] = ()  # registered with the Node when it is created
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Services:
     settings: Settings
     api: Api
     cluster: ClusterInfo
-    ipam: LoopbackIPAM
+    ipam: PodIPAM
     events: Recorder
     allocatable: dict[str, str] = field(default_factory=dict)
 

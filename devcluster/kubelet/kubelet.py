@@ -10,8 +10,9 @@ from typing import Any
 from .api import Api, ApiError, cluster_info
 from .context import Services, Settings
 from .events import Recorder
-from .ipam import LoopbackIPAM
+from .ipam import PodIPAM
 from .node import NodeAgent
+from .podnet import ensure_local
 from .pods import PodWorker
 from .runtime import kill_leftovers
 from .server import KubeletServer, LogNotFound, LogRange
@@ -32,7 +33,7 @@ class Kubelet:
             settings=settings,
             api=self.api,
             cluster=cluster_info(settings.kubeconfig),
-            ipam=LoopbackIPAM(),
+            ipam=PodIPAM(settings.pod_cidr or None),
             events=Recorder(self.api, settings.node_name),
             allocatable=dict(self.node.capacity),
         )
@@ -47,6 +48,8 @@ class Kubelet:
 
     def run(self) -> None:
         """Register the node, run pods until stop(), then stop every container."""
+        if self.settings.pod_cidr:
+            ensure_local(self.settings.pod_cidr)
         n = kill_leftovers(self.settings.root)
         if n:
             log.warning("killed leftovers of %d container(s) from an earlier kubelet", n)
@@ -54,7 +57,8 @@ class Kubelet:
         self.node.start()
         watcher = threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True)
         watcher.start()
-        log.info("kubelet for node %s running (root %s)", self.settings.node_name, self.settings.root)
+        log.info("kubelet for node %s running (root %s, pod IPs %s)",
+                 self.settings.node_name, self.settings.root, self.svc.ipam.description)
         self._stop.wait()
         self._shutdown()
 

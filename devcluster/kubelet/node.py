@@ -173,13 +173,21 @@ class NodeAgent:
             self._transitions[ctype] = prev
         return prev[1]
 
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {}
+        if self.settings.pod_cidr:
+            spec.update(podCIDR=self.settings.pod_cidr, podCIDRs=[self.settings.pod_cidr])
+        if self.settings.taints:
+            spec["taints"] = [dict(t) for t in self.settings.taints]
+        return spec
+
     def register(self) -> None:
         """Create the Node, or adopt an existing one of the same name."""
         body = {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.name, "labels": self.labels()},
-            "spec": {},
+            "spec": self.spec(),
             "status": self.status(),
         }
         try:

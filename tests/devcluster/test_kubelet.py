@@ -5,7 +5,11 @@ Pods talk back to the test through marker files in tmp_path (same machine, no co
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -17,7 +21,7 @@ from typing import Any
 import pytest
 
 from devcluster.kubelet.envvars import expand
-from devcluster.kubelet.ipam import LoopbackIPAM
+from devcluster.kubelet.ipam import PodIPAM
 from tests.fixtures.kube import KubeCluster
 
 k8s = pytest.mark.k8s
@@ -128,7 +132,7 @@ def test_expansion_follows_kubernetes_rules() -> None:
 
 
 def test_loopback_ipam_unique_and_reused() -> None:
-    ipam = LoopbackIPAM()
+    ipam = PodIPAM()
     a, b = ipam.allocate("a"), ipam.allocate("b")
     assert a != b and a.startswith("127.0.") and "127.0.0.1" not in (a, b)
     assert ipam.allocate("a") == a
@@ -428,3 +432,64 @@ def test_env_volumes_and_init_containers(kube: Kube, tmp_path: Path) -> None:
                             "etc/info/labels": "", "etc/info/name": "envy", "etc/one/g.txt": "hello"}
     assert got["init"] == "done"
     assert p["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+
+
+POD_CIDR = "198.18.0.0/24"  # RFC 2544 benchmarking range: not something this machine otherwise reaches
+
+
+@k8s
+def test_second_kubelet_with_pod_cidr_fills_endpointslices(kube: Kube, tmp_path: Path) -> None:
+    """Opt-in --pod-cidr: non-loopback pod IPs, which the API server accepts in EndpointSlices.
+
+    Runs a second process kubelet (its own tainted Node) against the same control plane. It routes
+    POD_CIDR to the loopback device (a route in the kernel's local table, left in place), so it
+    needs root.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("--pod-cidr routes a range to the loopback device, which needs root (CAP_NET_ADMIN)")
+    node = f"podnet-{uuid.uuid4().hex[:6]}"
+    logf = open(tmp_path / "kubelet.log", "w")  # noqa: SIM115 - closed in finally
+    kubelet = subprocess.Popen(
+        [sys.executable, "-m", "devcluster.kubelet", "--kubeconfig", str(kube.cluster.kubeconfig),
+         "--root", str(tmp_path / "kubelet"), "--node-name", node, "--pod-cidr", POD_CIDR,
+         "--register-with-taints", "devcluster.test/podnet=true:NoSchedule"],
+        stdout=logf, stderr=subprocess.STDOUT,
+    )
+    try:
+        def node_ready() -> bool:
+            out = kube.cluster.kubectl("get", "node", node, "-o", "json", check=False)
+            return out.returncode == 0 and condition(json.loads(out.stdout), "Ready") == "True"
+        wait_for(f"Node {node} Ready", node_ready, 30, info=lambda: (tmp_path / "kubelet.log").read_text())
+
+        web = {"name": "web", "image": "python:3",
+               "command": ["python3", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
+               "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+               "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}
+        p = pod("pn", web, nodeSelector={"kubernetes.io/hostname": node},
+                tolerations=[{"key": "devcluster.test/podnet", "operator": "Exists"}])
+        p["metadata"]["labels"] = {"app": "pn"}
+        kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "pn"},
+                    "spec": {"selector": {"app": "pn"}, "ports": [{"port": 80, "targetPort": 8080}]}}, p)
+        wait_for("pod pn Ready", lambda: condition(kube.get("pod", "pn"), "Ready") == "True", 60,
+                 info=lambda: kube.describe("pod", "pn"))
+        ip = (kube.get("pod", "pn") or {})["status"]["podIP"]
+        assert ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(POD_CIDR)
+        assert http_ok(f"http://{ip}:8080/")
+
+        def slice_ips() -> set[str]:
+            out = json.loads(kube.run("get", "endpointslices", "-l", "kubernetes.io/service-name=pn", "-o", "json"))
+            return {a for s in out["items"] for e in s.get("endpoints") or []
+                    if (e.get("conditions") or {}).get("ready") for a in e["addresses"]}
+        wait_for("the EndpointSlice to list the pod IP", lambda: slice_ips() == {ip}, 30,
+                 info=lambda: kube.describe("endpointslices"))
+        kube.run("delete", "pod", "pn", "--wait=true", "--timeout=30s")
+    finally:
+        kubelet.terminate()
+        try:
+            kubelet.wait(20)
+        except subprocess.TimeoutExpired:
+            kubelet.kill()
+            kubelet.wait()
+        logf.close()
+        kube.cluster.kubectl("delete", "node", node, "--wait=false", check=False)
+        kube.cluster.kubectl("-n", "kube-node-lease", "delete", "lease", node, "--wait=false", check=False)
