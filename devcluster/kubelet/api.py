@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import logging
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +17,6 @@ from urllib.parse import quote
 
 import yaml
 from kubernetes import client, config
-
-log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
@@ -97,7 +93,6 @@ class Api:
         cfg.retries = False
         self._client = client.ApiClient(cfg)
         self._client.user_agent = "devcluster-process-kubelet/0.1"
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Drop pooled connections."""

@@ -45,6 +45,7 @@ class Kubelet:
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler)."""
         self._stop.set()
+        self.node.request_stop()
 
     def run(self) -> None:
         """Register the node, run pods until stop(), then stop every container."""

@@ -91,6 +91,10 @@ class NodeAgent:
                 self._stop.wait(2)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Make start() give up retrying and the renew loop end."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
