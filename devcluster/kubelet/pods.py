@@ -148,7 +148,7 @@ class PodWorker:
             self._allocate_ip()
         while True:
             if self._shutdown:
-                self._stop_all(time.time() + min(self.grace_seconds(), self.svc.settings.shutdown_grace), False)
+                self._stop_all(time.time() + min(self.grace_seconds(), self.svc.settings.shutdown_grace), True)
                 return
             if self._gone:
                 self._stop_all(time.time() + FORCED_GRACE, pre_stop=False)

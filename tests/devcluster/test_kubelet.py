@@ -434,11 +434,122 @@ def test_env_volumes_and_init_containers(kube: Kube, tmp_path: Path) -> None:
     assert p["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
 
 
+class SecondKubelet:
+    """Another process kubelet (own Node, tainted so only tolerating pods land there) on the same cluster."""
+
+    TAINT = "devcluster.test/second-kubelet"
+
+    def __init__(self, kube: Kube, root: Path, *extra: str) -> None:
+        self.kube, self.root, self.extra = kube, root, extra
+        self.node = f"second-{uuid.uuid4().hex[:6]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        return (self.root / "kubelet.log").read_text(errors="replace")
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "kubelet.log", "a") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "devcluster.kubelet", "--kubeconfig", str(self.kube.cluster.kubeconfig),
+                 "--root", str(self.root / "kubelet"), "--node-name", self.node,
+                 "--register-with-taints", f"{self.TAINT}=true:NoSchedule", *self.extra],
+                stdout=logf, stderr=subprocess.STDOUT,
+            )
+
+        def ready() -> bool:
+            out = self.kube.cluster.kubectl("get", "node", self.node, "-o", "json", check=False)
+            return out.returncode == 0 and condition(json.loads(out.stdout), "Ready") == "True"
+        wait_for(f"Node {self.node} Ready", ready, 30, info=lambda: self.log)
+
+    def stop(self, timeout: float = 20) -> float:
+        """SIGTERM the kubelet; return how long it took to exit."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"kubelet did not exit within {timeout}s of SIGTERM:\n{self.log}") from None
+        return time.monotonic() - t0
+
+    def pod(self, name: str, *containers: dict[str, Any], **spec: Any) -> dict[str, Any]:
+        """A pod that lands on this kubelet's Node."""
+        return pod(name, *containers, nodeSelector={"kubernetes.io/hostname": self.node},
+                   tolerations=[{"key": self.TAINT, "operator": "Exists"}], **spec)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.kube.cluster.kubectl("delete", "node", self.node, "--wait=false", check=False)
+        self.kube.cluster.kubectl("-n", "kube-node-lease", "delete", "lease", self.node, "--wait=false", check=False)
+
+
+@pytest.fixture
+def second_kubelet(kube: Kube, tmp_path: Path) -> Iterator[Callable[..., SecondKubelet]]:
+    made: list[SecondKubelet] = []
+
+    def make(*extra: str) -> SecondKubelet:
+        k = SecondKubelet(kube, tmp_path / f"kubelet-{len(made)}", *extra)
+        made.append(k)
+        k.start()
+        return k
+
+    yield make
+    for k in made:
+        k.cleanup()
+
+
+@k8s
+def test_kubelet_shutdown_stops_pods_and_restart_resumes_them(
+    kube: Kube, tmp_path: Path, second_kubelet: Callable[..., SecondKubelet]
+) -> None:
+    kl = second_kubelet()
+    script = """
+        import os, signal, sys, time
+        marks = os.environ["MARKS"]
+        def on_term(*_):
+            open(os.path.join(marks, "sigterm"), "a").write("x")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        open(os.path.join(marks, "pids"), "a").write(f"{os.getpid()}\\n")
+        while True:
+            time.sleep(0.2)
+    """
+    kube.apply(kl.pod("sleeper", py("c", script, env=[{"name": "MARKS", "value": str(tmp_path)}])))
+    pids = tmp_path / "pids"
+    wait_for("the container to start", pids.exists, 30, info=lambda: kube.describe("pod", "sleeper"))
+    first = kube.get("pod", "sleeper") or {}
+    pid = int(pids.read_text().split()[0])
+
+    took = kl.stop()
+    assert (tmp_path / "sigterm").exists(), "the kubelet's SIGTERM did not reach the container"
+    assert not proc_alive(pid, "python"), f"container process {pid} outlived its kubelet"
+    assert took < 12, f"kubelet took {took:.1f}s to stop"
+
+    kl.start()  # same root and node name: the pod is resumed, counted as a restart, with the same IP
+
+    def restarted() -> bool:
+        st = ((kube.get("pod", "sleeper") or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return st[0].get("restartCount") == 1 and "running" in (st[0].get("state") or {})
+    wait_for("the pod to run again", restarted, 30, info=lambda: kube.describe("pod", "sleeper") + kl.log)
+    assert len(pids.read_text().split()) == 2
+    assert (kube.get("pod", "sleeper") or {})["status"]["podIP"] == first["status"]["podIP"]
+    kube.run("delete", "pod", "sleeper", "--wait=true", "--timeout=30s")
+    assert not proc_alive(int(pids.read_text().split()[1]), "python")
+
+
 POD_CIDR = "198.18.0.0/24"  # RFC 2544 benchmarking range: not something this machine otherwise reaches
 
 
 @k8s
-def test_second_kubelet_with_pod_cidr_fills_endpointslices(kube: Kube, tmp_path: Path) -> None:
+def test_second_kubelet_with_pod_cidr_fills_endpointslices(
+    kube: Kube, tmp_path: Path, second_kubelet: Callable[..., SecondKubelet]
+) -> None:
     """Opt-in --pod-cidr: non-loopback pod IPs, which the API server accepts in EndpointSlices.
 
     Runs a second process kubelet (its own tainted Node) against the same control plane. It routes
@@ -447,49 +558,25 @@ def test_second_kubelet_with_pod_cidr_fills_endpointslices(kube: Kube, tmp_path:
     """
     if os.geteuid() != 0:
         pytest.skip("--pod-cidr routes a range to the loopback device, which needs root (CAP_NET_ADMIN)")
-    node = f"podnet-{uuid.uuid4().hex[:6]}"
-    logf = open(tmp_path / "kubelet.log", "w")  # noqa: SIM115 - closed in finally
-    kubelet = subprocess.Popen(
-        [sys.executable, "-m", "devcluster.kubelet", "--kubeconfig", str(kube.cluster.kubeconfig),
-         "--root", str(tmp_path / "kubelet"), "--node-name", node, "--pod-cidr", POD_CIDR,
-         "--register-with-taints", "devcluster.test/podnet=true:NoSchedule"],
-        stdout=logf, stderr=subprocess.STDOUT,
-    )
-    try:
-        def node_ready() -> bool:
-            out = kube.cluster.kubectl("get", "node", node, "-o", "json", check=False)
-            return out.returncode == 0 and condition(json.loads(out.stdout), "Ready") == "True"
-        wait_for(f"Node {node} Ready", node_ready, 30, info=lambda: (tmp_path / "kubelet.log").read_text())
+    kl = second_kubelet("--pod-cidr", POD_CIDR)
+    web = {"name": "web", "image": "python:3",
+           "command": ["python3", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
+           "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+           "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}
+    p = kl.pod("pn", web)
+    p["metadata"]["labels"] = {"app": "pn"}
+    kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "pn"},
+                "spec": {"selector": {"app": "pn"}, "ports": [{"port": 80, "targetPort": 8080}]}}, p)
+    wait_for("pod pn Ready", lambda: condition(kube.get("pod", "pn"), "Ready") == "True", 60,
+             info=lambda: kube.describe("pod", "pn") + kl.log)
+    ip = (kube.get("pod", "pn") or {})["status"]["podIP"]
+    assert ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(POD_CIDR)
+    assert http_ok(f"http://{ip}:8080/")
 
-        web = {"name": "web", "image": "python:3",
-               "command": ["python3", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
-               "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-               "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}
-        p = pod("pn", web, nodeSelector={"kubernetes.io/hostname": node},
-                tolerations=[{"key": "devcluster.test/podnet", "operator": "Exists"}])
-        p["metadata"]["labels"] = {"app": "pn"}
-        kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "pn"},
-                    "spec": {"selector": {"app": "pn"}, "ports": [{"port": 80, "targetPort": 8080}]}}, p)
-        wait_for("pod pn Ready", lambda: condition(kube.get("pod", "pn"), "Ready") == "True", 60,
-                 info=lambda: kube.describe("pod", "pn"))
-        ip = (kube.get("pod", "pn") or {})["status"]["podIP"]
-        assert ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(POD_CIDR)
-        assert http_ok(f"http://{ip}:8080/")
-
-        def slice_ips() -> set[str]:
-            out = json.loads(kube.run("get", "endpointslices", "-l", "kubernetes.io/service-name=pn", "-o", "json"))
-            return {a for s in out["items"] for e in s.get("endpoints") or []
-                    if (e.get("conditions") or {}).get("ready") for a in e["addresses"]}
-        wait_for("the EndpointSlice to list the pod IP", lambda: slice_ips() == {ip}, 30,
-                 info=lambda: kube.describe("endpointslices"))
-        kube.run("delete", "pod", "pn", "--wait=true", "--timeout=30s")
-    finally:
-        kubelet.terminate()
-        try:
-            kubelet.wait(20)
-        except subprocess.TimeoutExpired:
-            kubelet.kill()
-            kubelet.wait()
-        logf.close()
-        kube.cluster.kubectl("delete", "node", node, "--wait=false", check=False)
-        kube.cluster.kubectl("-n", "kube-node-lease", "delete", "lease", node, "--wait=false", check=False)
+    def slice_ips() -> set[str]:
+        out = json.loads(kube.run("get", "endpointslices", "-l", "kubernetes.io/service-name=pn", "-o", "json"))
+        return {a for s in out["items"] for e in s.get("endpoints") or []
+                if (e.get("conditions") or {}).get("ready") for a in e["addresses"]}
+    wait_for("the EndpointSlice to list the pod IP", lambda: slice_ips() == {ip}, 30,
+             info=lambda: kube.describe("endpointslices"))
+    kube.run("delete", "pod", "pn", "--wait=true", "--timeout=30s")
