@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from pika.spec import Basic
 from . import metrics
 from .amqp import BrokerUnavailable, Channel, Connection
 from .config import redact
+from .eager import start_eagerly
 from .envelope import MAX_HOPS, Envelope, MalformedMessage
 from .ring import EmptyRingError, Ring, RingChange
 from .service import Service, ServiceError
@@ -51,6 +52,7 @@ API_SERVICE = "api.portal"
 REPLY_SERVICE = "cloudbus"
 _PREFIX = "zstack.message."
 _PERSISTENT = BasicProperties(delivery_mode=2)
+_FIXED_LABELS = frozenset((API_SERVICE, "event", REPLY_SERVICE))
 
 
 def service_queue(service: str, mn_uuid: str) -> str:
@@ -308,7 +310,7 @@ class CloudBus:
         if self._ch is None or not self.connected:
             raise BrokerUnavailable("not connected to the broker")
         self._ch.publish(P2P_EXCHANGE, queue, envelope.encode())
-        metrics.MESSAGES_SENT.labels(envelope.service, envelope.kind).inc()
+        metrics.count(metrics.MESSAGES_SENT, self._label(envelope.service), envelope.kind)
 
     def _route_and_publish(self, envelope: Envelope, pending: _PendingCall | None = None) -> str:
         target = self._owner(envelope)
@@ -346,7 +348,7 @@ class CloudBus:
         finally:
             expiry.cancel()
             self._pending.pop(envelope.correlation, None)
-        metrics.CALL_SECONDS.labels(service).observe(time.perf_counter() - pending.started)
+        metrics.child(metrics.CALL_SECONDS, service).observe(time.perf_counter() - pending.started)
         if reply.error is not None:
             raise RemoteError(reply.error)
         return reply.body
@@ -363,14 +365,14 @@ class CloudBus:
             raise BrokerUnavailable("not connected to the broker")
         envelope = Envelope(message_type, service, "api", body, resource, sender=self.self_uuid)
         await self._confirm_ch.publish_confirmed(P2P_EXCHANGE, API_QUEUE, envelope.encode(), _PERSISTENT)
-        metrics.MESSAGES_SENT.labels(API_SERVICE, "api").inc()
+        metrics.count(metrics.MESSAGES_SENT, API_SERVICE, "api")
 
     def publish_event(self, topic: str, body: dict[str, Any]) -> None:
         if self._ch is None or not self.connected:
             raise BrokerUnavailable("not connected to the broker")
         envelope = Envelope(topic, "event", "event", body, sender=self.self_uuid)
         self._ch.publish(EVENT_EXCHANGE, topic, envelope.encode())
-        metrics.MESSAGES_SENT.labels("event", "event").inc()
+        metrics.count(metrics.MESSAGES_SENT, "event", "event")
 
     def subscribe(self, pattern: str, callback: EventCallback) -> None:
         """Call `callback(topic, body)` for every event matching the topic `pattern`.
@@ -394,7 +396,7 @@ class CloudBus:
                 pending.envelope = pending.envelope.hop()
                 try:
                     self._route_and_publish(pending.envelope, pending)
-                    metrics.REROUTES.labels(pending.envelope.service, "target_left").inc()
+                    metrics.count(metrics.REROUTES, self._label(pending.envelope.service), "target_left")
                 except (BrokerUnavailable, NotServing) as exc:
                     self._fail(corr, exc)
             else:
@@ -403,6 +405,10 @@ class CloudBus:
                     f"{pending.envelope.type}; it is not marked idempotent, so it was not repeated"))
 
     # ---- receiving -------------------------------------------------------------------------
+
+    def _label(self, service: str) -> str:
+        """A metric label from a message: known services by name, anything else as `other`."""
+        return service if service in self._services or service in _FIXED_LABELS else "other"
 
     def _decode(self, body: bytes, source: str) -> Envelope | None:
         try:
@@ -414,7 +420,7 @@ class CloudBus:
     def _dead_letter(self, body: bytes, source: str, reason: str) -> None:
         log.warning("dead-lettered a message from %s: %s", source, reason)
         service = (_split_queue(source) or (source, ""))[0]
-        metrics.MESSAGES_REJECTED.labels(service, "malformed").inc()
+        metrics.count(metrics.MESSAGES_REJECTED, self._label(service), "malformed")
         if self._ch is not None and self._ch.is_open:
             headers = {"x-zstack-reason": reason, "x-zstack-source": source}
             self._ch.publish(DEAD_LETTER_EXCHANGE, "", body, BasicProperties(headers=headers))
@@ -425,22 +431,27 @@ class CloudBus:
         envelope = self._decode(body, method.routing_key)
         if envelope is None:
             return
-        metrics.MESSAGES_RECEIVED.labels(envelope.service, envelope.kind).inc()
+        metrics.count(metrics.MESSAGES_RECEIVED, self._label(envelope.service), envelope.kind)
         if not self._may_serve():
             # This MN can no longer prove it is alive: hand the message to someone who is.
             self._ch.publish(UNROUTABLE_EXCHANGE, method.routing_key, body)
             return
         self._spawn(self._handle(envelope))
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        return task
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start `coro` now (see eager.py); track it while it waits, so drain() can wait for it."""
+        try:
+            task = start_eagerly(coro)
+        except Exception:
+            log.exception("message handling failed")
+            return
+        if task is not None:
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     async def _handle(self, envelope: Envelope) -> None:
         if envelope.expired():
-            metrics.MESSAGES_REJECTED.labels(envelope.service, "expired").inc()
+            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), "expired")
             return
         service = self._services.get(envelope.service)
         handler = service.handler(envelope.type) if service else None
@@ -448,7 +459,7 @@ class CloudBus:
         if handler is None:
             error = {"code": "UnknownMessage",
                      "message": f"no handler for {envelope.type!r} in service {envelope.service!r}"}
-            metrics.MESSAGES_REJECTED.labels(envelope.service, "unknown_type").inc()
+            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), "unknown_type")
         else:
             try:
                 body = await handler(envelope)
@@ -466,7 +477,7 @@ class CloudBus:
         reply = request.reply(self.self_uuid or "", body, error)
         try:
             self._ch.publish(P2P_EXCHANGE, request.reply_to, reply.encode())
-            metrics.MESSAGES_SENT.labels(request.service, "reply").inc()
+            metrics.count(metrics.MESSAGES_SENT, self._label(request.service), "reply")
         except BrokerUnavailable:
             log.warning("could not reply to %s/%s: broker connection lost", request.service, request.type)
 
@@ -482,7 +493,7 @@ class CloudBus:
         envelope = self._decode(body, method.routing_key)
         if envelope is None:
             return
-        metrics.MESSAGES_RECEIVED.labels("event", "event").inc()
+        metrics.count(metrics.MESSAGES_RECEIVED, "event", "event")
         for pattern, callbacks in self._subscriptions.items():
             if _topic_matches(pattern, method.routing_key):
                 for callback in callbacks:
@@ -496,7 +507,7 @@ class CloudBus:
         if envelope is None:
             channel.basic_ack(method.delivery_tag)
             return
-        metrics.MESSAGES_RECEIVED.labels(API_SERVICE, "api").inc()
+        metrics.count(metrics.MESSAGES_RECEIVED, API_SERVICE, "api")
         self._spawn(self._route_api(channel, method.delivery_tag, envelope))
 
     async def _route_api(self, channel: PikaChannel, tag: int, envelope: Envelope) -> None:
@@ -534,9 +545,9 @@ class CloudBus:
                     reason = "expired"
                 else:
                     self._route_and_publish(envelope.hop())
-                    metrics.REROUTES.labels(envelope.service, "queue_gone").inc()
+                    metrics.count(metrics.REROUTES, self._label(envelope.service), "queue_gone")
                     return
-            metrics.MESSAGES_REJECTED.labels(envelope.service, reason).inc()
+            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), reason)
             log.info("dropped %s/%s for %s: %s", envelope.service, envelope.type, routing_key, reason)
             if envelope.kind == "call" and envelope.reply_to and reason != "reply_to_gone":
                 self._reply(envelope, None, {"code": "NoRoute", "message": f"message could not be delivered: {reason}"})

@@ -14,6 +14,7 @@ import click
 from .config import ConfigError, Settings
 from .http import build_app, serve
 from .node import ManagementNode
+from .ring import DEFAULT_VNODES
 from .service import Service
 
 log = logging.getLogger("zstack_node")
@@ -46,7 +47,7 @@ def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN2
 @_opt("heartbeat-interval", type=float, default=1.0, help="Seconds between heartbeats")
 @_opt("heartbeat-timeout", type=float, default=4.0, help="Seconds without a heartbeat before eviction")
 @_opt("lease-duration", type=float, default=5.0, help="Kubernetes Lease duration in seconds")
-@_opt("ring-vnodes", type=int, default=2000, help="Virtual nodes per MN on the hash ring")
+@_opt("ring-vnodes", type=int, default=DEFAULT_VNODES, help="Virtual nodes per MN on the hash ring")
 @_opt("call-timeout", type=float, default=10.0, help="Default deadline of a bus call, seconds")
 @_opt("cluster", default="default", help="Name of the ZStackCluster this MN belongs to")
 @_opt("hostname", default=None, help="Name recorded beside the MN UUID (default: the host or pod name)")

@@ -6,6 +6,8 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .ring import DEFAULT_VNODES
+
 
 class ConfigError(ValueError):
     """A setting is invalid. The message names the flag and env var and says what to do."""
@@ -27,7 +29,7 @@ class Settings:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 4.0
     lease_duration: float = 5.0
-    ring_vnodes: int = 2000
+    ring_vnodes: int = DEFAULT_VNODES
     api_token: str | None = None
     cluster: str = "default"
     hostname: str = field(default_factory=socket.gethostname)

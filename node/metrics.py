@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 MESSAGES_SENT = Counter("zstack_bus_messages_sent_total", "Messages this MN published", ["service", "kind"])
 MESSAGES_RECEIVED = Counter(
@@ -32,3 +35,16 @@ TAKEOVERS = Counter(
 )
 HEARTBEAT_AGE = Gauge("zstack_heartbeat_age_seconds", "Seconds since this MN last wrote its heartbeat")
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
+
+
+@functools.cache
+def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+    """`metric.labels(*labels)`, cached: the hot path pays a dict lookup, not a locked one.
+
+    Callers pass only label values from a bounded set (known services, fixed kinds and reasons).
+    """
+    return metric.labels(*labels)
+
+
+def count(metric: Counter, *labels: str) -> None:
+    child(metric, *labels).inc()

@@ -235,14 +235,18 @@ class ManagementNode:
 
     # ---- events and ring changes -------------------------------------------------------------
 
+    def _ours(self, body: dict[str, Any]) -> bool:
+        """Clusters may share a broker: only events of this MN's cluster count."""
+        return body.get("cluster") == self.settings.cluster
+
     def _on_joined_event(self, _topic: str, body: dict[str, Any]) -> None:
         mn = body.get("uuid")
-        if self.state == "running" and isinstance(mn, str) and mn not in self._tombstones:
+        if self._ours(body) and self.state == "running" and isinstance(mn, str) and mn not in self._tombstones:
             self._set_ring(self.ring.with_member(mn), "joined")
 
     def _on_left_event(self, _topic: str, body: dict[str, Any]) -> Any:
         mn = body.get("uuid")
-        if not isinstance(mn, str):
+        if not (self._ours(body) and isinstance(mn, str)):
             return None
         self._tombstone(mn)
         if mn == self.uuid and self.state == "running":
@@ -299,7 +303,7 @@ class ManagementNode:
 
     def _publish_event(self, topic: str, body: dict[str, Any]) -> None:
         try:
-            self.bus.publish_event(topic, body)
+            self.bus.publish_event(topic, {**body, "cluster": self.settings.cluster})
         except ConnectionError as exc:
             log.warning("could not broadcast %s for %s: %s (others reconcile from the table)",
                         topic, body.get("uuid"), exc)
