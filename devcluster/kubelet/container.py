@@ -74,6 +74,7 @@ class Container:
         self.probers: dict[str, Prober] = {}
         self._killing: threading.Thread | None = None
         self._kill_message = ""
+        self._kill_probe = "liveness"
         # (start, end) byte offsets of each run in the log file, for `kubectl logs [--previous]`
         self.runs: list[tuple[int, int | None]] = []
 
@@ -152,6 +153,7 @@ class Container:
             p = self.probers.get(kind)
             if p and p.failed:
                 self._kill_message = f"Container {self.name} failed {kind} probe, will be restarted"
+                self._kill_probe = kind
                 return True
         return False
 
@@ -160,7 +162,7 @@ class Container:
         assert proc is not None
         self.ctx.event("Normal", "Killing", self._kill_message)
         runtime.log_line(self.ctx.log_path(self.name), self._kill_message)
-        probe = self.spec.get("livenessProbe") or {}
+        probe = self.spec.get(f"{self._kill_probe}Probe") or {}
         grace = float(probe.get("terminationGracePeriodSeconds", self.ctx.grace_seconds()))
 
         def kill() -> None:

@@ -144,8 +144,6 @@ class PodWorker:
 
     def _run(self) -> None:
         self.paths.create()
-        if not self.terminal:
-            self._allocate_ip()
         while True:
             if self._shutdown:
                 self._stop_all(time.time() + min(self.grace_seconds(), self.svc.settings.shutdown_grace), True)
@@ -158,6 +156,8 @@ class PodWorker:
             if pod["metadata"].get("deletionTimestamp"):
                 self._terminate()
                 return
+            if not self.terminal and not self.pod_ip:
+                self._allocate_ip()
             if not self.terminal and self.pod_ip:
                 self._sandbox()
                 if self.sandbox_ready:
@@ -174,7 +174,11 @@ class PodWorker:
         try:
             self.pod_ip = self.svc.ipam.allocate(self.uid, preferred)
         except IPExhausted as e:
+            if str(e) != self.sandbox_error:
+                self.event("Warning", "FailedCreatePodSandBox", str(e))
             self.sandbox_error = str(e)
+            for c in (*self.init, *self.main):
+                c.waiting = ("ContainerCreating", str(e))
 
     def _sleep_time(self) -> float:
         t = TICK
