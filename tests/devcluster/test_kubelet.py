@@ -22,6 +22,7 @@ import pytest
 
 from devcluster.kubelet.envvars import expand
 from devcluster.kubelet.ipam import PodIPAM
+from devcluster.kubelet.podnet import bindable
 from tests.fixtures.kube import KubeCluster
 
 k8s = pytest.mark.k8s
@@ -548,16 +549,20 @@ POD_CIDR = "198.18.0.0/24"  # RFC 2544 benchmarking range: not something this ma
 
 @k8s
 def test_second_kubelet_with_pod_cidr_fills_endpointslices(
-    kube: Kube, tmp_path: Path, second_kubelet: Callable[..., SecondKubelet]
+    kube: Kube, tmp_path: Path, second_kubelet: Callable[..., SecondKubelet], request: pytest.FixtureRequest
 ) -> None:
     """Opt-in --pod-cidr: non-loopback pod IPs, which the API server accepts in EndpointSlices.
 
     Runs a second process kubelet (its own tainted Node) against the same control plane. It routes
-    POD_CIDR to the loopback device (a route in the kernel's local table, left in place), so it
-    needs root.
+    POD_CIDR to the loopback device (a route in the kernel's local table), so it needs root; the test
+    removes the route again if it was not there before.
     """
     if os.geteuid() != 0:
         pytest.skip("--pod-cidr routes a range to the loopback device, which needs root (CAP_NET_ADMIN)")
+    probe = str(ipaddress.IPv4Network(POD_CIDR).network_address + 1)
+    if not bindable(probe):
+        request.addfinalizer(lambda: subprocess.run(
+            ["ip", "route", "del", "local", POD_CIDR, "dev", "lo", "table", "local"], check=False))
     kl = second_kubelet("--pod-cidr", POD_CIDR)
     web = {"name": "web", "image": "python:3",
            "command": ["python3", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
