@@ -135,7 +135,9 @@ COMPONENTS: tuple[Component, ...] = (
     ),
     Component(
         "kube-controller-manager", ("controller-manager",), _controller_manager_argv,
-        lambda lay, p, ctx: health.https_ok(p["controller-manager"], "/healthz", ctx), "/healthz",
+        lambda lay, p, ctx: (health.https_ok(p["controller-manager"], "/healthz", ctx)
+                             and health.default_service_account(p["apiserver"], ctx)),
+        "/healthz and ServiceAccount default/default",
     ),
     Component(
         "kube-scheduler", ("scheduler",), _control_argv("kube-scheduler", "scheduler", "scheduler"),

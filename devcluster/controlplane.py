@@ -16,6 +16,7 @@ from devcluster.health import admin_context
 from devcluster.kubeconfig import write_kubeconfig
 from devcluster.layout import Layout
 from devcluster.pki import ensure_pki
+from devcluster.ports import free_port, port_is_free
 from devcluster.progress import Say, Ticker, stderr_say
 from devcluster.state import ProcRecord, State, load, locked, save
 from devcluster.tools import missing_tools
@@ -54,8 +55,8 @@ def _allocate_ports(st: State) -> Ports:
         owner_alive = procs.record_alive(st.procs.get(comp.name))
         for name in comp.ports:
             old = st.ports.get(name)
-            keep = old is not None and (owner_alive or procs.port_free(old))
-            ports[name] = old if keep else procs.free_port()
+            keep = old is not None and (owner_alive or port_is_free(old))
+            ports[name] = old if keep else free_port()
     return ports
 
 

@@ -51,3 +51,12 @@ def node_ready(port: int, node: str, ctx: ssl.SSLContext) -> bool:
         return False
     conditions = json.loads(body).get("status", {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def default_service_account(port: int, ctx: ssl.SSLContext) -> bool:
+    """True once the ServiceAccount controller has made `default/default`.
+
+    Until then the API server rejects pods in `default`, so `up` waits for it.
+    """
+    status, _ = _get(f"https://127.0.0.1:{port}/api/v1/namespaces/default/serviceaccounts/default", ctx)
+    return status == 200

@@ -12,8 +12,8 @@ random credentials, and is stopped by pid (never by name)::
             ...
 """
 
+from devcluster.ports import free_port, free_ports, port_is_free
 from devcluster.services.base import Service, ServiceError
-from devcluster.services.ports import free_port, free_ports, port_is_free
 from devcluster.services.postgres import PostgreSQL
 from devcluster.services.rabbitmq import RabbitMQ
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from devcluster.ports import free_ports, port_is_free
 from devcluster.procs import ProcInfo, all_procs, read_proc
-from devcluster.services.ports import free_ports, port_is_free
 
 Say = Callable[[str], None]
 log = logging.getLogger(__name__)

@@ -157,7 +157,8 @@ def test_every_mn_recovers_after_a_broker_restart(cluster, rabbitmq, probe_facto
 
 
 def test_an_unreachable_broker_is_waited_for_and_named_in_the_log(cluster, fresh_database, tmp_path):
-    from devcluster.localnodes import LocalNode, free_port
+    from devcluster.localnodes import LocalNode
+    from devcluster.ports import free_port
 
     closed = free_port()
     node = LocalNode("lonely", f"amqp://u:secret@127.0.0.1:{closed}/%2F", fresh_database, tmp_path).start()
