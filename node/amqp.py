@@ -8,51 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils import io_services_utils as io_utils
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
+from . import pika_writes
+
 log = logging.getLogger(__name__)
 
-
-def _write_now(self: io_utils._AsyncPlaintextTransport, data: bytes) -> None:
-    """Send at once when nothing is queued, as asyncio's own transports do.
-
-    pika's transport always waits for a writability event before sending, which costs every
-    publish one event-loop pass and two epoll_ctl calls: a third of a loopback round trip.
-    """
-    if self._state != self._STATE_ACTIVE:
-        return
-    was_idle = self.get_write_buffer_size() == 0
-    self._buffer_tx_data(data)
-    if not was_idle:
-        return  # the writability watcher is already on and will send this too
-    try:
-        self._produce()
-    except OSError as error:
-        if error.errno not in io_utils._TRY_IO_AGAIN_SOCK_ERROR_CODES:
-            self._initiate_abort(error)
-            return
-    if self._tx_buffers:
-        self._nbio.set_writer(self._sock.fileno(), self._on_socket_writable)
-
-
-io_utils._AsyncPlaintextTransport.write = _write_now
-
-
-class _CoalescingConnection(AsyncioConnection):
-    """Writes a message's method, header and body frames with one send() instead of three."""
-
-    def _output_marshaled_frames(self, marshaled_frames: Sequence[bytes]) -> None:
-        data = b"".join(marshaled_frames)
-        self.bytes_sent += len(data)
-        self.frames_sent += len(marshaled_frames)
-        self._adapter_emit_data(data)
 
 OnMessage = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
 
@@ -192,10 +159,11 @@ class Connection:
             if holder and not holder[0].closed.done():
                 holder[0].closed.set_result(reason)
 
-        raw = _CoalescingConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
+        raw = AsyncioConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
         conn = cls(raw)
         holder.append(conn)
         await opened
+        pika_writes.install(raw)
         return conn
 
     async def channel(self) -> Channel:
