@@ -13,7 +13,7 @@ import logging
 import time
 import uuid as uuidlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,6 +50,7 @@ class ManagementNode:
         self.address: str | None = None
         self.db_ok = False
         self._last_heartbeat = 0.0  # monotonic time of the last successful heartbeat
+        self._heartbeat_failing = False
         self._evict_quiet_until = 0.0
         self._suspects: dict[str, float] = {}
         self._tombstones: set[str] = set()
@@ -86,10 +87,13 @@ class ManagementNode:
         self.bus.subscribe(LEFT_TOPIC, self._on_left_event)
         await self.bus.start()
         await self._join()
+        interval = self.settings.heartbeat_interval
         self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-            asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+            asyncio.create_task(self._every(interval, self._heartbeat, "heartbeat")),
+            # Reconcile twice per interval: a crashed MN's heartbeat crosses the timeout between
+            # two checks, so checking more often than heartbeats are written detects it sooner.
+            asyncio.create_task(self._every(interval / 2, self._reconcile_periodically, "reconcile")),
+            asyncio.create_task(self._every(interval / 4, self._watchdog, "watchdog")),
         ]
 
     async def leave(self, grace: float = 10.0) -> None:
@@ -155,52 +159,55 @@ class ManagementNode:
 
     # ---- loops -----------------------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
-        failing = False
+    async def _every(self, period: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run `step` every `period` seconds; an unexpected error is logged, never fatal."""
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            if self.state != "running":
-                continue
-            me = self.uuid
+            await asyncio.sleep(period)
             try:
-                written = await asyncio.to_thread(self.membership.heartbeat, me)
-            except SQLAlchemyError as exc:
-                self.db_ok = False
-                if not failing:
-                    log.warning("cannot write my heartbeat: %s", _first_line(exc))
-                failing = True
-                continue
-            self.db_ok = True
-            if failing:
-                # Others could not heartbeat either: their rows look stale for a while.
-                self._evict_quiet_until = time.monotonic() + self.settings.heartbeat_timeout
-                log.info("heartbeat written again after a database outage")
-                failing = False
-            if me != self.uuid or self.state != "running":
-                continue
-            if written:
-                self._last_heartbeat = time.monotonic()
-                metrics.HEARTBEAT_AGE.set(0)
-            else:
-                await self.fence("row gone: my heartbeat row was deleted or went stale")
+                await step()
+            except Exception:
+                log.exception("%s failed; trying again in %.2fs", what, period)
 
-    async def _watchdog_loop(self) -> None:
+    async def _heartbeat(self) -> None:
+        if self.state != "running":
+            return
+        me = self.uuid
+        try:
+            written = await asyncio.to_thread(self.membership.heartbeat, me)
+        except SQLAlchemyError as exc:
+            self.db_ok = False
+            if not self._heartbeat_failing:
+                log.warning("cannot write my heartbeat: %s", _first_line(exc))
+            self._heartbeat_failing = True
+            return
+        self.db_ok = True
+        if self._heartbeat_failing:
+            # Others could not heartbeat either: their rows look stale for a while.
+            self._evict_quiet_until = time.monotonic() + self.settings.heartbeat_timeout
+            log.info("heartbeat written again after a database outage")
+            self._heartbeat_failing = False
+        if me != self.uuid or self.state != "running":
+            return
+        if written:
+            self._last_heartbeat = time.monotonic()
+            metrics.HEARTBEAT_AGE.set(0)
+        else:
+            await self.fence("row gone: my heartbeat row was deleted or went stale")
+
+    async def _watchdog(self) -> None:
         """Fence when no heartbeat got through within the timeout, even if the DB call hangs."""
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval / 4)
-            age = time.monotonic() - self._last_heartbeat
-            metrics.HEARTBEAT_AGE.set(age if self.state == "running" else 0)
-            if self.state == "running" and age >= self.settings.heartbeat_timeout:
-                await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
+        age = time.monotonic() - self._last_heartbeat
+        metrics.HEARTBEAT_AGE.set(age if self.state == "running" else 0)
+        if self.state == "running" and age >= self.settings.heartbeat_timeout:
+            await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            if self.state == "running":
-                try:
-                    await self.reconcile()
-                except SQLAlchemyError as exc:
-                    log.debug("reconcile skipped: %s", _first_line(exc))
+    async def _reconcile_periodically(self) -> None:
+        if self.state != "running":
+            return
+        try:
+            await self.reconcile()
+        except SQLAlchemyError as exc:
+            log.debug("reconcile skipped: %s", _first_line(exc))
 
     async def reconcile(self) -> None:
         """Make the ring equal to the fresh RUNNING rows, and evict rows stale for two checks."""
