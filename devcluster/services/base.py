@@ -198,6 +198,19 @@ class Service:
     def _stop_signal(self) -> signal.Signals:
         return signal.SIGTERM
 
+    @property
+    def password(self) -> str:
+        return self._state["password"]
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def display_url(self) -> str:
+        """:attr:`url` with the password masked, for logs and messages."""
+        return self.url.replace(f":{self.password}@", ":***@")
+
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     @property

@@ -89,9 +89,6 @@ class PostgreSQL(Service):
         """The login role (CREATEDB, not superuser) that owns :attr:`database`."""
         return self._state["username"]
 
-    @property
-    def password(self) -> str:
-        return self._state["password"]
 
     @property
     def database(self) -> str:
@@ -118,10 +115,6 @@ class PostgreSQL(Service):
         return (f"postgresql+psycopg2://{self.admin_username}:{self._state['admin_password']}"
                 f"@{self.host}:{self.port}/postgres")
 
-    @property
-    def display_url(self) -> str:
-        """:attr:`url` with the password masked, for logs and messages."""
-        return self.url.replace(f":{self.password}@", ":***@")
 
     @property
     def data_dir(self) -> Path:

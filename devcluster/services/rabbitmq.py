@@ -128,9 +128,6 @@ class RabbitMQ(Service):
     def username(self) -> str:
         return self._state["username"]
 
-    @property
-    def password(self) -> str:
-        return self._state["password"]
 
     @property
     def url(self) -> str:
@@ -141,10 +138,6 @@ class RabbitMQ(Service):
         """AMQP URL of ``vhost`` with the instance's credentials."""
         return f"amqp://{self.username}:{self.password}@{self.host}:{self.port}/{quote(vhost, safe='')}"
 
-    @property
-    def display_url(self) -> str:
-        """The URL with the password masked, for logs and messages."""
-        return self.url.replace(f":{self.password}@", ":***@")
 
     @property
     def log_file(self) -> Path:
