@@ -1,30 +1,29 @@
-"""The cloud bus: RabbitMQ topology, routing by the ring, calls, events, re-routing.
+"""The cloud bus: routing by the ring, calls, events, and re-routing of messages to dead MNs.
 
-Topology (names in DESIGN.md):
-- `zstack.message.p2p` (direct) carries every point-to-point message; its routing key is the
-  target queue's name. Its alternate exchange catches a message whose queue no longer exists
-  (its MN died) into the durable `zstack.message.unroutable` queue, which every MN consumes and
-  re-routes once its ring no longer holds the dead MN.
-- Per MN and service: `zstack.message.<service>.<mnUuid>`, exclusive, so it dies with its MN.
-- Per MN: the reply queue `zstack.message.cloudbus.<mnUuid>` and an event queue on the topic
-  exchange `zstack.event`.
-- `zstack.message.api.portal`: durable, competing consumers, publisher confirms.
-- `zstack.message.deadletter`: malformed messages, one log line each.
-
-Which calls are repeated: a call pending on an MN that leaves the ring is re-sent to the new
-owner when its envelope says `idempotent=True` (reads, and operations keyed by a job id that
-the handler de-duplicates). Every other pending call fails at once with `TargetLeft`.
+Topology and names are in topology.py. The delivery guarantees:
+- A point-to-point message goes to the queue of the resource owner's MN. If that queue no longer
+  exists, the alternate exchange keeps the message in `zstack.message.unroutable`, and a serving MN
+  re-sends it once its ring no longer holds the dead MN (hop limit 5, within the deadline).
+- API messages are taken from the shared queue with manual acks. The taker forwards them to the
+  owner with a publisher confirm, and acks only after the confirm, or after handling one it owns.
+  If the taker dies first, the broker redelivers the message to another MN.
+- A call pending on an MN that leaves the ring is re-sent to the new owner when its envelope says
+  `idempotent=True` (reads, and operations keyed by a job id that the handler de-duplicates).
+  Every other pending call fails at once with `TargetLeft`: its outcome is unknown.
+- Nothing waits past its deadline: calls fail with `Timeout`, and undeliverable calls get a
+  `NoRoute` reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pika import BasicProperties
@@ -34,45 +33,32 @@ from pika.spec import Basic
 from . import metrics
 from .amqp import BrokerUnavailable, Channel, Connection
 from .config import redact
-from .eager import start_eagerly
 from .envelope import MAX_HOPS, Envelope, MalformedMessage
-from .ring import EmptyRingError, Ring, RingChange
+from .ring import Ring, RingChange
 from .service import Service, ServiceError
+from .topology import (
+    API_QUEUE,
+    API_SERVICE,
+    DEAD_LETTER_EXCHANGE,
+    EVENT_EXCHANGE,
+    P2P_EXCHANGE,
+    REPLY_SERVICE,
+    UNROUTABLE_EXCHANGE,
+    UNROUTABLE_QUEUE,
+    declare_shared,
+    event_queue,
+    reply_queue,
+    service_queue,
+    split_queue,
+    topic_matches,
+)
 
 log = logging.getLogger(__name__)
 
-P2P_EXCHANGE = "zstack.message.p2p"
-UNROUTABLE_EXCHANGE = "zstack.message.unroutable"
-UNROUTABLE_QUEUE = "zstack.message.unroutable"
-EVENT_EXCHANGE = "zstack.event"
-DEAD_LETTER_EXCHANGE = "zstack.message.deadletter"
-DEAD_LETTER_QUEUE = "zstack.message.deadletter"
-API_QUEUE = "zstack.message.api.portal"
-API_SERVICE = "api.portal"
-REPLY_SERVICE = "cloudbus"
-_PREFIX = "zstack.message."
 _PERSISTENT = BasicProperties(delivery_mode=2)
 _FIXED_LABELS = frozenset((API_SERVICE, "event", REPLY_SERVICE))
-
-
-def service_queue(service: str, mn_uuid: str) -> str:
-    return f"{_PREFIX}{service}.{mn_uuid}"
-
-
-def reply_queue(mn_uuid: str) -> str:
-    return service_queue(REPLY_SERVICE, mn_uuid)
-
-
-def event_queue(mn_uuid: str) -> str:
-    return f"zstack.event.{mn_uuid}"
-
-
-def _split_queue(name: str) -> tuple[str, str] | None:
-    """`zstack.message.<service>.<mn>` -> (service, mn); None for any other name."""
-    if not name.startswith(_PREFIX):
-        return None
-    service, _, mn = name[len(_PREFIX):].rpartition(".")
-    return (service, mn) if service and len(mn) == 32 else None
+_PREFETCH = 64
+_RETRY_LIVE_TARGET_AFTER = 1.0  # seconds: a live MN's queue may be missing only while it reconnects
 
 
 class BusError(Exception):
@@ -93,6 +79,10 @@ class NotServing(BusError):
     code = "NotServing"
 
 
+class BrokerDown(BusError):
+    code = "BrokerUnavailable"
+
+
 class RemoteError(BusError):
     """The handler answered with an error."""
 
@@ -110,6 +100,30 @@ class _PendingCall:
 
 
 EventCallback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+OnMessage = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
+
+
+def _guarded(*, manual_ack: bool) -> Callable[[Callable[..., None]], OnMessage]:
+    """An exception escaping a pika callback would abort the whole connection: contain it.
+
+    The message is dead-lettered with the error; on a manual-ack channel it is acked too.
+    """
+
+    def wrap(callback: Callable[..., None]) -> OnMessage:
+        @functools.wraps(callback)
+        def guarded(self: CloudBus, channel: PikaChannel, method: Basic.Deliver, props: BasicProperties,
+                    body: bytes) -> None:
+            try:
+                callback(self, channel, method, props, body)
+            except Exception as exc:
+                log.exception("failed to take a message from %s", method.routing_key)
+                self._dead_letter(body, method.routing_key, f"{type(exc).__name__}: {exc}")
+                if manual_ack:
+                    _settle(channel, method.delivery_tag)
+
+        return guarded  # type: ignore[return-value]
+
+    return wrap
 
 
 class CloudBus:
@@ -127,22 +141,32 @@ class CloudBus:
         self._subscriptions: dict[str, list[EventCallback]] = {}
         self._conn: Connection | None = None
         self._ch: Channel | None = None  # auto-ack consumers and plain publishes
-        self._work_ch: Channel | None = None  # manual-ack consumers (api.portal, unroutable)
+        self._api_ch: Channel | None = None  # manual acks: api.portal
+        self._unroutable_ch: Channel | None = None  # manual acks: the unroutable queue
         self._confirm_ch: Channel | None = None  # confirmed publishes
-        self._api_tag: str | None = None
+        self._declared: tuple[Connection, str] | None = None  # own queues exist on this connection
+        self._accepting = False  # consuming the shared API and unroutable queues
+        self._shared_consumers: list[tuple[Channel, str]] = []
+        self._setup_lock = asyncio.Lock()
         self._pending: dict[str, _PendingCall] = {}
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._ring_changed = asyncio.Event()
         self._connected = asyncio.Event()
+        self._disconnected_since: float | None = time.monotonic()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._last_delivery = 0.0
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- connection ------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def disconnected_for(self) -> float:
+        """Seconds since the broker connection was lost; 0 while connected."""
+        since = self._disconnected_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def start(self) -> None:
         """Connect (retrying with back-off, logging what it waits for) and keep reconnecting."""
@@ -150,68 +174,62 @@ class CloudBus:
         await self.wait_connected()
 
     async def wait_connected(self) -> None:
-        waiter = asyncio.create_task(self._connected.wait())
-        done, _ = await asyncio.wait({waiter, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:
-            waiter.cancel()
-            self._supervisor.result()  # re-raise why the supervisor died
+        await self._connected.wait()
 
     async def _supervise(self) -> None:
         delay, attempt = 0.2, 0
         while not self._stopping:
             try:
                 conn = await Connection.open(self.url, name=f"zstack-node {self.self_uuid or ''}".strip())
-            except BrokerUnavailable as exc:
+                try:
+                    async with self._setup_lock:
+                        await self._setup(conn)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    raise
+            except Exception as exc:  # noqa: BLE001 - every failure means: wait, then try again
                 attempt += 1
                 log.warning("waiting for the broker at %s: %s (attempt %d, next try in %.1fs)",
                             redact(self.url), exc, attempt, delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 5.0)
-                continue
-            try:
-                await self._setup(conn)
-            except BrokerUnavailable as exc:
-                log.warning("broker connection failed during setup: %s", exc)
-                await conn.close()
                 continue
             if attempt:
                 log.info("connected to the broker at %s after %d attempt(s)", redact(self.url), attempt + 1)
             delay, attempt = 0.2, 0
+            self._disconnected_since = None
             self._connected.set()
             reason = await conn.closed
             self._connected.clear()
+            self._disconnected_since = time.monotonic()
             if self._stopping:
                 return
             log.warning("lost the broker connection (%s); reconnecting", reason)
             self._after_connection_loss()
 
     async def _setup(self, conn: Connection) -> None:
-        """Declare the shared topology, then this MN's queues when it is serving."""
+        """Declare the shared topology, then what this MN serves (own queues, shared work)."""
         self._conn = conn
         self._ch = await conn.channel()
-        self._work_ch = await conn.channel()
+        self._api_ch = await conn.channel()
+        self._unroutable_ch = await conn.channel()
         self._confirm_ch = await conn.channel()
         await self._confirm_ch.enable_confirms()
-        await self._work_ch.qos(64)
-        ch = self._ch
-        await ch.exchange(UNROUTABLE_EXCHANGE, "fanout")
-        await ch.exchange(DEAD_LETTER_EXCHANGE, "fanout")
-        await ch.exchange(P2P_EXCHANGE, "direct", arguments={"alternate-exchange": UNROUTABLE_EXCHANGE})
-        await ch.exchange(EVENT_EXCHANGE, "topic")
-        await ch.queue(UNROUTABLE_QUEUE, durable=True)
-        await ch.bind(UNROUTABLE_QUEUE, UNROUTABLE_EXCHANGE, "")
-        await ch.queue(DEAD_LETTER_QUEUE, durable=True)
-        await ch.bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
-        await ch.queue(API_QUEUE, durable=True)
-        await ch.bind(API_QUEUE, P2P_EXCHANGE, API_QUEUE)
-        await self._work_ch.consume(UNROUTABLE_QUEUE, self._on_unroutable, auto_ack=False)
+        await self._api_ch.qos(_PREFETCH)
+        await self._unroutable_ch.qos(_PREFETCH)
+        await declare_shared(self._ch)
         if self.self_uuid:
             await self._declare_own_queues(self.self_uuid)
+        if self._accepting:
+            await self._consume_shared()
 
     async def _declare_own_queues(self, mn_uuid: str) -> None:
+        if self._declared == (self._conn, mn_uuid):
+            return
         ch = self._ch
-        own = [service_queue(name, mn_uuid) for name in self._services]
-        for queue in own:
+        for name in self._services:
+            queue = service_queue(name, mn_uuid)
             await ch.queue(queue, exclusive=True)
             await ch.bind(queue, P2P_EXCHANGE, queue)
             await ch.consume(queue, self._on_service_message, auto_ack=True)
@@ -224,92 +242,140 @@ class CloudBus:
         for pattern in self._subscriptions:
             await ch.bind(events, EVENT_EXCHANGE, pattern)
         await ch.consume(events, self._on_event, auto_ack=True)
-        self._api_tag = await self._work_ch.consume(API_QUEUE, self._on_api, auto_ack=False)
+        self._declared = (self._conn, mn_uuid)
+
+    async def _consume_shared(self) -> None:
+        self._shared_consumers = [
+            (self._api_ch, await self._api_ch.consume(API_QUEUE, self._on_api, auto_ack=False)),
+            (self._unroutable_ch, await self._unroutable_ch.consume(UNROUTABLE_QUEUE, self._on_unroutable,
+                                                                    auto_ack=False)),
+        ]
 
     def _after_connection_loss(self) -> None:
         """Replies may have been lost with the reply queue: repeat what is safe, fail the rest."""
+        self._declared = None
         for corr, pending in list(self._pending.items()):
             if pending.envelope.idempotent:
                 self._spawn(self._resend_when_connected(corr))
             else:
-                self._fail(corr, BrokerUnavailable("lost the broker connection while waiting for the reply"))
+                self._fail(corr, BrokerDown("lost the broker connection while waiting for the reply"))
 
     async def _resend_when_connected(self, corr: str) -> None:
         await self._connected.wait()
         pending = self._pending.get(corr)
         if pending is not None:
-            self._route_and_publish(pending.envelope, pending)
+            try:
+                self._route_and_publish(pending.envelope, pending)
+            except BusError as exc:
+                self._fail(corr, exc)
+
+    # ---- serving -----------------------------------------------------------------------------
 
     async def serve(self, mn_uuid: str, services: Mapping[str, Service]) -> None:
-        """Become `mn_uuid`: declare its queues and start consuming them and the API queue."""
-        self.self_uuid = mn_uuid
-        self._services = services
+        """Become `mn_uuid`: declare its service, reply and event queues and consume them."""
         await self.wait_connected()
-        await self._declare_own_queues(mn_uuid)
+        async with self._setup_lock:
+            self.self_uuid = mn_uuid
+            self._services = services
+            await self._declare_own_queues(mn_uuid)
+
+    async def accept_shared_work(self) -> None:
+        """Start taking API and unroutable messages: only once this MN is running with a ring."""
+        async with self._setup_lock:
+            if not self._accepting:
+                self._accepting = True
+                if self.connected:
+                    await self._consume_shared()
 
     async def drain(self, grace: float) -> None:
-        """Stop taking new work and let the work in flight finish (graceful leave, step 1-2).
+        """Stop taking new work and let the work in flight finish (graceful leave, steps 1-2).
 
-        Unbinding the service queues makes new messages for this MN unroutable, so they are
-        caught and re-routed once the ring drops it; what is already queued is still served.
+        Unbinding the service queues makes new messages for this MN unroutable, so other MNs
+        re-route them once their rings drop it; what is already queued here is still served.
         """
         if not (self.self_uuid and self.connected):
             return
+        self._accepting = False
         try:
-            if self._api_tag:
-                await self._work_ch.cancel(self._api_tag)
-                self._api_tag = None
+            for channel, tag in self._shared_consumers:
+                await channel.cancel(tag)
             for name in self._services:
                 queue = service_queue(name, self.self_uuid)
                 await self._ch.unbind(queue, P2P_EXCHANGE, queue)
         except BrokerUnavailable:
             return
+        # Messages held for re-routing would wait for this very MN to leave: give them back.
+        for task in [t for t in self._in_flight if t.get_name() == "reroute"]:
+            task.cancel()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            quiet = time.monotonic() - self._last_delivery > 0.05
-            if quiet and not self._in_flight:
+            if time.monotonic() - self._last_delivery > 0.05 and not self._in_flight:
                 return
             await asyncio.sleep(0.01)
         log.warning("%d handler(s) still running after the %.1fs grace period", len(self._in_flight), grace)
 
     async def stop_serving(self, reason: str) -> None:
-        """Drop this MN's identity: its queues go with the connection, pending calls fail."""
+        """Drop this MN's identity at once (fencing).
+
+        The connection closes first, so the broker requeues every message this MN had taken but
+        not acked; only then are the handlers cancelled. Pending calls fail.
+        """
         self.self_uuid = None
+        self._accepting = False
+        if self._conn is not None and self._conn.is_open:
+            with contextlib.suppress(Exception):
+                await self._conn.close()  # the supervisor reconnects with the shared topology only
         for corr in list(self._pending):
             self._fail(corr, NotServing(f"this MN stopped serving ({reason})"))
         for task in list(self._in_flight):
             task.cancel()
-        if self._conn is not None and self._conn.is_open:
-            await self._conn.close()  # the supervisor reconnects with the shared topology only
 
     async def close(self) -> None:
         self._stopping = True
         for corr in list(self._pending):
             self._fail(corr, NotServing("the bus is closing"))
         if self._conn is not None and self._conn.is_open:
-            await self._conn.close()
+            with contextlib.suppress(Exception):
+                await self._conn.close()
         if self._supervisor is not None:
             self._supervisor.cancel()
 
     # ---- sending ---------------------------------------------------------------------------
 
     def _owner(self, envelope: Envelope) -> str:
+        """The MN that must handle `envelope`: the ring owner of its resource, else this MN."""
         if envelope.resource is None:
             return self._require_self()
-        try:
-            return self._ring().owner(envelope.resource)
-        except EmptyRingError:
-            return self._require_self()
+        ring = self._ring()
+        if not ring.members:
+            raise NotServing("this MN has no ring: it is not serving")
+        return ring.owner(envelope.resource)
 
     def _require_self(self) -> str:
         if self.self_uuid is None:
-            raise NotServing("this MN is not serving: it has no identity on the bus yet")
+            raise NotServing("this MN is not serving: it has no identity on the bus")
         return self.self_uuid
 
     def _publish(self, queue: str, envelope: Envelope) -> None:
         if self._ch is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
-        self._ch.publish(P2P_EXCHANGE, queue, envelope.encode())
+            raise BrokerDown("not connected to the broker")
+        try:
+            self._ch.publish(P2P_EXCHANGE, queue, envelope.encode())
+        except BrokerUnavailable as exc:
+            raise BrokerDown(str(exc)) from None
+        metrics.count(metrics.MESSAGES_SENT, self._label(envelope.service), envelope.kind)
+
+    async def _publish_confirmed(self, queue: str, envelope: Envelope) -> None:
+        """Publish persistently; return once the broker has routed it (to a queue or the AE)."""
+        if self._confirm_ch is None or not self.connected:
+            raise BrokerDown("not connected to the broker")
+        try:
+            confirm = self._confirm_ch.publish_confirmed(P2P_EXCHANGE, queue, envelope.encode(), _PERSISTENT)
+            await asyncio.wait_for(confirm, self.call_timeout)
+        except BrokerUnavailable as exc:
+            raise BrokerDown(str(exc)) from None
+        except TimeoutError:
+            raise BrokerDown(f"the broker did not confirm within {self.call_timeout:g}s") from None
         metrics.count(metrics.MESSAGES_SENT, self._label(envelope.service), envelope.kind)
 
     def _route_and_publish(self, envelope: Envelope, pending: _PendingCall | None = None) -> str:
@@ -348,7 +414,7 @@ class CloudBus:
         finally:
             expiry.cancel()
             self._pending.pop(envelope.correlation, None)
-        metrics.child(metrics.CALL_SECONDS, service).observe(time.perf_counter() - pending.started)
+        metrics.child(metrics.CALL_SECONDS, self._label(service)).observe(time.perf_counter() - pending.started)
         if reply.error is not None:
             raise RemoteError(reply.error)
         return reply.body
@@ -361,15 +427,12 @@ class CloudBus:
     async def send_api(self, service: str, message_type: str, body: dict[str, Any], *,
                        resource: str | None = None) -> None:
         """Publish an API message on the shared, durable API queue; return once the broker has it."""
-        if self._confirm_ch is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
         envelope = Envelope(message_type, service, "api", body, resource, sender=self.self_uuid)
-        await self._confirm_ch.publish_confirmed(P2P_EXCHANGE, API_QUEUE, envelope.encode(), _PERSISTENT)
-        metrics.count(metrics.MESSAGES_SENT, API_SERVICE, "api")
+        await self._publish_confirmed(API_QUEUE, envelope)
 
     def publish_event(self, topic: str, body: dict[str, Any]) -> None:
         if self._ch is None or not self.connected:
-            raise BrokerUnavailable("not connected to the broker")
+            raise BrokerDown("not connected to the broker")
         envelope = Envelope(topic, "event", "event", body, sender=self.self_uuid)
         self._ch.publish(EVENT_EXCHANGE, topic, envelope.encode())
         metrics.count(metrics.MESSAGES_SENT, "event", "event")
@@ -397,12 +460,13 @@ class CloudBus:
                 try:
                     self._route_and_publish(pending.envelope, pending)
                     metrics.count(metrics.REROUTES, self._label(pending.envelope.service), "target_left")
-                except (BrokerUnavailable, NotServing) as exc:
+                except BusError as exc:
                     self._fail(corr, exc)
             else:
                 self._fail(corr, TargetLeft(
                     f"MN {pending.target} left the ring while handling {pending.envelope.service}/"
-                    f"{pending.envelope.type}; it is not marked idempotent, so it was not repeated"))
+                    f"{pending.envelope.type}: the outcome is unknown, and the call is not marked "
+                    "idempotent, so it was not repeated"))
 
     # ---- receiving -------------------------------------------------------------------------
 
@@ -417,14 +481,21 @@ class CloudBus:
             self._dead_letter(body, source, str(exc))
             return None
 
-    def _dead_letter(self, body: bytes, source: str, reason: str) -> None:
+    def _dead_letter(self, body: bytes, source: str, reason: str, *, kind: str = "malformed") -> None:
         log.warning("dead-lettered a message from %s: %s", source, reason)
-        service = (_split_queue(source) or (source, ""))[0]
-        metrics.count(metrics.MESSAGES_REJECTED, self._label(service), "malformed")
+        service = (split_queue(source) or (source, ""))[0]
+        metrics.count(metrics.MESSAGES_REJECTED, self._label(service), kind)
         if self._ch is not None and self._ch.is_open:
             headers = {"x-zstack-reason": reason, "x-zstack-source": source}
             self._ch.publish(DEAD_LETTER_EXCHANGE, "", body, BasicProperties(headers=headers))
 
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str = "handle") -> None:
+        """Run `coro` as a task tracked until it ends, so drain() can wait for it."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    @_guarded(manual_ack=False)
     def _on_service_message(self, _ch: PikaChannel, method: Basic.Deliver, _props: BasicProperties,
                             body: bytes) -> None:
         self._last_delivery = time.monotonic()
@@ -436,18 +507,17 @@ class CloudBus:
             # This MN can no longer prove it is alive: hand the message to someone who is.
             self._ch.publish(UNROUTABLE_EXCHANGE, method.routing_key, body)
             return
+        owner = self._owner_or_none(envelope)
+        if owner is not None and owner != self.self_uuid and envelope.hops < MAX_HOPS:
+            # The sender's ring is older or newer than ours: pass it on, one hop further.
+            self._publish(service_queue(envelope.service, owner), envelope.hop())
+            metrics.count(metrics.REROUTES, self._label(envelope.service), "not_owner")
+            return
         self._spawn(self._handle(envelope))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Start `coro` now (see eager.py); track it while it waits, so drain() can wait for it."""
-        try:
-            task = start_eagerly(coro)
-        except Exception:
-            log.exception("message handling failed")
-            return
-        if task is not None:
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+    def _owner_or_none(self, envelope: Envelope) -> str | None:
+        ring = self._ring()
+        return ring.owner(envelope.resource) if envelope.resource and ring.members else None
 
     async def _handle(self, envelope: Envelope) -> None:
         if envelope.expired():
@@ -465,8 +535,6 @@ class CloudBus:
                 body = await handler(envelope)
             except ServiceError as exc:
                 error = exc.as_dict()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.exception("handler %s/%s failed", envelope.service, envelope.type)
                 error = {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
@@ -481,6 +549,7 @@ class CloudBus:
         except BrokerUnavailable:
             log.warning("could not reply to %s/%s: broker connection lost", request.service, request.type)
 
+    @_guarded(manual_ack=False)
     def _on_reply(self, _ch: PikaChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
         envelope = self._decode(body, method.routing_key)
         if envelope is None:
@@ -489,18 +558,24 @@ class CloudBus:
         if pending is not None and not pending.future.done():
             pending.future.set_result(envelope)
 
+    @_guarded(manual_ack=False)
     def _on_event(self, _ch: PikaChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
         envelope = self._decode(body, method.routing_key)
         if envelope is None:
             return
         metrics.count(metrics.MESSAGES_RECEIVED, "event", "event")
         for pattern, callbacks in self._subscriptions.items():
-            if _topic_matches(pattern, method.routing_key):
+            if topic_matches(pattern, method.routing_key):
                 for callback in callbacks:
-                    result = callback(method.routing_key, envelope.body)
+                    try:
+                        result = callback(method.routing_key, envelope.body)
+                    except Exception:
+                        log.exception("event subscriber for %s failed", method.routing_key)
+                        continue
                     if asyncio.iscoroutine(result):
-                        self._spawn(result)
+                        self._spawn(result, name="event")
 
+    @_guarded(manual_ack=True)
     def _on_api(self, channel: PikaChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
         self._last_delivery = time.monotonic()
         envelope = self._decode(body, API_QUEUE)
@@ -511,56 +586,80 @@ class CloudBus:
         self._spawn(self._route_api(channel, method.delivery_tag, envelope))
 
     async def _route_api(self, channel: PikaChannel, tag: int, envelope: Envelope) -> None:
-        """Take an API message: handle it here when this MN owns it, else forward it to the owner."""
+        """Handle an API message this MN owns, or forward it with a confirm; ack only after that."""
+        with _given_back_if_cancelled(channel, tag):
+            await self._take_api(channel, tag, envelope)
+
+    async def _take_api(self, channel: PikaChannel, tag: int, envelope: Envelope) -> None:
         try:
             owner = self._owner(envelope)
             if owner == self.self_uuid:
                 await self._handle(envelope)
             else:
-                self._publish(service_queue(envelope.service, owner), envelope)
-        finally:
-            if channel.is_open:
-                channel.basic_ack(tag)
+                await self._publish_confirmed(service_queue(envelope.service, owner), envelope)
+        except BusError as exc:
+            log.warning("could not route API %s/%s (%s); giving it back", envelope.service, envelope.type, exc)
+            await asyncio.sleep(0.2)  # do not spin if every MN is in the same state
+            _settle(channel, tag, requeue=True)
+            return
+        _settle(channel, tag)
 
+    @_guarded(manual_ack=True)
     def _on_unroutable(self, channel: PikaChannel, method: Basic.Deliver, _props: BasicProperties,
                        body: bytes) -> None:
         envelope = self._decode(body, method.routing_key)
         if envelope is None:
             channel.basic_ack(method.delivery_tag)
             return
-        self._spawn(self._reroute(channel, method.delivery_tag, method.routing_key, envelope))
+        self._spawn(self._reroute(channel, method.delivery_tag, method.routing_key, envelope), name="reroute")
 
     async def _reroute(self, channel: PikaChannel, tag: int, routing_key: str, envelope: Envelope) -> None:
-        """Re-send a message whose target queue is gone, once the ring no longer names that MN."""
-        try:
-            target = _split_queue(routing_key)
-            reason = self._unreroutable_reason(envelope, target)
-            if reason is None:
-                dead_mn = target[1]
-                give_up = envelope.deadline or (time.time() + self.reroute_wait)
-                while dead_mn in self._ring() and time.time() < give_up:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._ring_changed.wait(), max(0.0, give_up - time.time()))
-                if dead_mn in self._ring():
-                    reason = "expired"
-                else:
-                    self._route_and_publish(envelope.hop())
-                    metrics.count(metrics.REROUTES, self._label(envelope.service), "queue_gone")
+        with _given_back_if_cancelled(channel, tag):
+            await self._try_reroute(channel, tag, routing_key, envelope)
+
+    async def _try_reroute(self, channel: PikaChannel, tag: int, routing_key: str, envelope: Envelope) -> None:
+        """Re-send a message whose target queue is gone, once the ring no longer names that MN.
+
+        While the target MN is still in the ring (its queue may be missing only while it
+        reconnects), the message goes back to that queue after a second.
+        """
+        target = split_queue(routing_key)
+        reason = self._unreroutable_reason(envelope, target)
+        if reason is None:
+            dead_mn = target[1]
+            give_up = envelope.deadline or (time.time() + self.reroute_wait)
+            retry_at = time.monotonic() + _RETRY_LIVE_TARGET_AFTER
+            while dead_mn in self._ring() and time.time() < give_up and time.monotonic() < retry_at:
+                with contextlib.suppress(TimeoutError):
+                    wait = min(give_up - time.time(), retry_at - time.monotonic())
+                    await asyncio.wait_for(self._ring_changed.wait(), max(0.0, wait))
+            if not channel.is_open:
+                return  # the broker gives the message to another MN
+            if time.time() >= give_up:
+                reason = "expired"
+            else:
+                try:
+                    owner = self._owner(envelope)
+                    # Back to a target still in the ring is a retry, bounded by the deadline it
+                    # now carries; only a move to another MN counts against the hop limit.
+                    again = replace(envelope, deadline=give_up) if owner == dead_mn else envelope.hop()
+                    await self._publish_confirmed(service_queue(envelope.service, owner), again)
+                except BusError as exc:
+                    log.warning("could not re-route %s/%s (%s); giving it back", envelope.service, envelope.type,
+                                exc)
+                    await asyncio.sleep(0.2)
+                    _settle(channel, tag, requeue=True)
                     return
-            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), reason)
-            log.info("dropped %s/%s for %s: %s", envelope.service, envelope.type, routing_key, reason)
-            if envelope.kind == "call" and envelope.reply_to and reason != "reply_to_gone":
-                self._reply(envelope, None, {"code": "NoRoute", "message": f"message could not be delivered: {reason}"})
-        except (BrokerUnavailable, NotServing) as exc:
-            log.warning("could not re-route %s/%s: %s", envelope.service, envelope.type, exc)
-        finally:
-            if channel.is_open:
-                channel.basic_ack(tag)
+                metrics.count(metrics.REROUTES, self._label(envelope.service), "queue_gone")
+                _settle(channel, tag)
+                return
+        self._drop(envelope, routing_key, reason)
+        _settle(channel, tag)
 
     def _unreroutable_reason(self, envelope: Envelope, target: tuple[str, str] | None) -> str | None:
         if envelope.kind == "reply":
             return "reply_to_gone"
-        if target is None or envelope.resource is None:
+        if target is None or envelope.resource is None or envelope.service not in self._services:
             return "no_route"
         if envelope.hops >= MAX_HOPS:
             return "hop_limit"
@@ -568,23 +667,37 @@ class CloudBus:
             return "expired"
         return None
 
-    def pending_calls(self) -> int:
-        return len(self._pending)
+    def _drop(self, envelope: Envelope, routing_key: str, reason: str) -> None:
+        """Give up on a message: a call gets a NoRoute reply, anything else is dead-lettered."""
+        if reason == "reply_to_gone":  # its caller is gone: nobody waits for it
+            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), reason)
+            return
+        if envelope.kind == "call" and envelope.reply_to:
+            metrics.count(metrics.MESSAGES_REJECTED, self._label(envelope.service), reason)
+            self._reply(envelope, None, {"code": "NoRoute", "message": f"could not deliver: {reason}"})
+        else:
+            self._dead_letter(envelope.encode(), routing_key, f"undeliverable: {reason}", kind=reason)
+
+
+def _settle(channel: PikaChannel, tag: int, *, requeue: bool | None = None) -> None:
+    """Ack a manually acked delivery, or give it back; a closed channel already gave it back."""
+    if not channel.is_open:
+        return
+    if requeue:
+        channel.basic_nack(tag, requeue=True)
+    else:
+        channel.basic_ack(tag)
+
+
+@contextlib.contextmanager
+def _given_back_if_cancelled(channel: PikaChannel, tag: int) -> Iterator[None]:
+    """A handler cancelled before it settled its delivery gives the message back to the queue."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        _settle(channel, tag, requeue=True)
+        raise
 
 
 def _new_id() -> str:
     return f"{random.getrandbits(128):032x}"
-
-
-def _topic_matches(pattern: str, topic: str) -> bool:
-    """AMQP topic matching: `*` is one word, `#` is zero or more."""
-    return _match(pattern.split("."), topic.split("."))
-
-
-def _match(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])

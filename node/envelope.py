@@ -49,8 +49,8 @@ class Envelope:
         """Parse and check a body; raise MalformedMessage saying which field is wrong."""
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise MalformedMessage(f"body is not JSON: {exc}") from None
+        except Exception as exc:  # ValueError, and RecursionError for absurdly nested bodies
+            raise MalformedMessage(f"body is not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(data, dict):
             raise MalformedMessage(f"body must be a JSON object, got {type(data).__name__}")
         unknown = set(data) - _FIELDS

@@ -39,14 +39,16 @@ class Membership:
         return func.now() - timedelta(seconds=self.timeout)
 
     def register(self, uuid: str, hostname: str, address: str | None) -> None:
-        """Insert this MN's row as JOINING; `mark_running` makes it count."""
+        """Insert this MN's row as JOINING; `mark(uuid, RUNNING)` makes it count."""
         with self.engine.begin() as conn:
             conn.execute(insert(mn).values(uuid=uuid, hostname=hostname, address=address, state=JOINING))
 
-    def mark_running(self, uuid: str) -> bool:
+    def mark(self, uuid: str, state: str) -> bool:
+        """Set this MN's state and heartbeat; False when its row is gone or already stale."""
         with self.engine.begin() as conn:
             result = conn.execute(
-                update(mn).where(mn.c.uuid == uuid).values(state=RUNNING, heartbeat=func.now())
+                update(mn).where(mn.c.uuid == uuid, mn.c.heartbeat >= self._cutoff())
+                .values(state=state, heartbeat=func.now())
             )
             return result.rowcount == 1
 

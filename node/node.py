@@ -1,37 +1,38 @@
 """One management node: joins the ring, heartbeats, reconciles, evicts, fences, leaves.
 
-Membership follows one rule (DESIGN.md): an MN is in the ring while its heartbeat is fresh by
-the database's clock. Join and leave events make changes fast; a periodic reconcile against the
-table makes them certain. An MN that cannot prove it is alive stops serving and rejoins under a
-new UUID, so nothing is ever served twice under one identity.
+Membership follows one rule (DESIGN.md): an MN is in the ring while its row is RUNNING and its
+heartbeat is fresh by the database's clock. Join and leave events make changes fast; a periodic
+reconcile against the table makes them certain. An MN that cannot prove it is alive stops serving
+and rejoins under a new UUID, so nothing is ever served twice under one identity.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import metrics
 from .bus import CloudBus
-from .config import Settings, redact
+from .config import Settings
 from .db import make_engine, migrate
-from .membership import RUNNING, Membership
+from .membership import LEAVING, RUNNING, Membership
 from .ring import Ring, RingChange
 from .service import Service
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 JOINED_TOPIC = "mn.joined"
 LEFT_TOPIC = "mn.left"
+
+Hook = Callable[[Service], Awaitable[None]]
 
 
 class ManagementNode:
@@ -49,26 +50,23 @@ class ManagementNode:
         self.services: dict[str, Service] = {cls.name: cls(self) for cls in service_classes}
         self.address: str | None = None
         self.db_ok = False
-        self._last_heartbeat = 0.0  # monotonic time of the last successful heartbeat
+        self._last_heartbeat = 0.0  # monotonic time just before the last successful heartbeat write
         self._heartbeat_failing = False
-        self._evict_quiet_until = 0.0
         self._suspects: dict[str, float] = {}
+        self._event_joins: dict[str, float] = {}  # MN -> monotonic time its joined event arrived
         self._tombstones: set[str] = set()
         self._tombstone_order: deque[str] = deque(maxlen=4096)
+        self._ring_lock = asyncio.Lock()
+        self._hooks: asyncio.Queue[Hook] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._hooks: set[asyncio.Task[Any]] = set()
-        self.ring_listeners: list[Callable[[RingChange], None]] = []
+        self._rejoining: asyncio.Task[None] | None = None
 
     # ---- facts -----------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        """True while this MN can prove it is alive: running, heartbeat written within the timeout."""
-        return (self.state == "running"
+        """True while this MN can prove it is alive: serving, heartbeat written within the timeout."""
+        return (self.state in ("running", "leaving")
                 and time.monotonic() - self._last_heartbeat < self.settings.heartbeat_timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self.alive() and self.bus.connected and self.db_ok and self.uuid in self.ring
 
     def readiness(self) -> dict[str, bool]:
         return {"broker": self.bus.connected, "database": self.db_ok,
@@ -81,20 +79,21 @@ class ManagementNode:
 
     async def start(self) -> None:
         """Wait for the DB and the broker, join the ring, and start the background loops."""
-        await self._retry("database", redact(self.settings.database_url), lambda: migrate(self.engine))
+        await self._until_done("migrate the schema", lambda: asyncio.to_thread(migrate, self.engine))
         self.db_ok = True
         self.bus.subscribe(JOINED_TOPIC, self._on_joined_event)
         self.bus.subscribe(LEFT_TOPIC, self._on_left_event)
         await self.bus.start()
-        await self._join()
         interval = self.settings.heartbeat_interval
         self._tasks = [
+            asyncio.create_task(self._run_hooks_in_order(), name="hooks"),
             asyncio.create_task(self._every(interval, self._heartbeat, "heartbeat")),
             # Reconcile twice per interval: a crashed MN's heartbeat crosses the timeout between
             # two checks, so checking more often than heartbeats are written detects it sooner.
             asyncio.create_task(self._every(interval / 2, self._reconcile_periodically, "reconcile")),
             asyncio.create_task(self._every(interval / 4, self._watchdog, "watchdog")),
         ]
+        await self._join()
 
     async def leave(self, grace: float = 10.0) -> None:
         """Graceful leave: stop new work, finish in-flight work, delete the row, broadcast, exit."""
@@ -104,8 +103,10 @@ class ManagementNode:
         self.state = "leaving"
         me = self.uuid
         log.info("leaving the ring gracefully as %s", me)
+        with contextlib.suppress(SQLAlchemyError):
+            await asyncio.to_thread(self.membership.mark, me, LEAVING)  # others stop routing to me
         await self.bus.drain(grace)
-        await self._run_hooks(lambda s: s.on_self_dead())
+        await self._call_hooks(lambda s: s.on_self_dead())
         try:
             await asyncio.to_thread(self.membership.remove, me)
         except SQLAlchemyError as exc:
@@ -115,46 +116,73 @@ class ManagementNode:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._rejoining]:
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.bus.close()
         self.engine.dispose()
         self.state = "stopped"
 
     async def _join(self) -> None:
-        """Take a new UUID, register it, open its queues, and build the first ring."""
-        self.state = "joining"
-        self.uuid = uuidlib.uuid4().hex
-        metrics.NODE_INFO.clear()
-        metrics.NODE_INFO.labels(self.uuid, self.settings.hostname, self.settings.cluster).set(1)
-        me = self.uuid
-        await self._retry("database", "register", lambda: self.membership.register(
-            me, self.settings.hostname, self.address))
-        await self.bus.serve(me, self.services)
-        await self._retry("database", "mark running", lambda: self.membership.mark_running(me))
-        self._last_heartbeat = time.monotonic()
+        """Take a new UUID, register it, open its queues, and build the first ring.
+
+        Any failure (broker or DB gone, the row going stale while the broker was awaited) undoes
+        the attempt and tries again under a new UUID, with back-off.
+        """
+        delay = 0.2
+        while True:
+            await self.bus.wait_connected()
+            me = uuidlib.uuid4().hex
+            self.state, self.uuid = "joining", me
+            try:
+                await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
+                await self.bus.serve(me, self.services)
+                stamp = time.monotonic()
+                if not await asyncio.to_thread(self.membership.mark, me, RUNNING):
+                    raise RuntimeError("my new row went stale before I could mark it RUNNING")
+                break
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the attempt is undone
+                self.db_ok = not isinstance(exc, SQLAlchemyError)
+                log.warning("joining as %s failed: %s; trying again with a new UUID in %.1fs",
+                            me, _first_line(exc), delay)
+                await self.bus.stop_serving("join failed")
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.membership.remove, me)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.db_ok = True
+        self._last_heartbeat = stamp
         self.state = "running"
-        await self.reconcile()
+        metrics.NODE_INFO.clear()
+        metrics.NODE_INFO.labels(me, self.settings.hostname, self.settings.cluster).set(1)
+        with contextlib.suppress(SQLAlchemyError):
+            await self.reconcile()
         self._publish_event(JOINED_TOPIC, {"uuid": me, "hostname": self.settings.hostname})
+        await self.bus.accept_shared_work()
         log.info("joined the ring as %s (%s); %d member(s), epoch %08x",
                  me, self.settings.hostname, len(self.ring), self.ring.epoch)
-        await self._run_hooks(lambda s: s.on_self_joined(self.ring))
+        ring = self.ring
+        self._hooks.put_nowait(lambda s: s.on_self_joined(ring))
 
     async def fence(self, reason: str) -> None:
-        """Stop serving at once, then rejoin under a new UUID once the DB answers again."""
+        """Stop serving at once; rejoin under a new UUID in the background."""
         if self.state != "running":
             return
         old = self.uuid
         self.state = "fenced"
         metrics.FENCES.labels(reason.split(":")[0]).inc()
         log.error("fencing myself (%s): stopped serving as %s; will rejoin with a new UUID", reason, old)
-        self._set_ring(Ring.of((), self.settings.ring_vnodes), "fenced")
+        self._install_ring(Ring.of((), self.settings.ring_vnodes), "fenced")
         self._publish_event(LEFT_TOPIC, {"uuid": old, "reason": "fenced"})  # before the connection goes
         await self.bus.stop_serving(reason)
-        await self._run_hooks(lambda s: s.on_self_dead())
-        await self._retry("database", "remove fenced row", lambda: self.membership.remove(old))
         self._tombstone(old)
+        self._hooks.put_nowait(lambda s: s.on_self_dead())
+        self._rejoining = asyncio.create_task(self._rejoin(old), name="rejoin")
+
+    async def _rejoin(self, old: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.membership.remove, old)  # else others evict it
         await self._join()
 
     # ---- loops -----------------------------------------------------------------------------
@@ -169,9 +197,10 @@ class ManagementNode:
                 log.exception("%s failed; trying again in %.2fs", what, period)
 
     async def _heartbeat(self) -> None:
-        if self.state != "running":
+        if self.state not in ("running", "leaving"):
             return
         me = self.uuid
+        stamp = time.monotonic()  # the DB stamps now() at or after this moment: never later than peers
         try:
             written = await asyncio.to_thread(self.membership.heartbeat, me)
         except SQLAlchemyError as exc:
@@ -182,24 +211,28 @@ class ManagementNode:
             return
         self.db_ok = True
         if self._heartbeat_failing:
-            # Others could not heartbeat either: their rows look stale for a while.
-            self._evict_quiet_until = time.monotonic() + self.settings.heartbeat_timeout
             log.info("heartbeat written again after a database outage")
             self._heartbeat_failing = False
-        if me != self.uuid or self.state != "running":
+        if me != self.uuid or self.state not in ("running", "leaving"):
             return
         if written:
-            self._last_heartbeat = time.monotonic()
-            metrics.HEARTBEAT_AGE.set(0)
+            self._last_heartbeat = stamp
+            metrics.HEARTBEAT_AGE.set(time.monotonic() - stamp)
         else:
             await self.fence("row gone: my heartbeat row was deleted or went stale")
 
     async def _watchdog(self) -> None:
-        """Fence when no heartbeat got through within the timeout, even if the DB call hangs."""
+        """Fence when this MN cannot prove it is alive, even while a DB call hangs."""
+        if self.state != "running":
+            return
         age = time.monotonic() - self._last_heartbeat
-        metrics.HEARTBEAT_AGE.set(age if self.state == "running" else 0)
-        if self.state == "running" and age >= self.settings.heartbeat_timeout:
+        metrics.HEARTBEAT_AGE.set(age)
+        timeout = self.settings.heartbeat_timeout
+        if age >= timeout:
             await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
+        elif self.bus.disconnected_for() > 2 * timeout:
+            # Its queues are gone with the connection: its share would only pile up, unserved.
+            await self.fence(f"broker unreachable: disconnected for {self.bus.disconnected_for():.1f}s")
 
     async def _reconcile_periodically(self) -> None:
         if self.state != "running":
@@ -211,20 +244,19 @@ class ManagementNode:
 
     async def reconcile(self) -> None:
         """Make the ring equal to the fresh RUNNING rows, and evict rows stale for two checks."""
+        started = time.monotonic()
         rows = await asyncio.to_thread(self.membership.members)
         if self.state != "running":
             return
         timeout = self.settings.heartbeat_timeout
-        trusting_staleness = time.monotonic() >= self._evict_quiet_until
-        live = {r.uuid for r in rows if r.state == RUNNING and r.age <= timeout} - self._tombstones
-        live.add(self.uuid)
-        if not trusting_staleness:
-            live |= self.ring.members  # after my own DB outage, staleness proves nothing yet
-        self._set_ring(Ring(frozenset(live), self.settings.ring_vnodes), "reconcile")
+        live = {r.uuid for r in rows if r.state == RUNNING and r.age <= timeout}
+        # A joined event newer than this snapshot outranks it.
+        self._event_joins = {u: t for u, t in self._event_joins.items() if started - t < timeout}
+        live |= {u for u, t in self._event_joins.items() if t >= started}
+        live = (live - self._tombstones) | {self.uuid}
+        await self._change_ring(lambda _current: frozenset(live), "reconcile")
         stale = {r.uuid for r in rows if r.age > timeout and r.uuid != self.uuid}
         self._suspects = {u: t for u, t in self._suspects.items() if u in stale}
-        if not trusting_staleness:
-            return
         now = time.monotonic()
         for mn in stale:
             first_seen = self._suspects.setdefault(mn, now)
@@ -232,35 +264,38 @@ class ManagementNode:
                 await self._evict(mn)
 
     async def _evict(self, mn: str) -> None:
-        if await asyncio.to_thread(self.membership.evict, mn):
-            metrics.EVICTIONS.inc()
-            log.warning("evicted MN %s: its heartbeat is older than %.1fs", mn, self.settings.heartbeat_timeout)
-            self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "evicted"})
+        """Delete a row stale on two checks; only the MN whose DELETE matched announces it."""
         self._suspects.pop(mn, None)
+        if not await asyncio.to_thread(self.membership.evict, mn):
+            return  # already gone, or fresh again: the next reconcile sees which
+        metrics.EVICTIONS.inc()
+        log.warning("evicted MN %s: its heartbeat is older than %.1fs", mn, self.settings.heartbeat_timeout)
         self._tombstone(mn)
-        self._set_ring(self.ring.without_member(mn), "eviction")
+        self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "evicted"})
+        await self._change_ring(lambda current: current - {mn}, "eviction")
 
     # ---- events and ring changes -------------------------------------------------------------
 
     def _ours(self, body: dict[str, Any]) -> bool:
-        """Clusters may share a broker: only events of this MN's cluster count."""
+        """Clusters may share a broker by mistake: only events of this MN's cluster count."""
         return body.get("cluster") == self.settings.cluster
 
-    def _on_joined_event(self, _topic: str, body: dict[str, Any]) -> None:
+    def _on_joined_event(self, _topic: str, body: dict[str, Any]) -> Awaitable[None] | None:
         mn = body.get("uuid")
-        if self._ours(body) and self.state == "running" and isinstance(mn, str) and mn not in self._tombstones:
-            self._set_ring(self.ring.with_member(mn), "joined")
+        if not (self._ours(body) and isinstance(mn, str)) or mn in self._tombstones:
+            return None
+        self._event_joins[mn] = time.monotonic()
+        return self._change_ring(lambda current: current | {mn}, "joined")
 
-    def _on_left_event(self, _topic: str, body: dict[str, Any]) -> Any:
+    def _on_left_event(self, _topic: str, body: dict[str, Any]) -> Awaitable[None] | None:
         mn = body.get("uuid")
         if not (self._ours(body) and isinstance(mn, str)):
             return None
         self._tombstone(mn)
-        if mn == self.uuid and self.state == "running":
+        self._event_joins.pop(mn, None)
+        if mn == self.uuid:
             return self.fence(f"evicted: another MN removed me ({body.get('reason')})")
-        if self.state == "running":
-            self._set_ring(self.ring.without_member(mn), str(body.get("reason", "left")))
-        return None
+        return self._change_ring(lambda current: current - {mn}, str(body.get("reason", "left")))
 
     def _tombstone(self, mn: str) -> None:
         """UUIDs are never reused, so a left MN stays out even if a stale read names it."""
@@ -270,10 +305,20 @@ class ManagementNode:
             self._tombstone_order.append(mn)
             self._tombstones.add(mn)
 
-    def _set_ring(self, new: Ring, cause: str) -> None:
-        """Swap in a new ring when the member set changed, and tell the bus and the services."""
-        if new.members == self.ring.members:
-            return
+    async def _change_ring(self, update: Callable[[frozenset[str]], frozenset[str]], cause: str) -> None:
+        """Apply membership changes one at a time, in arrival order, building each ring off the loop."""
+        async with self._ring_lock:
+            if self.state not in ("running", "leaving"):
+                return
+            members = update(self.ring.members)
+            if members == self.ring.members:
+                return  # a renewal or a repeated event: no rebuild, no log
+            new = await asyncio.to_thread(Ring(members, self.settings.ring_vnodes).build)
+            if self.state in ("running", "leaving"):
+                self._install_ring(new, cause)
+
+    def _install_ring(self, new: Ring, cause: str) -> None:
+        """Swap in a new ring, and tell the bus and (in order) the services' takeover hooks."""
         change = RingChange(self.ring, new)
         self.ring = new
         metrics.RING_MEMBERS.set(len(new))
@@ -282,24 +327,25 @@ class ManagementNode:
         log.info("ring changed (%s): +%s -%s -> %d member(s), epoch %08x", cause,
                  _short(change.joined), _short(change.left), len(new), new.epoch)
         self.bus.ring_changed(change)
-        for listener in self.ring_listeners:
-            listener(change)
         if self.state != "running":
             return
-        others_joined = change.joined - {self.uuid}
-        if others_joined:
-            self._spawn_hooks("node_joined", lambda s: s.on_node_joined(change))
+        if change.joined - {self.uuid}:
+            self._queue_hooks("node_joined", lambda s: s.on_node_joined(change))
         if change.left:
-            self._spawn_hooks("node_left", lambda s: s.on_node_left(change))
+            self._queue_hooks("node_left", lambda s: s.on_node_left(change))
 
-    def _spawn_hooks(self, event: str, hook: Callable[[Service], Any]) -> None:
+    def _queue_hooks(self, event: str, hook: Hook) -> None:
         for service in self.services.values():
             metrics.TAKEOVERS.labels(service.name, event).inc()
-        task = asyncio.get_running_loop().create_task(self._run_hooks(hook))
-        self._hooks.add(task)
-        task.add_done_callback(self._hooks.discard)
+        self._hooks.put_nowait(hook)
 
-    async def _run_hooks(self, hook: Callable[[Service], Any]) -> None:
+    async def _run_hooks_in_order(self) -> None:
+        """One worker: takeover hooks see ring changes in the order they happened."""
+        while True:
+            hook = await self._hooks.get()
+            await self._call_hooks(hook)
+
+    async def _call_hooks(self, hook: Hook) -> None:
         for service in self.services.values():
             try:
                 await hook(service)
@@ -311,23 +357,21 @@ class ManagementNode:
     def _publish_event(self, topic: str, body: dict[str, Any]) -> None:
         try:
             self.bus.publish_event(topic, {**body, "cluster": self.settings.cluster})
-        except ConnectionError as exc:
+        except Exception as exc:  # noqa: BLE001 - others reconcile from the table anyway
             log.warning("could not broadcast %s for %s: %s (others reconcile from the table)",
                         topic, body.get("uuid"), exc)
 
-    async def _retry(self, what: str, detail: str, operation: Callable[[], T]) -> T:
-        """Run a DB operation in a thread, retrying with back-off and saying what it waits for."""
+    async def _until_done(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """Retry a DB operation with back-off, saying in the log what it waits for."""
         delay, attempt = 0.2, 0
         while True:
             try:
-                result = await asyncio.to_thread(operation)
-                self.db_ok = True
-                return result
+                return await operation()
             except SQLAlchemyError as exc:
                 self.db_ok = False
                 attempt += 1
-                log.warning("waiting for the %s (%s): %s (attempt %d, next try in %.1fs)",
-                            what, detail, _first_line(exc), attempt, delay)
+                log.warning("waiting for the database to %s: %s (attempt %d, next try in %.1fs)",
+                            what, _first_line(exc), attempt, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

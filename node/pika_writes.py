@@ -44,6 +44,10 @@ def _flush(self: Transport) -> None:
         self._nbio.set_writer(self._sock.fileno(), self._on_socket_writable)
 
 
+_NEEDED = ("_state", "_STATE_ACTIVE", "_buffer_tx_data", "_produce", "_tx_buffers", "_nbio", "_sock",
+           "_on_socket_writable", "_initiate_abort", "get_write_buffer_size")
+
+
 def install(connection: Any) -> None:
     """Batch the writes of one open asyncio connection. TLS transports keep pika's own path.
 
@@ -51,5 +55,6 @@ def install(connection: Any) -> None:
     BlockingConnection, say) keep pika's behaviour.
     """
     transport = getattr(connection, "_transport", None)
-    if type(transport) is Transport:
+    # These are pika internals (pinned to pika 1.x): if a release renames them, keep pika's own path.
+    if type(transport) is Transport and all(hasattr(transport, name) for name in _NEEDED):
         transport.write = types.MethodType(_write, transport)

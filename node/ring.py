@@ -44,6 +44,11 @@ class Ring:
         digest = hashlib.sha256(",".join(sorted(self.members)).encode()).digest()
         return int.from_bytes(digest[:4], "big")
 
+    def build(self) -> Ring:
+        """Build the lookup table now (~50 ms at 10 MNs): call it off the event loop."""
+        _ = self._hash_ring
+        return self
+
     def owner(self, resource_uuid: str) -> str:
         """The MN UUID that owns `resource_uuid`."""
         if not self.members:

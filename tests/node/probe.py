@@ -7,8 +7,15 @@ import uuid
 
 import pika
 
-from zstack_node.bus import API_QUEUE, DEAD_LETTER_QUEUE, P2P_EXCHANGE, reply_queue, service_queue
 from zstack_node.envelope import Envelope
+from zstack_node.topology import (
+    API_QUEUE,
+    DEAD_LETTER_QUEUE,
+    P2P_EXCHANGE,
+    UNROUTABLE_EXCHANGE,
+    reply_queue,
+    service_queue,
+)
 
 
 class BusProbe:
@@ -19,6 +26,11 @@ class BusProbe:
         self.channel = self.connection.channel()
         self.uuid = uuid.uuid4().hex
         self.replies = reply_queue(self.uuid)
+        # The probe may connect before any MN has declared the shared topology: declare it the same way.
+        self.channel.exchange_declare(UNROUTABLE_EXCHANGE, "fanout", durable=True)
+        self.channel.exchange_declare(P2P_EXCHANGE, "direct", durable=True,
+                                      arguments={"alternate-exchange": UNROUTABLE_EXCHANGE})
+        self.channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
         self.channel.queue_declare(self.replies, exclusive=True)
         self.channel.queue_bind(self.replies, P2P_EXCHANGE, self.replies)
 
@@ -29,11 +41,21 @@ class BusProbe:
     def call(self, queue: str, message_type: str, body: dict | None = None, *, resource: str | None = None,
              kind: str = "call", timeout: float = 10.0, idempotent: bool = False) -> Envelope:
         """Publish a call to `queue` and return its reply envelope."""
-        correlation = uuid.uuid4().hex
-        envelope = Envelope(message_type, "demo", kind, body or {}, resource, correlation=correlation,
+        self.publish_call(queue, message_type, body, resource=resource, kind=kind, timeout=timeout,
+                          idempotent=idempotent)
+        return self.wait_reply(timeout)
+
+    def publish_call(self, queue: str, message_type: str, body: dict | None = None, *, resource: str | None = None,
+                     kind: str = "call", timeout: float = 10.0, idempotent: bool = False) -> None:
+        self.correlation = uuid.uuid4().hex
+        envelope = Envelope(message_type, "demo", kind, body or {}, resource, correlation=self.correlation,
                             reply_to=self.replies, deadline=time.time() + timeout, sender=self.uuid,
                             idempotent=idempotent)
         self.channel.basic_publish(P2P_EXCHANGE, queue, envelope.encode())
+
+    def wait_reply(self, timeout: float = 10.0) -> Envelope:
+        """The reply to the last published call."""
+        correlation = self.correlation
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             method, _props, raw = self.channel.basic_get(self.replies, auto_ack=True)
@@ -43,7 +65,7 @@ class BusProbe:
             reply = Envelope.decode(raw)
             if reply.correlation == correlation:
                 return reply
-        raise TimeoutError(f"no reply to {message_type} on {queue} within {timeout}s")
+        raise TimeoutError(f"no reply to call {correlation} within {timeout}s")
 
     def call_mn(self, mn_uuid: str, message_type: str, body: dict | None = None, **kwargs) -> Envelope:
         return self.call(service_queue("demo", mn_uuid), message_type, body, **kwargs)

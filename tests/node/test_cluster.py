@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.localnodes import wait_until
-from zstack_node.bus import service_queue
 from zstack_node.ring import Ring
+from zstack_node.topology import API_QUEUE, service_queue
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,13 @@ def test_messages_reach_the_owner_the_ring_names(cluster, probe):
     ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
     for resource in cluster.keys[:30]:
         owner = ring.owner(resource)
-        sender = nodes[hash(resource) % 3].uuid  # any MN's queue: the owner must still be the one to answer
         direct = probe.call_mn(owner, "Echo", {"n": 1}, resource=resource)
         assert direct.body["mn"] == owner
         via_api = probe.call_api("Echo", resource=resource)
         assert via_api.body["mn"] == owner, f"api.portal routed {resource} away from its owner"
-        assert sender in ring
+        # A sender with a stale ring picks the wrong MN: that MN passes it on to the owner.
+        wrong = next(n.uuid for n in nodes if n.uuid != owner)
+        assert probe.call_mn(wrong, "Echo", resource=resource).body["mn"] == owner
     # A message without a resource UUID stays on the MN that got it.
     for node in nodes:
         assert probe.call_mn(node.uuid, "Echo").body["mn"] == node.uuid
@@ -125,7 +126,7 @@ def test_calls_in_flight_to_a_killed_mn_are_rerouted_or_fail_cleanly(cluster, pr
         thread.join(15)
 
     new_owner = ring.without_member(victim_uuid).owner(target)
-    assert late.body["mn"] == new_owner
+    assert late.error is None and late.body["mn"] == new_owner, late.error
     repeated, failed = outcomes["True"], outcomes["False"]
     assert repeated["ok"] and repeated["mn"] == new_owner and repeated["elapsed"] < 9.0
     assert not failed["ok"] and failed["code"] == "TargetLeft" and failed["elapsed"] < 9.0
@@ -167,3 +168,93 @@ def test_an_unreachable_broker_is_waited_for_and_named_in_the_log(cluster, fresh
     assert f"127.0.0.1:{closed}" in node.tail() and "secret" not in node.tail()
     assert node.get("/readyz")["checks"]["broker"] is False
     assert node.get("/healthz") == {"status": "ok"}
+
+
+def test_a_database_outage_makes_mns_fence_then_rejoin_with_new_uuids(cluster, postgres, probe):
+    """The rule: an MN that cannot write its heartbeat within the timeout stops serving.
+
+    Nobody is evicted by a peer (nobody can read the table either); every MN fences itself,
+    and when the database is back each rejoins under a new UUID and they form one ring again.
+    """
+    nodes = cluster.start(2)
+    old = cluster.wait_agreed({n.uuid for n in nodes})
+    with postgres.stopped():
+        wait_until(lambda: all(n.ring()["state"] == "fenced" for n in nodes), HEARTBEAT_TIMEOUT + 3,
+                   "both MNs to fence themselves")
+        assert all(not n.ready() for n in nodes)
+    new = cluster.wait_agreed(timeout=30)
+    assert len(new) == 2 and not new & old, "MNs must rejoin under new UUIDs"
+    assert all("evicted MN" not in n.tail(200) for n in nodes)
+    for node in nodes:
+        assert probe.call_mn(node.uuid, "Echo").body["mn"] == node.uuid
+
+
+def test_a_frozen_mn_is_evicted_and_never_serves_under_its_old_uuid(cluster, probe):
+    nodes = cluster.start(3)
+    ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
+    frozen, others = nodes[0], nodes[1:]
+    old_uuid = frozen.uuid
+    resource = owned_by(ring, old_uuid, cluster.keys)[0]
+    old_queue = service_queue("demo", old_uuid)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(old_uuid not in n.ring()["members"] for n in others), 2 * HEARTBEAT_TIMEOUT + 2,
+                   "the others to drop the frozen MN")
+        wait_until(lambda: any("evicted MN " + old_uuid in n.tail() for n in others), 5, "the eviction")
+        # Waiting in its queue while it cannot know it was evicted: bounced or lost, never served.
+        probe.publish_call(old_queue, "Note", {"n": "while frozen"}, resource=resource, kind="send")
+    finally:
+        frozen.signal(signal.SIGCONT)
+    wait_until(lambda: frozen.ready() and frozen.uuid != old_uuid, 15, "the frozen MN to rejoin under a new UUID")
+    assert "fencing myself" in frozen.tail(200)
+    new_owner = Ring.of(cluster.wait_agreed()).owner(resource)
+    # Its old queue is gone: a message sent there now is caught and re-routed to the new owner.
+    probe.publish_call(old_queue, "Note", {"n": "after"}, resource=resource, kind="send")
+    notes = wait_until(lambda: [r for r in cluster.records("note") if r["body"]["n"] == "after"], 10,
+                       "the late note to be re-routed")
+    assert notes[0]["mn"] == new_owner
+    assert not [r for r in cluster.records("note") if r["mn"] == old_uuid], "served under the evicted UUID"
+
+
+def test_a_poison_message_on_the_api_queue_is_dead_lettered_without_reconnects(cluster, probe):
+    (node,) = cluster.start(1)
+    probe.dead_letters()
+    probe.publish_raw(API_QUEUE, b"[" * 200_000)  # nested deeper than any JSON parser allows
+    letters = wait_until(probe.dead_letters, 5, "the poison message in the dead-letter queue")
+    assert len(letters) == 1 and "RecursionError" in letters[0][1]["x-zstack-reason"]
+    assert node.ready()
+    assert probe.call_api("Echo", resource=cluster.keys[0]).body["mn"] == node.uuid
+    assert "lost the broker connection" not in node.tail(200)
+
+
+def test_a_graceful_leave_under_traffic_loses_no_call(cluster, probe_factory):
+    nodes = cluster.start(3)
+    cluster.wait_agreed({n.uuid for n in nodes})
+    leaver = nodes[2]
+    failures: list[object] = []
+    done = threading.Event()
+    count = 0
+
+    def traffic() -> None:
+        nonlocal count
+        probe = probe_factory()
+        while not done.is_set():
+            resource = cluster.keys[count % len(cluster.keys)]
+            reply = probe.call_api("Echo", resource=resource, timeout=10)
+            if reply.error is not None:
+                failures.append(reply.error)
+            count += 1
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    leaver.signal(signal.SIGTERM)
+    cluster.wait_agreed({n.uuid for n in nodes[:2]}, timeout=5)
+    converged = time.monotonic() - started
+    assert leaver.process.wait(10) == 0
+    time.sleep(0.5)
+    done.set()
+    worker.join(15)
+    assert count > 20 and failures == []
+    assert converged < 1.0, f"survivors took {converged:.2f}s to drop the leaver under traffic"
