@@ -145,6 +145,10 @@ class Connection:
         opened: asyncio.Future[None] = loop.create_future()
         params = pika.URLParameters(url)
         params.client_properties = {"connection_name": name}
+        if "heartbeat=" not in url:  # the broker's 60 s default notices a dead peer far too late
+            params.heartbeat = 10
+        if "blocked_connection_timeout=" not in url:  # a broker blocking publishers (disk or memory alarm)
+            params.blocked_connection_timeout = 30
         holder: list[Connection] = []
 
         def on_open(_conn: Any) -> None:
