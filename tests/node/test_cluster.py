@@ -179,9 +179,10 @@ def test_a_database_outage_makes_mns_fence_then_rejoin_with_new_uuids(cluster, p
     nodes = cluster.start(2)
     old = cluster.wait_agreed({n.uuid for n in nodes})
     with postgres.stopped():
-        wait_until(lambda: all(n.ring()["state"] == "fenced" for n in nodes), HEARTBEAT_TIMEOUT + 3,
+        wait_until(lambda: all("fencing myself" in n.tail(100) for n in nodes), HEARTBEAT_TIMEOUT + 3,
                    "both MNs to fence themselves")
-        assert all(not n.ready() for n in nodes)
+        # Fenced, then waiting for the database to rejoin: serving nothing meanwhile.
+        assert all(n.ring()["state"] in ("fenced", "joining") and not n.ready() for n in nodes)
     new = cluster.wait_agreed(timeout=30)
     assert len(new) == 2 and not new & old, "MNs must rejoin under new UUIDs"
     assert all("evicted MN" not in n.tail(200) for n in nodes)
