@@ -154,6 +154,7 @@ class CloudBus:
         self._connected = asyncio.Event()
         self._disconnected_since: float | None = time.monotonic()
         self._stopping = False
+        self._dropped_on_purpose = False
         self._supervisor: asyncio.Task[None] | None = None
         self._last_delivery = 0.0
 
@@ -205,7 +206,11 @@ class CloudBus:
             self._disconnected_since = time.monotonic()
             if self._stopping:
                 return
-            log.warning("lost the broker connection (%s); reconnecting", reason)
+            if self._dropped_on_purpose:
+                self._dropped_on_purpose = False
+                log.info("closed the broker connection to drop this MN's queues; reconnecting")
+            else:
+                log.warning("lost the broker connection (%s); reconnecting", reason)
             self._after_connection_loss()
 
     async def _setup(self, conn: Connection) -> None:
@@ -323,6 +328,7 @@ class CloudBus:
         self.self_uuid = None
         self._accepting = False
         if self._conn is not None and self._conn.is_open:
+            self._dropped_on_purpose = True
             with contextlib.suppress(Exception):
                 await self._conn.close()  # the supervisor reconnects with the shared topology only
         for corr in list(self._pending):
