@@ -219,6 +219,7 @@ def link_mounts(
     vols = {v["name"]: v for v in pod["spec"].get("volumes") or []}
     mounts = sorted(container.get("volumeMounts") or [], key=lambda m: len(m["mountPath"]))
     has_sa = False
+    linked: dict[Path, str] = {}  # link path -> the mountPath it came from
     for m in mounts:
         vol = vols.get(m["name"])
         if vol is None:
@@ -229,19 +230,39 @@ def link_mounts(
             src = src / sub
             if not src.exists() and volume_kind(vol) in ("emptyDir", "hostPath", "persistentVolumeClaim"):
                 src.mkdir(parents=True, exist_ok=True)
-        _symlink(croot, m["mountPath"], src)
+        _symlink(croot, m["mountPath"], src, linked)
         has_sa = has_sa or os.path.normpath(m["mountPath"]) == SA_MOUNT
     if not has_sa and pod["spec"].get("automountServiceAccountToken") is not False:
-        _symlink(croot, SA_MOUNT, paths.identity / "serviceaccount")
+        _symlink(croot, SA_MOUNT, paths.identity / "serviceaccount", linked, "the kubelet's serviceaccount mount ")
     return croot
 
 
-def _symlink(croot: Path, mount_path: str, src: Path) -> None:
-    link = croot / os.path.normpath(mount_path).lstrip("/")
+def _symlink(croot: Path, mount_path: str, src: Path, linked: dict[Path, str], what: str = "") -> None:
+    """Link croot/<mount_path> to src; refuse a mountPath nested inside another mount.
+
+    A nested mount (hostPath at /data, configMap at /data/cfg) would be created through the outer
+    mount's symlink, i.e. in the volume or host directory itself; refusing keeps mkdir and rmtree
+    inside the container root.
+    """
+    rel = os.path.normpath(mount_path).lstrip("/")
+    if not rel or rel == "." or rel.startswith(".."):
+        raise VolumeError(f"{what}mountPath {mount_path!r} is not a path inside the container")
+    link = croot / rel
+    parent = croot
+    for part in Path(rel).parts[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            outer = linked.get(parent, "/" + str(parent.relative_to(croot)))
+            raise VolumeError(
+                f"{what}mountPath {mount_path!r} is nested inside mountPath {outer!r}: "
+                "the process kubelet cannot mount a volume inside another volume"
+            )
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        if link.is_dir() and not link.is_symlink():
-            shutil.rmtree(link)
-        else:
-            link.unlink()
+    if link.is_symlink():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)  # a real directory of the container root (no symlink on the way)
+    elif link.exists():
+        link.unlink()
     link.symlink_to(src.resolve() if src.exists() else src)
+    linked[link] = mount_path

@@ -22,7 +22,9 @@ import pytest
 
 from devcluster.kubelet.envvars import expand
 from devcluster.kubelet.ipam import PodIPAM
+from devcluster.kubelet.paths import PodPaths
 from devcluster.kubelet.podnet import bindable
+from devcluster.kubelet.volumes import VolumeError, link_mounts
 from tests.fixtures.kube import KubeCluster
 
 k8s = pytest.mark.k8s
@@ -140,6 +142,27 @@ def test_loopback_ipam_unique_and_reused() -> None:
     ipam.release("a")
     assert ipam.allocate("c") == a
     assert ipam.allocate("d", preferred=b) != b
+
+
+def test_nested_mount_is_refused_and_host_dir_untouched(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    (host / "cfg").mkdir(parents=True)
+    (host / "keep.txt").write_text("host data")
+    (host / "cfg" / "keep.txt").write_text("host data too")
+    paths = PodPaths.for_pod(tmp_path / "root", "ns", "p", "uid")
+    paths.create()
+    p = {"metadata": {"namespace": "ns", "name": "p", "uid": "uid"},
+         "spec": {"automountServiceAccountToken": False,
+                  "volumes": [{"name": "host", "hostPath": {"path": str(host)}},
+                              {"name": "cfg", "configMap": {"name": "cfg"}}]}}
+    c = {"name": "c", "volumeMounts": [{"name": "cfg", "mountPath": "/data/cfg"},
+                                       {"name": "host", "mountPath": "/data"}]}
+    for _ in range(2):  # the second start removes the first container root again
+        with pytest.raises(VolumeError, match=r"'/data/cfg' is nested inside mountPath '/data'"):
+            link_mounts(tmp_path / "root", paths, p, c, {})
+    assert (host / "keep.txt").read_text() == "host data"
+    assert (host / "cfg" / "keep.txt").read_text() == "host data too"
+    assert sorted(x.name for x in host.rglob("*")) == ["cfg", "keep.txt", "keep.txt"]
 
 
 # ---- against the devcluster ----------------------------------------------------------------------
