@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -117,7 +116,7 @@ def _controller_manager_argv(lay: Layout, p: Ports) -> list[str]:
 def _kubelet_argv(lay: Layout, p: Ports) -> list[str]:
     # The process kubelet authenticates with the admin kubeconfig (a documented simplification).
     return [
-        os.path.realpath(sys.executable), "-m", "devcluster.kubelet",
+        sys.executable, "-m", "devcluster.kubelet",
         "--kubeconfig", str(lay.kubeconfig),
         "--root", str(lay.kubelet_root),
         "--node-name", NODE_NAME,

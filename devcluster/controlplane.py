@@ -14,6 +14,7 @@ from devcluster.components import COMPONENTS, Component, Ports
 from devcluster.errors import DevclusterError
 from devcluster.health import admin_context
 from devcluster.kubeconfig import write_kubeconfig
+from devcluster.kubelet import runtime as kubelet_runtime
 from devcluster.layout import Layout
 from devcluster.pki import ensure_pki
 from devcluster.ports import free_port, port_is_free
@@ -159,33 +160,26 @@ def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, start
     say(f"  started {comp.name} pid {rec.pid}" + (f" ({listen})" if listen else ""))
 
 
-def _kubelet_pidfiles(lay: Layout) -> list[tuple[int, int]]:
-    """(pid, start time) of container processes the kubelet recorded in ``pods/*/run/*.pid``."""
-    out = []
-    for pidfile in lay.kubelet_root.glob("pods/*/run/*.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            pid, start = pidfile.read_text().split()[:2]
-            out.append((int(pid), int(start)))
-    return out
-
-
 def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
     """Stop the named components tier by tier (STOP_TIERS), then any leftover pod processes.
 
     Clients go before the API server (it drains open connections before exiting) and etcd goes last.
     Pods run in their own sessions, so they are found by pid: the process trees snapshotted before
     stopping, and the kubelet's pidfiles (which also cover pods of a kubelet that crashed).
+
     Returns the names of the components that were running.
     """
     recs = {n: st.procs[n] for n in names if n in st.procs}
     live = {n: r for n, r in recs.items() if procs.record_alive(r)}
     orphans = [(p.pid, p.start_time) for p in procs.descendants(list(live.values()))]
-    if "kubelet" in recs:
-        orphans += _kubelet_pidfiles(lay)
     for tier, grace in STOP_TIERS:
         group = [live[n] for n in tier if n in live]
         if group:
             procs.stop_groups([(r.pid, r.start_time) for r in group], grace)
+        if "kubelet" in tier and "kubelet" in recs:
+            # Read after the kubelet stopped, so containers it started meanwhile are included,
+            # and by session, so children whose container leader already exited are too.
+            kubelet_runtime.kill_leftovers(lay.kubelet_root)
     leftover = set()
     for pid, start in orphans:
         info = procs.read_proc(pid)

@@ -8,20 +8,21 @@ background, waits for the ring, and prints what to try next.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
+from devcluster import procs
 from devcluster.layout import Layout
 from devcluster.localnodes import LocalNode, agreed_members, wait_until
 from devcluster.progress import Say, Ticker, stderr_say
 from devcluster.services import PostgreSQL, RabbitMQ
+from devcluster.state import ProcRecord
 
 
 class DemoError(RuntimeError):
@@ -30,63 +31,54 @@ class DemoError(RuntimeError):
 
 def _paths(root: Path) -> tuple[Path, Path, Path]:
     demo = root / "demo"
-    return demo / "supervisor.pid", demo / "ready.json", Layout(root).log("demo")
+    return demo / "supervisor.json", demo / "ready.json", Layout(root).log("demo")
 
 
-def _running_pid(pid_file: Path) -> int | None:
+def _supervisor(record_file: Path) -> ProcRecord | None:
+    """The running supervisor, identified by pid and kernel start time (a reused pid never matches)."""
     try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        record = ProcRecord(**json.loads(record_file.read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
         return None
+    return record if procs.record_alive(record) else None
 
 
 def up(root: Path, replicas: int, timeout: float = 300.0, say: Say = stderr_say) -> dict:
     """Start the supervisor unless it runs; return the ready document once the ring has formed."""
-    pid_file, ready_file, log_file = _paths(root)
-    if _running_pid(pid_file) and ready_file.exists():
-        return json.loads(ready_file.read_text())
-    ready_file.unlink(missing_ok=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "devcluster.demo", str(root), str(replicas)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pid_file.write_text(str(proc.pid))
+    record_file, ready_file, log_file = _paths(root)
+    record = _supervisor(record_file)
+    if record is None:
+        ready_file.unlink(missing_ok=True)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "devcluster.demo", str(root), str(replicas)]
+        record = procs.spawn(argv, log_file)
+        record_file.write_text(json.dumps(asdict(record)))
     ticker = Ticker(say)
-    while not ready_file.exists():
-        if proc.poll() is not None:
-            raise DemoError(f"the demo supervisor exited with {proc.returncode}; see {log_file}:\n"
-                            + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:]))
-        if ticker.elapsed() > timeout:
-            raise DemoError(f"the demo was not ready within {timeout:.0f}s; see {log_file}")
-        ticker.tick(f"RabbitMQ, PostgreSQL and {replicas} MNs (log {log_file})")
-        time.sleep(0.2)
+    try:
+        while not ready_file.exists():
+            if not procs.record_alive(record):
+                raise DemoError(f"the demo supervisor exited; see {log_file}:\n"
+                                + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:]))
+            if ticker.elapsed() > timeout:
+                raise DemoError(f"the demo was not ready within {timeout:.0f}s; see {log_file}")
+            ticker.tick(f"RabbitMQ, PostgreSQL and {replicas} MNs (log {log_file})")
+            time.sleep(0.2)
+    except BaseException:
+        down(root)  # an interrupted or failed start leaves nothing running
+        raise
     ticker.done(f"demo ready in {ticker.elapsed():.1f}s")
     return json.loads(ready_file.read_text())
 
 
-def down(root: Path, timeout: float = 60.0) -> bool:
+def down(root: Path, grace: float = 60.0) -> bool:
     """Stop the supervisor (MNs leave gracefully, servers stop). False when nothing ran."""
-    pid_file, ready_file, _ = _paths(root)
-    pid = _running_pid(pid_file)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: _running_pid(pid_file) is None or not _alive(pid), timeout, "the demo to stop")
-    pid_file.unlink(missing_ok=True)
+    record_file, ready_file, _ = _paths(root)
+    record = _supervisor(record_file)
+    if record is not None:
+        procs.stop_groups([(record.pid, record.start_time)], grace)
+    record_file.unlink(missing_ok=True)
     ready_file.unlink(missing_ok=True)
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "State:\tZ" not in status.read_text()
+    return record is not None
 
 
 def supervise(root: Path, replicas: int) -> None:
