@@ -225,12 +225,13 @@ class Container:
         except (ConfigError, VolumeError) as e:
             self._wait("CreateContainerConfigError", str(e), RETRY_CONFIG)
             return
-        argv = [expand(a, env) for a in command + list(self.spec.get("args") or [])]
+        unexpanded = command + list(self.spec.get("args") or [])  # what logs and messages show: $(VAR) may be a secret
+        argv = [expand(a, env) for a in unexpanded]
         exe = runtime.resolve(argv[0], env.get("PATH"), root)
         if exe is None:
             self._wait(
                 "CommandNotFound",
-                f"executable {argv[0]!r} of container {self.name!r} not found on the host PATH",
+                f"executable {command[0]!r} of container {self.name!r} not found on the host PATH",
                 RETRY_CONFIG * 2,
             )
             return
@@ -239,13 +240,13 @@ class Container:
             cwd = root / self.spec["workingDir"].lstrip("/")
             cwd.mkdir(parents=True, exist_ok=True)
         logf = self.ctx.log_path(self.name)
-        runtime.log_line(logf, f"starting container {self.name}: {argv}")
+        runtime.log_line(logf, f"starting container {self.name}: {unexpanded}")
         offset = logf.stat().st_size
         try:
             proc = runtime.start(exe, argv, env, cwd, logf, self.ctx.pidfile(self.name))
         except OSError as e:
             runtime.log_line(logf, f"cannot start: {e}")
-            self._wait("RunContainerError", f"cannot start {argv[0]!r}: {e}", max(self._backoff, RETRY_CONFIG))
+            self._wait("RunContainerError", f"cannot start {command[0]!r}: {e}", max(self._backoff, RETRY_CONFIG))
             return
         runtime.log_line(logf, f"container {self.name} started, pid {proc.pid}")
         self.runs.append((offset, None))

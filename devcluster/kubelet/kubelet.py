@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -25,7 +26,8 @@ class Kubelet:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.root.mkdir(parents=True, exist_ok=True)
+        settings.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(settings.root, 0o700)  # pod volumes, tokens and logs below may hold secrets
         self.api = Api(settings.kubeconfig)
         self.server = KubeletServer(settings.root / "pki", settings.node_name, self._log_range)
         self.node = NodeAgent(self.api, settings, self.server.port)

@@ -62,6 +62,8 @@ class PodPaths:
         return self.run / f"{_safe(container)}.pid"
 
     def create(self) -> None:
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.base, 0o700)  # volumes, tokens and logs may hold secrets
         for d in (self.volumes, self.identity, self.logs, self.run, self.base / "roots"):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.identity, 0o700)

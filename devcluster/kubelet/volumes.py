@@ -108,11 +108,12 @@ def _volume_files(
     kind = volume_kind(vol)
     src = vol[kind] or {}
     mode = src.get("defaultMode", 0o644)
+    secret_mode = src.get("defaultMode", 0o600)  # secrets and tokens: owner only unless the pod says otherwise
     ns = pod["metadata"]["namespace"]
     if kind == "configMap":
         return _object_files("configmap", ns, src.get("name", ""), src, mode, lookup)
     if kind == "secret":
-        return _object_files("secret", ns, src.get("secretName", ""), src, mode, lookup)
+        return _object_files("secret", ns, src.get("secretName", ""), src, secret_mode, lookup)
     if kind == "downwardAPI":
         return _downward_files(pod, src.get("items") or [], mode, pod_ip)
     if kind == "projected":
@@ -121,13 +122,13 @@ def _volume_files(
             if "configMap" in s:
                 got = _object_files("configmap", ns, s["configMap"].get("name", ""), s["configMap"], mode, lookup)
             elif "secret" in s:
-                got = _object_files("secret", ns, s["secret"].get("name", ""), s["secret"], mode, lookup)
+                got = _object_files("secret", ns, s["secret"].get("name", ""), s["secret"], secret_mode, lookup)
             elif "downwardAPI" in s:
                 got = _downward_files(pod, s["downwardAPI"].get("items") or [], mode, pod_ip)
             elif "serviceAccountToken" in s:
                 t = s["serviceAccountToken"]
                 tok = token(t.get("audience", ""), int(t.get("expirationSeconds", 3600)))
-                got = {t["path"]: (tok.encode(), mode)}
+                got = {t["path"]: (tok.encode(), secret_mode)}
             else:
                 raise VolumeError(f"projected source {sorted(s)} not supported by the process kubelet")
             files.update(got or {})

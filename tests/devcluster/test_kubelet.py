@@ -24,7 +24,7 @@ from devcluster.kubelet.envvars import expand
 from devcluster.kubelet.ipam import PodIPAM
 from devcluster.kubelet.paths import PodPaths
 from devcluster.kubelet.podnet import bindable
-from devcluster.kubelet.volumes import VolumeError, link_mounts
+from devcluster.kubelet.volumes import VolumeError, link_mounts, setup_volumes
 from tests.fixtures.kube import KubeCluster
 
 k8s = pytest.mark.k8s
@@ -163,6 +163,24 @@ def test_nested_mount_is_refused_and_host_dir_untouched(tmp_path: Path) -> None:
     assert (host / "keep.txt").read_text() == "host data"
     assert (host / "cfg" / "keep.txt").read_text() == "host data too"
     assert sorted(x.name for x in host.rglob("*")) == ["cfg", "keep.txt", "keep.txt"]
+
+
+def test_secret_files_are_owner_only(tmp_path: Path) -> None:
+    paths = PodPaths.for_pod(tmp_path / "root", "ns", "p", "uid")
+    paths.create()
+    p = {"metadata": {"namespace": "ns", "name": "p", "uid": "uid"},
+         "spec": {"volumes": [{"name": "s", "secret": {"secretName": "s"}},
+                              {"name": "m", "secret": {"secretName": "s", "defaultMode": 0o640}},
+                              {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+                              {"name": "c", "configMap": {"name": "c"}}]}}
+    objs = {"secret": {"data": {"k": "eA=="}}, "configmap": {"data": {"k": "x"}}}
+    setup_volumes(tmp_path / "root", paths, p, "127.0.1.1", lambda kind, ns, name: objs[kind], lambda a, e: "tok")
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+    assert mode(paths.base) == 0o700
+    assert (mode(paths.volume("s") / "k"), mode(paths.volume("m") / "k")) == (0o600, 0o640)
+    assert (mode(paths.volume("t") / "token"), mode(paths.volume("c") / "k")) == (0o600, 0o644)
 
 
 # ---- against the devcluster ----------------------------------------------------------------------
