@@ -133,14 +133,33 @@ class PodWorker:
     def _main(self) -> None:
         try:
             self._run()
-        except Exception:
+        except Exception as e:
             log.exception("pod worker %s crashed; killing its containers", self.key)
             self._stop_all(time.time() + FORCED_GRACE, pre_stop=False)
+            self._fail_after_crash(e)
         finally:
             if not self._shutdown:
                 self.svc.ipam.release(self.uid)
             if self._on_exit:
                 self._on_exit(self)
+
+    def _fail_after_crash(self, err: Exception) -> None:
+        """Report the pod Failed (not Ready): the kubelet ignores it from now on."""
+        if self._shutdown or self._gone:
+            return
+        self.terminal = True
+        msg = f"the process kubelet's pod worker crashed: {type(err).__name__}: {err}"
+        try:
+            self._publish(force_phase="Failed", reason="KubeletPodWorkerCrashed", message=msg)
+        except Exception:
+            log.exception("pod %s: publishing the full Failed status failed; publishing a minimal one", self.key)
+            own = [{"type": t, "status": "False", "reason": "KubeletPodWorkerCrashed"}
+                   for t in ("ContainersReady", "Ready")]
+            try:
+                self.writer.publish({"phase": "Failed", "reason": "KubeletPodWorkerCrashed", "message": msg,
+                                     "conditions": self.writer.with_times(self.pod, own)})
+            except Exception:
+                log.exception("pod %s: cannot publish the Failed status", self.key)
 
     def _run(self) -> None:
         self.paths.create()

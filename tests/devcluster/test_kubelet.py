@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
+from devcluster.kubelet.context import Services, Settings
 from devcluster.kubelet.envvars import expand
 from devcluster.kubelet.ipam import PodIPAM
 from devcluster.kubelet.paths import PodPaths
 from devcluster.kubelet.podnet import bindable
+from devcluster.kubelet.pods import PodWorker
 from devcluster.kubelet.volumes import VolumeError, link_mounts, setup_volumes
 from tests.fixtures.kube import KubeCluster
 
@@ -181,6 +183,33 @@ def test_secret_files_are_owner_only(tmp_path: Path) -> None:
     assert mode(paths.base) == 0o700
     assert (mode(paths.volume("s") / "k"), mode(paths.volume("m") / "k")) == (0o600, 0o640)
     assert (mode(paths.volume("t") / "token"), mode(paths.volume("c") / "k")) == (0o600, 0o644)
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+
+    def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append(body)
+        return body
+
+
+def test_crashed_pod_worker_reports_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeApi()
+    svc = Services(settings=Settings(node_name="n", root=tmp_path, kubeconfig=""), api=api,  # type: ignore[arg-type]
+                   cluster=None, ipam=PodIPAM(lock_dir=tmp_path), events=None)  # type: ignore[arg-type]
+    p = {"metadata": {"namespace": "ns", "name": "p", "uid": "uid"},
+         "spec": {"containers": [{"name": "c", "command": ["true"]}]},
+         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    w = PodWorker(svc, p)
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+    monkeypatch.setattr(w, "_run", boom)
+    w._main()
+    st = api.patches[-1]["status"]
+    assert st["phase"] == "Failed" and "RuntimeError: boom" in st["message"], st
+    assert condition({"status": st}, "Ready") == "False"
 
 
 # ---- against the devcluster ----------------------------------------------------------------------
