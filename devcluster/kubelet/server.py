@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 log = logging.getLogger(__name__)
 
 KUBELET_LINE = b"[kubelet "
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete the TLS handshake
 _LOGS = re.compile(r"^/containerLogs/([^/]+)/([^/]+)/([^/]+)/?$")
 
 
@@ -103,7 +104,8 @@ class KubeletServer:
         handler = _handler(resolver, self._stop)
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
+        # The handshake happens in the handler thread (Handler.setup), so a silent client cannot block accept().
+        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kubelet-server", daemon=True)
 
@@ -120,6 +122,22 @@ class KubeletServer:
 def _handler(resolver: Resolver, stop: threading.Event) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "devcluster-kubelet"
+        handshake_ok = False
+
+        def setup(self) -> None:
+            sock = self.request
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                sock.do_handshake()
+                self.handshake_ok = True
+            except OSError as e:  # ssl.SSLError and timeouts included
+                log.debug("http: TLS handshake with %s failed: %s", self.client_address, e)
+            sock.settimeout(None)
+            super().setup()
+
+        def handle(self) -> None:
+            if self.handshake_ok:
+                super().handle()
 
         def log_message(self, format: str, *args: object) -> None:
             log.debug("http: " + format, *args)

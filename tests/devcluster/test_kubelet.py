@@ -8,9 +8,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 import uuid
@@ -26,6 +29,7 @@ from devcluster.kubelet.ipam import PodIPAM
 from devcluster.kubelet.paths import PodPaths
 from devcluster.kubelet.podnet import bindable
 from devcluster.kubelet.pods import PodWorker
+from devcluster.kubelet.server import KubeletServer, LogNotFound
 from devcluster.kubelet.volumes import VolumeError, link_mounts, setup_volumes
 from tests.fixtures.kube import KubeCluster
 
@@ -210,6 +214,25 @@ def test_crashed_pod_worker_reports_failed(tmp_path: Path, monkeypatch: pytest.M
     st = api.patches[-1]["status"]
     assert st["phase"] == "Failed" and "RuntimeError: boom" in st["message"], st
     assert condition({"status": st}, "Ready") == "False"
+
+
+def test_silent_client_does_not_block_the_kubelet_endpoint(tmp_path: Path) -> None:
+    def resolver(ns: str, pod: str, container: str, previous: bool) -> Any:
+        raise LogNotFound("none")
+    srv = KubeletServer(tmp_path / "pki", "n", resolver)
+    srv.start()
+    silent = socket.create_connection(("127.0.0.1", srv.port))  # connects, never starts TLS
+    try:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/healthz", timeout=5, context=ctx) as r:
+            assert r.read() == b"ok"
+    finally:
+        stopper = threading.Thread(target=srv.stop, daemon=True)
+        stopper.start()
+        stopper.join(3)
+        silent.close()
+    assert not stopper.is_alive(), "the endpoint did not stop while a client stayed silent"
 
 
 # ---- against the devcluster ----------------------------------------------------------------------
