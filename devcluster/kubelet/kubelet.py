@@ -83,6 +83,8 @@ class Kubelet:
                         log.info("watch ended: %s", obj.get("message"))
                         if obj.get("code") == 410:
                             rv = ""
+                        else:
+                            self._stop.wait(1)  # do not spin on a failing watch
                         break
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     if kind in ("ADDED", "MODIFIED"):
