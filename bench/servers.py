@@ -7,34 +7,25 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="zstack-bench-") as tmp:
-        yield Path(tmp)
+from devcluster.services import PostgreSQL, RabbitMQ, Service
 
 
 @contextlib.contextmanager
-def broker(url: str | None, say: Callable[[str], None]) -> Iterator[str]:
-    """Yield `url`, or the URL of a private RabbitMQ started now and stopped on exit."""
+def _url_or_private(url: str | None, server_class: type[Service], what: str,
+                    say: Callable[[str], None]) -> Iterator[str]:
+    """Yield `url`, or the URL of a private server started now and stopped on exit."""
     if url:
         yield url
         return
-    from devcluster.services import RabbitMQ
-
-    say("no broker URL given: starting a private RabbitMQ")
-    with _scratch() as tmp, RabbitMQ(tmp / "rabbitmq", say=say) as server:
+    say(f"no {what} URL given: starting a private {server_class.__name__}")
+    with tempfile.TemporaryDirectory(prefix="zstack-bench-") as tmp, \
+            server_class(Path(tmp) / server_class.__name__.lower(), say=say) as server:
         yield server.url
 
 
-@contextlib.contextmanager
-def database(url: str | None, say: Callable[[str], None]) -> Iterator[str]:
-    """Yield `url`, or the URL of a private PostgreSQL started now and stopped on exit."""
-    if url:
-        yield url
-        return
-    from devcluster.services import PostgreSQL
+def broker(url: str | None, say: Callable[[str], None]) -> contextlib.AbstractContextManager[str]:
+    return _url_or_private(url, RabbitMQ, "broker", say)
 
-    say("no database URL given: starting a private PostgreSQL")
-    with _scratch() as tmp, PostgreSQL(tmp / "postgres", say=say) as server:
-        yield server.url
+
+def database(url: str | None, say: Callable[[str], None]) -> contextlib.AbstractContextManager[str]:
+    return _url_or_private(url, PostgreSQL, "database", say)

@@ -146,20 +146,18 @@ class PostgreSQL(Service):
     def create_database(self, name: str | None = None) -> str:
         """Create an empty database owned by :attr:`username`; returns its name (random when not given)."""
         name = _check_ident(name or f"test_{secrets.token_hex(6)}")
-        conn = self.connect(admin=True)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}" OWNER "{self.username}"')
-        finally:
-            conn.close()
+        self._admin_execute(f'CREATE DATABASE "{name}" OWNER "{self.username}"')
         return name
 
     def drop_database(self, name: str) -> None:
         """Drop ``name``, disconnecting its clients (no error when it does not exist)."""
+        self._admin_execute(f'DROP DATABASE IF EXISTS "{_check_ident(name)}" WITH (FORCE)')
+
+    def _admin_execute(self, sql: str) -> None:
         conn = self.connect(admin=True)
         try:
             with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{_check_ident(name)}" WITH (FORCE)')
+                cur.execute(sql)
         finally:
             conn.close()
 
