@@ -11,6 +11,7 @@ import socket
 
 import click
 
+from .cloud import SERVICES as CLOUD_SERVICES
 from .config import ConfigError, Settings
 from .http import build_app, serve
 from .node import ManagementNode
@@ -66,7 +67,7 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
         settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    classes = [load_service(spec) for spec in services]
+    classes = [*CLOUD_SERVICES, *(load_service(spec) for spec in services)]
     asyncio.run(run(settings, classes))
 
 

@@ -14,7 +14,7 @@ NODE_KEY: web.AppKey[ManagementNode] = web.AppKey("node")
 
 
 def build_app(node: ManagementNode) -> web.Application:
-    """The aiohttp application; later features add their routes to it."""
+    """The aiohttp application: health, metrics and the ring, plus each service's routes."""
     app = web.Application(client_max_size=1024**2)
     app[NODE_KEY] = node
     app.router.add_get("/healthz", healthz)
@@ -22,6 +22,8 @@ def build_app(node: ManagementNode) -> web.Application:
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/cluster/ring", ring)
     app.router.add_get("/v1/cluster/owner/{resource}", owner)
+    for service in node.services.values():
+        service.add_routes(app)
     return app
 
 

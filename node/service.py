@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from aiohttp import web
+
 from .envelope import Envelope
 from .ring import Ring, RingChange
 
@@ -61,6 +63,9 @@ class Service:
     def handler(self, message_type: str) -> Handler | None:
         name = self._handler_names.get(message_type)
         return getattr(self, name) if name else None
+
+    def add_routes(self, app: web.Application) -> None:
+        """Add this service's HTTP routes to the MN's one port (the cloud API does)."""
 
     async def on_self_joined(self, ring: Ring) -> None:
         """This MN joined (or rejoined with a new UUID); `ring` is its first ring."""

@@ -1,0 +1,1 @@
+"""`zstack-cli`: a client of the management nodes' REST API."""
