@@ -1,0 +1,251 @@
+"""A small synchronous client of the MN REST API (standard library only).
+
+Every failure surfaces as `ApiError` with a message that says what went wrong and, where it helps,
+what to do next. The bearer token is sent but never appears in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+UUID_RE = re.compile(r"^[0-9a-f]{32}$")
+TERMINAL_STATES = frozenset({"Succeeded", "Failed"})
+MAX_SERVER_WAIT = 60  # the API caps ?wait= at 60 s
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+Json = dict[str, Any]
+
+
+class ApiError(Exception):
+    """An API call failed. `status` is the HTTP status (None when the MN could not be reached)."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
+
+    @property
+    def exit_code(self) -> int:
+        """2 for a request the server refused as bad input (4xx), 1 for anything else."""
+        return 2 if self.status is not None and 400 <= self.status < 500 else 1
+
+
+class JobFailed(Exception):
+    """A job reached the Failed state; `job` is its last document."""
+
+    def __init__(self, job: Json) -> None:
+        error = job.get("error") or {}
+        code, message = error.get("code") or "failed", error.get("message") or "no error message"
+        super().__init__(f"job {job.get('id')} ({job.get('operation')}) failed: {code}: {message}")
+        self.job = job
+
+
+class JobTimeout(Exception):
+    """A job was still not terminal when the client stopped waiting; `job` is its last document."""
+
+    def __init__(self, job: Json, waited: float) -> None:
+        super().__init__(f"job {job.get('id')} ({job.get('operation')}) still {job.get('state')} after "
+                         f"{waited:.0f}s; check it later with: zstack-cli jobs wait {job.get('id')}")
+        self.job = job
+
+
+def check_url(url: str) -> str:
+    """Return `url` without a trailing slash, or raise ValueError saying what a good one looks like."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL; for example {DEFAULT_URL}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{url!r} must be the MN's base URL without a path, for example {DEFAULT_URL}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has a bad port ({exc})") from None
+    return url.rstrip("/")
+
+
+def is_uuid(value: str) -> bool:
+    return bool(UUID_RE.match(value))
+
+
+def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
+    """Turn an error response into an ApiError, whatever shape its body has."""
+    code = field = None
+    message = ""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "error" in doc:
+        error = doc["error"]
+        if isinstance(error, dict):
+            code, message, field = error.get("code"), str(error.get("message") or ""), error.get("field")
+        else:
+            message = str(error)
+    elif body:
+        message = body.decode(errors="replace").strip().splitlines()[0][:200]
+    message = message or f"HTTP {status} {reason}"
+    return ApiError(message, status=status, code=code, field=field)
+
+
+class ApiClient:
+    """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it)."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0) -> None:
+        self.url = check_url(url)
+        self._token = token
+        self.timeout = timeout
+
+    def __repr__(self) -> str:  # never show the token
+        return f"ApiClient({self.url!r}, token={'set' if self._token else 'unset'})"
+
+    # -- transport ---------------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
+                query: Mapping[str, Any] | None = None, timeout: float | None = None) -> Json:
+        """Send one request; return the decoded JSON document of a 2xx answer or raise ApiError."""
+        query = {k: v for k, v in (query or {}).items() if v is not None}
+        url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            with urllib.request.urlopen(req, timeout=limit) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            raise self._explain(_error_from_body(err.code, err.read(), err.reason)) from None
+        except TimeoutError:
+            raise ApiError(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? "
+                           "raise --timeout or try another MN with --url") from None
+        except urllib.error.URLError as err:
+            reason = err.reason
+            if isinstance(reason, TimeoutError):
+                raise ApiError(f"{method} {url}: no answer within {limit:g}s; raise --timeout or try another "
+                               "MN with --url") from None
+            raise ApiError(f"cannot reach {self.url}: {reason}. Is an MN running there? "
+                           "Set --url / ZSTACK_API_URL") from None
+        except (ConnectionError, OSError) as err:
+            raise ApiError(f"cannot reach {self.url}: {err}. Is an MN running there? "
+                           "Set --url / ZSTACK_API_URL") from None
+        if not raw:
+            return {}
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise ApiError(f"{method} {url}: the answer is not JSON; is {self.url} a ZStack MN?") from None
+        if not isinstance(doc, dict):
+            raise ApiError(f"{method} {url}: expected a JSON object, got {type(doc).__name__}")
+        return doc
+
+    def _explain(self, error: ApiError) -> ApiError:
+        """Add the next step to errors whose fix is on the client's side."""
+        if error.status == 401:
+            hint = ("pass --token / ZSTACK_API_TOKEN with the MN's api token" if not self._token
+                    else "the token was refused; check --token / ZSTACK_API_TOKEN against the MN's --api-token")
+            return ApiError(f"unauthorized: {error} ({hint})", status=401, code=error.code, field=error.field)
+        return error
+
+    def get(self, path: str, **query: Any) -> Json:
+        return self.request("GET", path, query=query)
+
+    def post(self, path: str, body: Mapping[str, Any] | None = None) -> Json:
+        return self.request("POST", path, body=body if body is not None else {})
+
+    def delete(self, path: str) -> Json:
+        return self.request("DELETE", path)
+
+    # -- hosts -------------------------------------------------------------------------------------------
+
+    def list_hosts(self) -> list[Json]:
+        return self.get("/v1/hosts").get("hosts", [])
+
+    def get_host(self, uuid: str) -> Json:
+        return self.get(f"/v1/hosts/{uuid}")
+
+    def add_host(self, name: str, cpu: int, memory: int, uuid: str | None = None) -> Json:
+        body: Json = {"name": name, "cpu": cpu, "memory": memory}
+        if uuid:
+            body["uuid"] = uuid
+        return self.post("/v1/hosts", body)["job"]
+
+    def delete_host(self, uuid: str) -> Json:
+        return self.delete(f"/v1/hosts/{uuid}")["job"]
+
+    def reconnect_host(self, uuid: str) -> Json:
+        return self.post(f"/v1/hosts/{uuid}/actions/reconnect")["job"]
+
+    # -- VMs ---------------------------------------------------------------------------------------------
+
+    def list_vms(self, state: str | None = None, host_uuid: str | None = None) -> list[Json]:
+        return self.get("/v1/vms", state=state, host_uuid=host_uuid).get("vms", [])
+
+    def get_vm(self, uuid: str) -> Json:
+        return self.get(f"/v1/vms/{uuid}")
+
+    def create_vm(self, name: str, cpu: int, memory: int, uuid: str | None = None,
+                  host_uuid: str | None = None) -> Json:
+        body: Json = {"name": name, "cpu": cpu, "memory": memory}
+        if uuid:
+            body["uuid"] = uuid
+        if host_uuid:
+            body["host_uuid"] = host_uuid
+        return self.post("/v1/vms", body)["job"]
+
+    def vm_action(self, uuid: str, action: str, body: Mapping[str, Any] | None = None) -> Json:
+        return self.post(f"/v1/vms/{uuid}/actions/{action}", body)["job"]
+
+    # -- jobs --------------------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str, wait: float | None = None) -> Json:
+        if wait is None:
+            return self.get(f"/v1/jobs/{job_id}")
+        wait = max(0, min(int(wait), MAX_SERVER_WAIT))
+        return self.request("GET", f"/v1/jobs/{job_id}", query={"wait": wait}, timeout=self.timeout + wait)
+
+    def list_jobs(self, resource_uuid: str | None = None, state: str | None = None,
+                  limit: int | None = None) -> list[Json]:
+        return self.get("/v1/jobs", resource_uuid=resource_uuid, state=state, limit=limit).get("jobs", [])
+
+    def wait_job(self, job: Json | str, timeout: float = 600.0, poll: float = 1.0,
+                 on_progress: Callable[[Json, float], None] | None = None) -> Json:
+        """Long-poll until the job is terminal. Raise JobFailed / JobTimeout; return the Succeeded job.
+
+        `poll` is the server-side wait per request (whole seconds, at least 1); `on_progress` is called
+        after each answer with the job and the seconds waited so far.
+        """
+        doc = job if isinstance(job, dict) else self.get_job(job)
+        start = time.monotonic()
+        step = max(1, int(poll))
+        while True:
+            elapsed = time.monotonic() - start
+            if on_progress is not None:
+                on_progress(doc, elapsed)
+            if doc.get("state") in TERMINAL_STATES:
+                break
+            left = timeout - elapsed
+            if left <= 0:
+                raise JobTimeout(doc, elapsed)
+            doc = self.get_job(doc["id"], wait=max(1, min(step, int(left + 0.999))))
+        if doc["state"] == "Failed":
+            raise JobFailed(doc)
+        return doc
+
+    # -- ring --------------------------------------------------------------------------------------------
+
+    def ring(self) -> Json:
+        return self.get("/v1/cluster/ring")
+
+    def owner(self, uuid: str) -> Json:
+        return self.get(f"/v1/cluster/owner/{uuid}")

@@ -1,0 +1,105 @@
+"""zstack-cli's argument checks and its errors when no MN answers (no server needed)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+
+from devcluster.ports import free_port
+from zstack_cli.cli import UUID, main
+from zstack_cli.client import ApiClient, ApiError, _error_from_body
+
+SECRET = "s3cret-token-value"
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (kernel backlog) but never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args", [
+    ["vms", "get", "not-a-uuid"],
+    ["hosts", "delete", "abc"],
+    ["jobs", "wait", "1234"],
+    ["ring", "owner", "x" * 32],
+])
+def test_a_bad_uuid_is_a_usage_error_naming_the_argument(args: list[str]) -> None:
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert "is not a UUID (32 hex characters" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_dashed_or_upper_case_uuids_are_normalised() -> None:
+    assert UUID.convert("0123ABCD-0123-4567-89AB-0123456789AB", None, None) == "0123abcd0123456789ab0123456789ab"
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["hosts", "add", "h1", "--memory", "1024"], "--cpu"),
+    (["hosts", "add", "h1", "--cpu", "0", "--memory", "1024"], "--cpu"),
+    (["vms", "create", "v1", "--cpu", "two", "--memory", "1"], "--cpu"),
+    (["vms", "list", "--state", "Sleeping"], "--state"),
+    (["jobs", "list", "--limit", "0"], "--limit"),
+    (["-o", "yaml", "ring"], "--output"),
+    (["--timeout", "0", "ring"], "--timeout"),
+    (["--url", "ftp://example.org", "ring"], "--url"),
+    (["--url", "http://127.0.0.1:8080/v1", "ring"], "--url"),
+])
+def test_bad_options_are_usage_errors_naming_the_option(args: list[str], named: str) -> None:
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_no_mn_listening_says_what_to_do_and_exits_1() -> None:
+    port = free_port()
+    result = cli("--url", f"http://127.0.0.1:{port}", "--token", SECRET, "hosts", "list")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: cannot reach http://127.0.0.1:{port}")
+    assert "ZSTACK_API_URL" in result.output
+    assert SECRET not in result.output and "Traceback" not in result.output
+
+
+def test_an_mn_that_never_answers_times_out_with_a_hint(silent_port: int) -> None:
+    result = cli("--url", f"http://127.0.0.1:{silent_port}", "--timeout", "0.3", "vms", "list")
+    assert result.exit_code == 1
+    assert "no answer within 0.3s" in result.output and "--timeout" in result.output
+
+
+def test_the_token_from_the_environment_is_never_shown() -> None:
+    env = {"ZSTACK_API_TOKEN": SECRET}
+    for args in (["--help"], ["hosts", "add", "--help"], ["--url", f"http://127.0.0.1:{free_port()}", "ring"]):
+        assert SECRET not in cli(*args, env=env).output
+    assert SECRET not in repr(ApiClient(token=SECRET))
+
+
+def test_api_errors_in_the_contract_shape_keep_code_and_field() -> None:
+    body = b'{"error": {"code": "bad_type", "message": "cpu: expected an integer, got \\"two\\"", "field": "cpu"}}'
+    err = _error_from_body(400, body, "Bad Request")
+    assert (str(err), err.code, err.field, err.exit_code) == ('cpu: expected an integer, got "two"', "bad_type",
+                                                              "cpu", 2)
+
+
+@pytest.mark.parametrize(("status", "body", "message", "exit_code"), [
+    (503, b'{"error": "the ring is empty: this MN is not serving"}', "the ring is empty: this MN is not serving", 1),
+    (404, b"404: Not Found", "404: Not Found", 2),
+    (500, b"", "HTTP 500 Internal Server Error", 1),
+])
+def test_other_error_bodies_still_give_a_message(status: int, body: bytes, message: str, exit_code: int) -> None:
+    err = _error_from_body(status, body, "Internal Server Error")
+    assert (str(err), err.exit_code) == (message, exit_code)
+
+
+def test_unreachable_is_not_a_4xx() -> None:
+    assert ApiError("cannot reach").exit_code == 1

@@ -1,0 +1,65 @@
+"""What zstack-cli prints, from documents shaped like the API's (pure formatting, no server)."""
+
+from __future__ import annotations
+
+import json
+
+from zstack_cli.output import render
+
+HOST = {"uuid": "a" * 32, "name": "h1", "cpu_capacity": 64, "cpu_used": 2, "memory_capacity": 262144,
+        "memory_used": 4096, "state": "Connected", "version": 3, "created_at": "2026-11-26T06:00:00Z"}
+VM = {"uuid": "b" * 32, "name": "web-1", "cpu": 2, "memory": 4096, "host_uuid": None, "state": "Created",
+      "version": 1, "created_at": "2026-11-26T06:00:01Z"}
+FAILED_JOB = {"id": "c" * 32, "operation": "vm.start", "resource_uuid": "b" * 32, "parameters": {},
+              "state": "Failed", "result": None, "error": {"code": "invalid_state", "message": "VM is Running"},
+              "mn": "d" * 32, "created_at": "2026-11-26T06:00:02Z", "updated_at": "2026-11-26T06:00:03Z",
+              "finished_at": "2026-11-26T06:00:03Z"}
+
+
+def test_host_table_has_a_header_and_used_over_capacity() -> None:
+    lines = render([HOST], "table", "hosts").splitlines()
+    assert lines[0].split()[:3] == ["UUID", "NAME", "STATE"]
+    assert lines[1].split() == ["a" * 32, "h1", "Connected", "2/64", "4096/262144", "3"]
+
+
+def test_table_columns_line_up_and_have_no_trailing_blanks() -> None:
+    rows = [dict(VM, name="x"), dict(VM, name="a-much-longer-name", uuid="e" * 32)]
+    lines = render(rows, "table", "vms").splitlines()
+    state_col = lines[0].index("STATE")
+    assert all(line[state_col:].startswith("Created") for line in lines[1:])
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_missing_values_show_as_a_dash() -> None:
+    assert render([VM], "table", "vms").splitlines()[1].split()[5] == "-"  # HOST is null until placed
+
+
+def test_empty_list_prints_only_the_header() -> None:
+    lines = render([], "table", "jobs").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ID")
+
+
+def test_job_record_puts_state_and_error_first() -> None:
+    lines = render(FAILED_JOB, "table", "job").splitlines()
+    keys = [line.split(":", 1)[0] for line in lines]
+    assert keys[:5] == ["id", "operation", "resource_uuid", "state", "error"]
+    assert "invalid_state: VM is Running" in lines[4]
+    assert lines[3].split() == ["state:", "Failed"]
+
+
+def test_job_table_shows_the_error_code() -> None:
+    assert "invalid_state: VM is Running" in render([FAILED_JOB], "table", "jobs")
+
+
+def test_ring_marks_this_mn() -> None:
+    me, other = "1" * 32, "2" * 32
+    text = render({"self": me, "epoch": 7, "members": [other, me], "state": "serving"}, "table", "ring")
+    assert "epoch: 7" in " ".join(text.split())
+    assert f"{me}  (self)" in text and f"{other}  (self)" not in text
+    assert "members (2):" in text
+
+
+def test_json_output_is_the_document_and_lists_are_wrapped_by_kind() -> None:
+    assert json.loads(render(VM, "json", "vm")) == VM
+    assert json.loads(render([HOST], "json", "hosts")) == {"hosts": [HOST]}
+    assert json.loads(render(FAILED_JOB, "json", "job")) == FAILED_JOB
