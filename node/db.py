@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from .cloud.schema import v2_cloud
+
 log = logging.getLogger(__name__)
 
 metadata = MetaData()
@@ -48,7 +50,7 @@ def _v1_membership(conn: Connection) -> None:
     management_nodes.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_membership]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_membership, v2_cloud]
 
 
 def make_engine(url: str) -> Engine:

@@ -6,5 +6,8 @@
 from __future__ import annotations
 
 from ..service import Service
+from .api import ApiService
+from .hosts import HostService
+from .vms import VmService
 
-SERVICES: list[type[Service]] = []
+SERVICES: list[type[Service]] = [HostService, VmService, ApiService]

@@ -1,0 +1,184 @@
+"""Durable jobs: claimed by one MN at a time, run in order per resource, finished exactly once.
+
+- A job row is written before its message is published, so an accepted job is never lost.
+- The MN that runs a job claims it (compare-and-set on `jobs.mn`); every later write of the
+  job, and each resource change it makes, is fenced in one transaction, so a stale runner fails
+  its attempt instead of applying anything.
+- A job's resource change and the job's own terminal state commit together: a re-driven job
+  finds either its change applied and itself finished, or neither.
+- The sweeper (on each resource's owner) drives jobs whose MN is gone or whose message was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import metrics, repo
+from .repo import TERMINAL, StaleWrite
+from .syncqueue import SyncQueues
+
+if TYPE_CHECKING:
+    from ..node import ManagementNode
+
+log = logging.getLogger(__name__)
+
+JOB_DONE_TOPIC = "cloud.job.done"
+_ATTEMPTS = 6
+_WAIT_FOR_OTHER = 30.0  # seconds a job waits for an older one still run by another live MN
+T = TypeVar("T")
+
+
+class JobFailure(Exception):
+    """The job cannot be done (bad state, no capacity ...): it ends Failed with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": str(self)}
+
+
+class Database:
+    """Runs a function in one transaction on a worker thread."""
+
+    def __init__(self, node: ManagementNode) -> None:
+        self.node = node
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(self._in_transaction, fn, *args, **kwargs)
+
+    def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.node.engine.begin() as conn:
+            return fn(conn, *args, **kwargs)
+
+
+class JobDriver:
+    """Runs the jobs of one kind of resource on this MN. Subclasses implement `apply`."""
+
+    operations: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, node: ManagementNode) -> None:
+        self.node = node
+        self.db = Database(node)
+        self.queues = SyncQueues()
+
+    def submit(self, job_id: str, resource_uuid: str) -> asyncio.Future[Any]:
+        """Queue a job behind the other work on its resource; it runs with the older open jobs first."""
+        future = self.queues.submit(resource_uuid, lambda: self._drive(job_id))
+        future.add_done_callback(_consume)
+        return future
+
+    async def _drive(self, job_id: str) -> None:
+        try:
+            jobs = await self.db(repo.open_jobs_up_to, job_id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, _first_line(exc))
+            return
+        for job in jobs:
+            if job.operation in self.operations:
+                await self.run(job)
+
+    async def run(self, job: Row) -> None:
+        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
+        me = self.node.uuid
+        if me is None or self.node.state != "running":
+            return
+        metrics.JOBS_IN_FLIGHT.inc()
+        try:
+            await self._run(job, me)
+        finally:
+            metrics.JOBS_IN_FLIGHT.dec()
+
+    async def _run(self, job: Row | None, me: str) -> None:
+        for attempt in range(_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.05 * attempt)
+                job = await self._reread(job.id)  # type: ignore[union-attr]
+            if job is None or job.state in TERMINAL:
+                return
+            if job.mn not in (None, me) and job.mn in self.node.ring.members:
+                job = await self._wait_for_other(job)
+                if job is None or job.state in TERMINAL or job.mn in self.node.ring.members:
+                    return  # finished there, or still run by a live MN: not ours to touch
+            try:
+                if job.mn != me:
+                    job = await self.db(repo.claim_job, job.id, me, job.mn)
+                    if job is None:
+                        raise StaleWrite("another MN claimed the job first")
+                try:
+                    self._finished(await self.apply(job, me))
+                except JobFailure as failure:
+                    self._finished(await self.db(repo.finish_job, job.id, me, error=failure.as_dict()))
+                return
+            except StaleWrite as exc:
+                metrics.STALE_WRITES.labels(job.operation).inc()
+                log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
+            except SQLAlchemyError as exc:
+                log.warning("job %s (%s): database error %s; trying again", job.id, job.operation, _first_line(exc))
+                await asyncio.sleep(0.5)
+            except Exception as exc:
+                log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
+                with contextlib.suppress(StaleWrite, SQLAlchemyError):
+                    error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+                    self._finished(await self.db(repo.finish_job, job.id, me, error=error))
+                return
+        with contextlib.suppress(SQLAlchemyError):
+            await self.db(repo.release_job, job.id, me)
+        log.warning("job %s (%s): gave up after %d attempts; the sweeper will drive it", job.id, job.operation,
+                    _ATTEMPTS)
+
+    async def _reread(self, job_id: str) -> Row | None:
+        try:
+            return await self.db(repo.get_job, job_id)
+        except SQLAlchemyError:
+            await asyncio.sleep(0.5)
+            return await self.db(repo.get_job, job_id)
+
+    async def _wait_for_other(self, job: Row) -> Row | None:
+        """An older job run by another live MN (the ring just changed): let it finish first."""
+        deadline = time.monotonic() + _WAIT_FOR_OTHER
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            job = await self._reread(job.id)
+            if job is None or job.state in TERMINAL or job.mn not in self.node.ring.members:
+                return job
+        return job
+
+    async def apply(self, job: Row, me: str) -> Row:
+        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""
+        raise NotImplementedError
+
+    def _finished(self, row: Row) -> None:
+        metrics.JOBS_FINISHED.labels(row.operation, row.state).inc()
+        if row.finished_at is not None:
+            metrics.JOB_SECONDS.labels(row.operation).observe((row.finished_at - row.created_at).total_seconds())
+        with contextlib.suppress(Exception):
+            self.node.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
+
+    async def close(self) -> None:
+        await self.queues.close()
+
+
+def finish(conn: Connection, job: Row, me: str, *, result: dict[str, Any] | None = None,
+           error: JobFailure | None = None) -> Row:
+    """Finish `job` in the caller's transaction (with the resource change it made)."""
+    return repo.finish_job(conn, job.id, me, result=result, error=error.as_dict() if error else None)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("job chain failed: %r", future.exception())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,215 @@
+"""SQL access of the cloud: rows as API dicts, jobs, and version-fenced writes.
+
+Every function takes a SQLAlchemy Connection (the caller owns the transaction) and is called
+from a worker thread. A fenced write that matches no row raises `StaleWrite`: somebody else
+changed the row (or took the job) first, and this attempt must not go on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Row
+
+HOST_COLUMNS = ("uuid", "name", "cpu_capacity", "cpu_used", "memory_capacity", "memory_used", "state", "version",
+                "created_at")
+VM_COLUMNS = ("uuid", "name", "cpu", "memory", "host_uuid", "state", "version", "created_at")
+JOB_COLUMNS = ("id", "operation", "resource_uuid", "parameters", "state", "result", "error", "mn", "created_at",
+               "updated_at", "finished_at")
+TERMINAL = ("Succeeded", "Failed")
+
+
+class StaleWrite(Exception):
+    """A fenced write matched no row: the version moved on, or the job is no longer ours."""
+
+
+def new_uuid() -> str:
+    return uuidlib.uuid4().hex
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _public(row: Row | dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
+    data = row._mapping if isinstance(row, Row) else row
+    return {c: iso(data[c]) if isinstance(data[c], datetime) else data[c] for c in columns}
+
+
+def host_dict(row: Row | dict[str, Any]) -> dict[str, Any]:
+    return _public(row, HOST_COLUMNS)
+
+
+def vm_dict(row: Row | dict[str, Any]) -> dict[str, Any]:
+    return _public(row, VM_COLUMNS)
+
+
+def job_dict(row: Row | dict[str, Any]) -> dict[str, Any]:
+    return _public(row, JOB_COLUMNS)
+
+
+# ---- reads -------------------------------------------------------------------------------------
+
+
+def get_host(conn: Connection, host_uuid: str) -> Row | None:
+    return conn.execute(text("SELECT * FROM hosts WHERE uuid = :u"), {"u": host_uuid}).first()
+
+
+def list_hosts(conn: Connection) -> list[Row]:
+    return list(conn.execute(text("SELECT * FROM hosts ORDER BY created_at, uuid")))
+
+
+def get_vm(conn: Connection, vm_uuid: str) -> Row | None:
+    return conn.execute(text("SELECT * FROM vm_instances WHERE uuid = :u"), {"u": vm_uuid}).first()
+
+
+def list_vms(conn: Connection, state: str | None = None, host_uuid: str | None = None) -> list[Row]:
+    return list(conn.execute(text(
+        "SELECT * FROM vm_instances WHERE (CAST(:s AS varchar) IS NULL OR state = :s)"
+        " AND (CAST(:h AS varchar) IS NULL OR host_uuid = :h) ORDER BY created_at, uuid"),
+        {"s": state, "h": host_uuid}))
+
+
+def has_open_jobs(conn: Connection, resource_uuid: str) -> bool:
+    return bool(conn.execute(text(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE resource_uuid = :r AND state IN ('Pending', 'Running'))"),
+        {"r": resource_uuid}).scalar())
+
+
+def get_job(conn: Connection, job_id: str) -> Row | None:
+    return conn.execute(text("SELECT * FROM jobs WHERE id = :j"), {"j": job_id}).first()
+
+
+def list_jobs(conn: Connection, resource_uuid: str | None, state: str | None, limit: int) -> list[Row]:
+    return list(conn.execute(text(
+        "SELECT * FROM jobs WHERE (CAST(:r AS varchar) IS NULL OR resource_uuid = :r)"
+        " AND (CAST(:s AS varchar) IS NULL OR state = :s) ORDER BY created_at DESC, id DESC LIMIT :n"),
+        {"r": resource_uuid, "s": state, "n": limit}))
+
+
+def open_jobs_up_to(conn: Connection, job_id: str) -> list[Row]:
+    """The unfinished jobs on the resource of `job_id` accepted before it, oldest first, then the job itself.
+
+    Messages reach the owner by different MNs, so they may arrive out of order; the owner runs
+    them in the order they were accepted.
+    """
+    return list(conn.execute(text(
+        "SELECT o.* FROM jobs j JOIN jobs o ON o.resource_uuid = j.resource_uuid"
+        " WHERE j.id = :j AND (o.id = :j OR (o.state IN ('Pending', 'Running')"
+        " AND (o.created_at, o.id) < (j.created_at, j.id))) ORDER BY o.created_at, o.id"), {"j": job_id}))
+
+
+def abandoned_jobs(conn: Connection, dead_grace: float, pending_grace: float) -> list[Row]:
+    """Unfinished jobs that may have nobody driving them (the caller checks whose MN is gone).
+
+    A job with an MN is a candidate after `dead_grace` seconds without progress; one without an
+    MN (its message may be lost) after `pending_grace`.
+    """
+    return list(conn.execute(text(
+        "SELECT * FROM jobs WHERE state IN ('Pending', 'Running') AND updated_at < clock_timestamp() -"
+        " make_interval(secs => CASE WHEN mn IS NULL THEN :p ELSE :d END) ORDER BY created_at, id LIMIT 5000"),
+        {"d": dead_grace, "p": pending_grace}))
+
+
+# ---- job writes --------------------------------------------------------------------------------
+
+
+def insert_job(conn: Connection, operation: str, resource_uuid: str, parameters: dict[str, Any]) -> Row:
+    return conn.execute(text(
+        "INSERT INTO jobs (id, operation, resource_uuid, parameters) VALUES (:j, :o, :r, CAST(:p AS jsonb))"
+        " RETURNING *"), {"j": new_uuid(), "o": operation, "r": resource_uuid, "p": json.dumps(parameters)}).one()
+
+
+def fail_unclaimed(conn: Connection, job_id: str, error: dict[str, Any]) -> bool:
+    """Fail a job nobody has started (its message could not be published); False if it was taken."""
+    return conn.execute(text(
+        "UPDATE jobs SET state = 'Failed', error = CAST(:e AS jsonb), updated_at = clock_timestamp(),"
+        " finished_at = clock_timestamp() WHERE id = :j AND state = 'Pending'"),
+        {"j": job_id, "e": json.dumps(error)}).rowcount == 1
+
+
+def claim_job(conn: Connection, job_id: str, me: str, previous: str | None) -> Row | None:
+    """Make `me` the MN running the job if its MN is still `previous` (compare-and-set)."""
+    return conn.execute(text(
+        "UPDATE jobs SET state = 'Running', mn = :me, updated_at = clock_timestamp()"
+        " WHERE id = :j AND state IN ('Pending', 'Running') AND mn IS NOT DISTINCT FROM :prev RETURNING *"),
+        {"j": job_id, "me": me, "prev": previous}).first()
+
+
+def release_job(conn: Connection, job_id: str, me: str) -> None:
+    """Give a job back (mn NULL) so that the sweeper drives it later."""
+    conn.execute(text("UPDATE jobs SET mn = NULL, updated_at = clock_timestamp()"
+                      " WHERE id = :j AND mn = :me AND state = 'Running'"), {"j": job_id, "me": me})
+
+
+def touch_job(conn: Connection, job_id: str, me: str) -> None:
+    """Fence: the job is still ours and still running; raise StaleWrite otherwise."""
+    if conn.execute(text("UPDATE jobs SET updated_at = clock_timestamp()"
+                         " WHERE id = :j AND mn = :me AND state = 'Running'"),
+                    {"j": job_id, "me": me}).rowcount != 1:
+        raise StaleWrite(f"job {job_id} is no longer run by {me}")
+
+
+def finish_job(conn: Connection, job_id: str, me: str, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> Row:
+    """Succeed (result) or fail (error) a job this MN runs; raise StaleWrite if it is not ours."""
+    row = conn.execute(text(
+        "UPDATE jobs SET state = :s, result = CAST(:r AS jsonb), error = CAST(:e AS jsonb),"
+        " updated_at = clock_timestamp(), finished_at = clock_timestamp()"
+        " WHERE id = :j AND mn = :me AND state = 'Running' RETURNING *"),
+        {"j": job_id, "me": me, "s": "Failed" if error else "Succeeded",
+         "r": None if result is None else json.dumps(result), "e": None if error is None else json.dumps(error)}
+    ).first()
+    if row is None:
+        raise StaleWrite(f"job {job_id} is no longer run by {me}")
+    return row
+
+
+# ---- resource writes ---------------------------------------------------------------------------
+
+
+def update_vm(conn: Connection, vm: Row, job_id: str, me: str, **values: Any) -> Row:
+    """Change a VM fenced by its version, stamp the job on it, and record the change in its history."""
+    sets = ", ".join(f"{name} = :{name}" for name in values)
+    row = conn.execute(text(
+        f"UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
+        " WHERE uuid = :u AND version = :v RETURNING *"),
+        {**values, "job": job_id, "u": vm.uuid, "v": vm.version}).first()
+    if row is None:
+        raise StaleWrite(f"VM {vm.uuid} changed after version {vm.version}")
+    if row.state != vm.state:
+        record_vm_change(conn, row, job_id, me, vm.state)
+    return row
+
+
+def record_vm_change(conn: Connection, vm: Row, job_id: str, me: str, from_state: str | None) -> None:
+    conn.execute(text(
+        "INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn) VALUES (:u, :j, :f, :t, :v, :m)"),
+        {"u": vm.uuid, "j": job_id, "f": from_state, "t": vm.state, "v": vm.version, "m": me})
+
+
+def take_capacity(conn: Connection, host_uuid: str, cpu: int, memory: int) -> bool:
+    """Atomically reserve capacity on a Connected host; False if it does not fit (or is gone)."""
+    return conn.execute(text(
+        "UPDATE hosts SET cpu_used = cpu_used + :c, memory_used = memory_used + :m"
+        " WHERE uuid = :h AND state = 'Connected' AND cpu_used + :c <= cpu_capacity"
+        " AND memory_used + :m <= memory_capacity"), {"h": host_uuid, "c": cpu, "m": memory}).rowcount == 1
+
+
+def give_capacity(conn: Connection, host_uuid: str, cpu: int, memory: int) -> None:
+    """Release what `take_capacity` reserved (the symmetric update)."""
+    conn.execute(text("UPDATE hosts SET cpu_used = cpu_used - :c, memory_used = memory_used - :m WHERE uuid = :h"),
+                 {"h": host_uuid, "c": cpu, "m": memory})
+
+
+def capacity_candidates(conn: Connection, cpu: int, memory: int, exclude: str | None, limit: int = 8) -> list[str]:
+    """Connected hosts where the VM fits now, the most free CPU first."""
+    return [r.uuid for r in conn.execute(text(
+        "SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
+        " AND memory_capacity - memory_used >= :m AND uuid IS DISTINCT FROM :x"
+        " ORDER BY cpu_capacity - cpu_used DESC, uuid LIMIT :n"),
+        {"c": cpu, "m": memory, "x": exclude, "n": limit})]

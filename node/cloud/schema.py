@@ -1,0 +1,85 @@
+"""Tables of the cloud (hosts, VMs, jobs, their history) and the migration step that creates them.
+
+Capacity is guarded twice: the allocator's conditional UPDATE never oversubscribes, and a CHECK
+constraint makes the database refuse it anyway. `vm_history` records every VM state change with the
+job that made it, in the same transaction, so "no job changed a VM twice" can be checked.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+HOST_STATES = ("Connected", "Disconnected")
+VM_STATES = ("Created", "Starting", "Running", "Stopping", "Stopped", "Migrating", "Destroyed")
+JOB_STATES = ("Pending", "Running", "Succeeded", "Failed")
+OPEN_JOB_STATES = ("Pending", "Running")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS hosts (
+    uuid varchar(32) PRIMARY KEY,
+    name varchar(128) NOT NULL,
+    cpu_capacity integer NOT NULL,
+    cpu_used integer NOT NULL DEFAULT 0,
+    memory_capacity bigint NOT NULL,
+    memory_used bigint NOT NULL DEFAULT 0,
+    state varchar(16) NOT NULL,
+    version bigint NOT NULL DEFAULT 1,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    last_ping_at timestamptz,
+    tracked_by varchar(32),
+    CONSTRAINT hosts_capacity CHECK (cpu_used BETWEEN 0 AND cpu_capacity
+                                     AND memory_used BETWEEN 0 AND memory_capacity)
+);
+CREATE TABLE IF NOT EXISTS vm_instances (
+    uuid varchar(32) PRIMARY KEY,
+    name varchar(128) NOT NULL,
+    cpu integer NOT NULL,
+    memory bigint NOT NULL,
+    host_uuid varchar(32),
+    migrate_to varchar(32),
+    state varchar(16) NOT NULL,
+    version bigint NOT NULL DEFAULT 1,
+    job_id varchar(32),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS vm_instances_host ON vm_instances (host_uuid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id varchar(32) PRIMARY KEY,
+    operation varchar(32) NOT NULL,
+    resource_uuid varchar(32) NOT NULL,
+    parameters jsonb NOT NULL DEFAULT '{}',
+    state varchar(16) NOT NULL DEFAULT 'Pending',
+    result jsonb,
+    error jsonb,
+    mn varchar(32),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS jobs_resource ON jobs (resource_uuid, created_at);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (updated_at) WHERE state IN ('Pending', 'Running');
+CREATE TABLE IF NOT EXISTS vm_history (
+    id bigserial PRIMARY KEY,
+    vm_uuid varchar(32) NOT NULL,
+    job_id varchar(32) NOT NULL,
+    from_state varchar(16),
+    to_state varchar(16) NOT NULL,
+    version bigint NOT NULL,
+    mn varchar(32) NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS vm_history_vm ON vm_history (vm_uuid, version);
+CREATE TABLE IF NOT EXISTS sim_host_faults (
+    host_uuid varchar(32) PRIMARY KEY,
+    ping_fails boolean NOT NULL DEFAULT true
+);
+"""
+
+
+def v2_cloud(conn: Connection) -> None:
+    """Hosts, VM instances, jobs, VM history and the simulator's fault table."""
+    for statement in _DDL.split(";"):
+        if statement.strip():
+            conn.execute(text(statement))

@@ -1,0 +1,95 @@
+"""The job sweeper: finds accepted jobs nobody is driving and drives them on the resource's owner.
+
+A job is abandoned when its MN left the ring (it died mid-job), or when it has stayed Pending
+with no MN for a grace period (its message was lost, e.g. in a crashed MN's exclusive queue).
+Every MN sweeps periodically and at once on ring changes, but only the jobs whose resource it
+owns, so each abandoned job has one driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import metrics, repo
+from .jobs import Database, JobDriver
+
+if TYPE_CHECKING:
+    from ..node import ManagementNode
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(self, node: ManagementNode) -> None:
+        self.node = node
+        self.db = Database(node)
+        self.interval = float(os.environ.get("ZSTACK_JOB_SWEEP_INTERVAL") or 2.0)
+        self.pending_grace = float(os.environ.get("ZSTACK_JOB_PENDING_GRACE") or 10.0)
+        self.dead_grace = 0.5  # a job just claimed by an MN that my ring does not have yet
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._driving: set[str] = set()
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="job-sweeper")
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        self._driving.clear()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            if self.node.state != "running":
+                continue
+            try:
+                await self.sweep()
+            except SQLAlchemyError as exc:
+                log.warning("job sweep skipped: %s", str(exc).strip().splitlines()[0])
+            except Exception:
+                log.exception("job sweep failed")
+
+    async def sweep(self) -> int:
+        """Submit every abandoned job whose resource this MN owns; return how many."""
+        me, ring = self.node.uuid, self.node.ring
+        if me is None or not ring.members:
+            return 0
+        rows = await self.db(repo.abandoned_jobs, self.dead_grace, self.pending_grace)
+        taken = 0
+        for job in rows:
+            if job.id in self._driving or (job.mn is not None and job.mn in ring.members):
+                continue
+            if ring.owner(job.resource_uuid) != me:
+                continue
+            driver = self._driver(job.operation)
+            if driver is None:
+                continue
+            log.info("taking over job %s (%s on %s), left by MN %s", job.id, job.operation, job.resource_uuid,
+                     job.mn or "none (message lost)")
+            metrics.JOBS_SWEPT.inc()
+            self._driving.add(job.id)
+            driver.submit(job.id, job.resource_uuid).add_done_callback(
+                lambda _f, job_id=job.id: self._driving.discard(job_id))
+            taken += 1
+        return taken
+
+    def _driver(self, operation: str) -> JobDriver | None:
+        service = self.node.services.get(operation.partition(".")[0])
+        return service if isinstance(service, JobDriver) else None

@@ -1,0 +1,117 @@
+"""Fixtures for the cloud API tests: MN processes (with the default cloud services) on the session's
+real RabbitMQ and PostgreSQL, an HTTP client per MN, and SQL access to the shared database."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from devcluster.localnodes import LocalNode, agreed_members, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-" + uuid.uuid4().hex[:8]
+TERMINAL = ("Succeeded", "Failed")
+
+
+class Api:
+    """A tiny client of one MN's REST API."""
+
+    def __init__(self, base: str, token: str | None = TOKEN) -> None:
+        self.base = base
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 90)
+        return self.session.request(method, self.base + path, **kwargs)
+
+    def ok(self, method: str, path: str, expect: int, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        assert response.status_code == expect, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    def submit(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        """A 202 call: the accepted job."""
+        return self.ok(method, path, 202, json=json)["job"]
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            job = self.ok("GET", f"/v1/jobs/{job_id}?wait=10", 200)
+            return job if job["state"] in TERMINAL else None
+
+        return wait_until(done, timeout, f"job {job_id} to end", interval=0.05)
+
+    def run(self, method: str, path: str, json: Any = None, timeout: float = 60.0) -> dict[str, Any]:
+        """Submit and wait; the terminal job."""
+        return self.wait(self.submit(method, path, json)["id"], timeout)
+
+    def add_host(self, cpu: int = 64, memory: int = 262144, name: str | None = None) -> dict[str, Any]:
+        job = self.run("POST", "/v1/hosts", {"name": name or f"host-{uuid.uuid4().hex[:6]}", "cpu": cpu,
+                                             "memory": memory})
+        assert job["state"] == "Succeeded", job
+        return job["result"]
+
+
+class CloudCluster:
+    """MN processes sharing one fresh database and broker."""
+
+    def __init__(self, broker_url: str, database_url: str, workdir: Path) -> None:
+        self.broker_url = broker_url
+        self.database_url = database_url
+        self.workdir = workdir
+        self.nodes: list[LocalNode] = []
+        self.engine: Engine = create_engine(database_url, pool_size=2)
+
+    def start(self, count: int, env: dict[str, str] | None = None, **options: object) -> list[LocalNode]:
+        started = []
+        for _ in range(count):
+            node = LocalNode(
+                name=f"mn{len(self.nodes)}", broker_url=self.broker_url, database_url=self.database_url,
+                log_dir=self.workdir, options=options,
+                env={"PYTHONPATH": str(REPO), "ZSTACK_API_TOKEN": TOKEN, "ZSTACK_SIM_LATENCY": "0.002",
+                     **(env or {})},
+            ).start()
+            self.nodes.append(node)
+            started.append(node)
+        for node in started:
+            node.wait_ready(60)
+        return started
+
+    def running(self) -> list[LocalNode]:
+        return [n for n in self.nodes if n.process and n.process.poll() is None]
+
+    def api(self, node: LocalNode | None = None) -> Api:
+        return Api((node or random.choice(self.running())).url)
+
+    def wait_agreed(self, expected: set[str] | None = None, timeout: float = 20.0) -> frozenset[str]:
+        def agreed() -> frozenset[str] | None:
+            members = agreed_members(self.running())
+            return members if members and (expected is None or members == expected) else None
+
+        return wait_until(agreed, timeout, f"running MNs to agree on {sorted(expected or [])}")
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        with self.engine.begin() as conn:
+            result = conn.execute(text(query), params)
+            return list(result) if result.returns_rows else []
+
+    def logs(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {n.name}\n{n.tail(lines)}" for n in self.nodes)
+
+
+@pytest.fixture
+def cloud(rabbitmq, fresh_database, tmp_path) -> Iterator[CloudCluster]:
+    made = CloudCluster(rabbitmq.url, fresh_database, tmp_path)
+    yield made
+    for node in made.nodes:
+        node.kill()
+    made.engine.dispose()
