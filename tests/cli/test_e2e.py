@@ -1,0 +1,178 @@
+"""zstack-cli against 3 real MN processes (real RabbitMQ and PostgreSQL), each command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from devcluster.localnodes import LocalNode, agreed_members, wait_until
+from devcluster.services import PostgreSQL, RabbitMQ
+from zstack_cli.cli import main
+
+pytestmark = pytest.mark.slow
+
+TOKEN = secrets.token_urlsafe(18)
+
+
+class Mns:
+    """Three MNs with the API token set, sharing a database and a vhost of their own."""
+
+    def __init__(self, nodes: list[LocalNode]) -> None:
+        self.nodes = nodes
+
+    def cli(self, *args: str, node: int = 0, token: str | None = TOKEN) -> Result:
+        """Run zstack-cli in-process against one MN (stdout and stderr apart)."""
+        env = {"ZSTACK_API_URL": self.nodes[node].url, "ZSTACK_API_TOKEN": token}
+        return CliRunner().invoke(main, list(args), env=env)
+
+    def ok(self, *args: str, node: int = 0) -> Any:
+        """Run with -o json; assert exit 0; return the parsed JSON."""
+        result = self.cli("-o", "json", *args, node=node)
+        assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}\n{self.logs()}"
+        return json.loads(result.stdout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.name}\n{n.tail(30)}" for n in self.nodes)
+
+
+@pytest.fixture(scope="module")
+def mns(rabbitmq: RabbitMQ, postgres: PostgreSQL, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mns]:
+    database = postgres.create_database()
+    vhost = f"cli-{secrets.token_hex(4)}"
+    broker_url = rabbitmq.add_vhost(vhost)
+    log_dir = tmp_path_factory.mktemp("cli-mns")
+    nodes = [LocalNode(f"cli-mn{i}", broker_url, postgres.url_for(database), log_dir,
+                       env={"ZSTACK_API_TOKEN": TOKEN}) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready(90)
+        expected = frozenset(node.uuid for node in nodes)
+        wait_until(lambda: agreed_members(nodes) == expected, 60, "3 MNs to agree on one ring")
+        yield Mns(nodes)
+    finally:
+        for node in nodes:
+            node.stop(timeout=15)
+        postgres.drop_database(database)
+        rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture(scope="module")
+def host(mns: Mns) -> dict[str, Any]:
+    job = mns.ok("hosts", "add", "cli-host-a", "--cpu", "64", "--memory", "262144")
+    assert job["state"] == "Succeeded" and job["operation"] == "host.add"
+    return job["result"]
+
+
+def test_hosts_add_list_get(mns: Mns, host: dict[str, Any]) -> None:
+    assert host["name"] == "cli-host-a" and host["cpu_capacity"] == 64 and host["memory_capacity"] == 262144
+    assert host["uuid"] in {h["uuid"] for h in mns.ok("hosts", "list", node=1)["hosts"]}
+    assert mns.ok("hosts", "get", host["uuid"], node=2)["uuid"] == host["uuid"]
+    table = mns.cli("hosts", "list")
+    assert table.exit_code == 0 and table.stdout.splitlines()[0].startswith("UUID")
+    assert any(line.split()[:2] == [host["uuid"], "cli-host-a"] for line in table.stdout.splitlines())
+
+
+def test_vm_lifecycle_create_stop_start_destroy(mns: Mns, host: dict[str, Any]) -> None:
+    job = mns.ok("vms", "create", "cli-vm-1", "--cpu", "2", "--memory", "2048")
+    assert job["operation"] == "vm.create" and job["state"] == "Succeeded"
+    vm = job["result"]
+    assert vm["state"] == "Running" and vm["host_uuid"]
+    for action, state, node in (("stop", "Stopped", 1), ("start", "Running", 2), ("reboot", "Running", 0)):
+        job = mns.ok("vms", action, vm["uuid"], node=node)
+        assert (job["operation"], job["state"]) == (f"vm.{action}", "Succeeded")
+        assert mns.ok("vms", "get", vm["uuid"], node=(node + 1) % 3)["state"] == state
+    assert vm["uuid"] in {v["uuid"] for v in mns.ok("vms", "list", "--state", "running")["vms"]}
+    assert mns.ok("vms", "destroy", vm["uuid"])["state"] == "Succeeded"
+    assert mns.ok("vms", "get", vm["uuid"])["state"] == "Destroyed"
+
+
+def test_no_wait_returns_the_job_and_jobs_wait_finishes_it(mns: Mns, host: dict[str, Any]) -> None:
+    accepted = mns.ok("vms", "create", "cli-vm-2", "--cpu", "1", "--memory", "512", "--no-wait")
+    assert accepted["state"] in ("Pending", "Running", "Succeeded") and len(accepted["id"]) == 32
+    done = mns.ok("jobs", "wait", accepted["id"], node=1)
+    assert done["id"] == accepted["id"] and done["state"] == "Succeeded" and done["finished_at"]
+    assert mns.ok("jobs", "get", accepted["id"], node=2)["state"] == "Succeeded"
+    listed = mns.ok("jobs", "list", "--resource", done["resource_uuid"])["jobs"]
+    assert accepted["id"] in {j["id"] for j in listed}
+
+
+def test_ring_and_owner_agree_with_every_mn(mns: Mns) -> None:
+    ring = mns.ok("ring")
+    assert set(ring["members"]) == {n.uuid for n in mns.nodes} and ring["self"] == mns.nodes[0].uuid
+    resource = secrets.token_hex(16)
+    owners = {mns.ok("ring", "owner", resource, node=i)["owner"] for i in range(3)}
+    assert len(owners) == 1 and owners <= set(ring["members"])
+    table = mns.cli("ring")
+    assert table.exit_code == 0 and "members (3):" in table.stdout and "(self)" in table.stdout
+
+
+def test_the_vm_ran_on_the_mn_the_ring_names(mns: Mns, host: dict[str, Any]) -> None:
+    vm = mns.ok("vms", "create", "cli-vm-3", "--cpu", "1", "--memory", "256")["result"]
+    job = mns.ok("vms", "stop", vm["uuid"], node=2)
+    assert job["mn"] == mns.ok("ring", "owner", vm["uuid"])["owner"]
+
+
+def test_a_failed_job_exits_1_with_its_error(mns: Mns, host: dict[str, Any]) -> None:
+    result = mns.cli("-o", "json", "vms", "create", "cli-vm-huge", "--cpu", "256", "--memory", "1024")
+    assert result.exit_code == 1, result.output
+    job = json.loads(result.stdout)  # the failed job still goes to stdout, for scripts
+    assert (job["operation"], job["state"], job["error"]["code"]) == ("vm.create", "Failed", "no_capacity")
+    assert result.stderr.startswith(f"error: job {job['id']} (vm.create) failed: no_capacity: ")
+
+
+def test_deleting_a_host_with_vms_is_refused(mns: Mns) -> None:
+    busy = mns.ok("hosts", "add", "cli-host-busy", "--cpu", "8", "--memory", "8192")["result"]
+    mns.ok("vms", "create", "cli-vm-pinned", "--cpu", "1", "--memory", "128", "--host", busy["uuid"])
+    result = mns.cli("hosts", "delete", busy["uuid"])
+    # 409 when the MN sees the VMs at request time (exit 2), else the job fails with host_has_vms (exit 1)
+    assert result.exit_code in (1, 2), result.output
+    assert result.stderr.startswith("error: ") and "has VMs" in result.stderr.replace("host_has_vms", "has VMs")
+    assert mns.ok("hosts", "get", busy["uuid"])["uuid"] == busy["uuid"]
+
+
+def test_an_invalid_transition_is_an_error_not_a_traceback(mns: Mns, host: dict[str, Any]) -> None:
+    vm = mns.ok("vms", "create", "cli-vm-4", "--cpu", "1", "--memory", "256")["result"]
+    result = mns.cli("vms", "start", vm["uuid"])  # already Running
+    # 409 when the MN sees it at request time (exit 2), else the job fails with invalid_state (exit 1)
+    assert result.exit_code in (1, 2) and result.stderr.startswith("error: "), result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "status_words"), [
+    (["vms", "get", "0" * 32], ("0" * 32,)),  # 404 naming the UUID
+    (["vms", "create", "too-big", "--cpu", "100000", "--memory", "1"], ("cpu",)),
+    (["hosts", "add", "x" * 200, "--cpu", "1", "--memory", "1"], ("name",)),
+])
+def test_bad_input_answered_4xx_exits_2_with_the_message(mns: Mns, args: list[str],
+                                                         status_words: tuple[str, ...]) -> None:
+    result = mns.cli(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ")
+    assert any(word in result.stderr.lower() for word in status_words), result.stderr
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_a_missing_or_wrong_token_says_what_to_set(mns: Mns, token: str | None) -> None:
+    result = mns.cli("vms", "list", token=token)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unauthorized") and "ZSTACK_API_TOKEN" in result.stderr
+    assert TOKEN not in result.output and (token is None or token not in result.output)
+
+
+def test_the_console_script_prints_no_traceback(mns: Mns) -> None:
+    script = shutil.which("zstack-cli")
+    assert script, "the zstack-cli console script is not installed (pip install -e '.[test]')"
+    env = {**os.environ, "ZSTACK_API_URL": mns.nodes[1].url, "ZSTACK_API_TOKEN": "nope"}
+    done = subprocess.run([script, "hosts", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: unauthorized") and "Traceback" not in done.stderr
