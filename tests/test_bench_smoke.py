@@ -82,3 +82,28 @@ def test_failover_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> No
     rss, _ = worst_and_mean(data, "idle_rss_mib")
     assert 5 < rss < 2048
     assert set(data["checks"]) == {"kill9_convergence_s", "sigterm_convergence_s"}
+
+
+@pytest.mark.slow
+def test_api_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
+    data = bench("api", "--small", "--broker-url", rabbitmq.url, "--database-url", fresh_database,
+                 "--log-dir", str(tmp_path))
+    assert data["benchmark"] == "api"
+    params = data["params"]
+    assert params["ops_per_configuration"] == params["vms"] * params["cycles"] * 2 > 0
+    assert params["cpu_sources"] == {"rabbitmq_pid_found": True, "postgresql_pid_found": True}
+    for name, mns in (("mns_1", 1), ("mns_3", 3)):
+        config = data[name]
+        assert config["mns"] == mns
+        assert config["ops"] == params["ops_per_configuration"] and config["failed"] == 0, config["first_failure"]
+        assert config["vms_not_running_after"] == 0
+        assert config["ops_per_s"] > 0 and config["create_per_s"] > 0
+        assert 0 < config["latency"]["p50_ms"] <= config["latency"]["p99_ms"]
+        cpu = config["cpu_s_per_1000_ops"]
+        assert set(cpu) == {"mns", "rabbitmq", "postgresql", "client", "total"}
+        assert all(cpu[part] >= 0 for part in cpu)  # clock ticks: a tiny run may show 0 for one part
+        assert cpu["total"] == pytest.approx(cpu["mns"] + cpu["rabbitmq"] + cpu["postgresql"], abs=0.01)
+    assert data["ops_per_s_3_over_1"] == pytest.approx(data["mns_3"]["ops_per_s"] / data["mns_1"]["ops_per_s"],
+                                                       rel=0.01)
+    assert set(data["checks"]) == {"no_failed_jobs", "every_op_completed", "vms_running_after_cycles"}
+    assert data["targets_met"] is True
