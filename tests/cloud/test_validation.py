@@ -1,0 +1,123 @@
+"""Pure tests: request validation, the OpenAPI document, VM transitions and the sync queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from zstack_node.cloud.routes import HOST_CREATE, ROUTES, VM_CREATE, openapi_document
+from zstack_node.cloud.syncqueue import SyncQueues
+from zstack_node.cloud.validation import ApiError, Field, check_query, check_uuid, parse_json
+from zstack_node.cloud.vms import invalid_transition
+
+GOOD_HOST = {"name": "h1", "cpu": 8, "memory": 1024}
+
+
+def error_of(call, *args) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        call(*args)
+    return info.value
+
+
+def test_a_good_body_passes_through():
+    assert HOST_CREATE.check(dict(GOOD_HOST)) == GOOD_HOST
+    assert VM_CREATE.check({"name": "v", "cpu": 1, "memory": 1, "uuid": "a" * 32})["uuid"] == "a" * 32
+
+
+@pytest.mark.parametrize("body, code, field", [
+    ({**GOOD_HOST, "cpu": "8"}, "wrong_type", "cpu"),
+    ({**GOOD_HOST, "cpu": True}, "wrong_type", "cpu"),
+    ({**GOOD_HOST, "cpu": 8.5}, "wrong_type", "cpu"),
+    ({**GOOD_HOST, "cpu": 0}, "out_of_range", "cpu"),
+    ({**GOOD_HOST, "cpu": 4097}, "out_of_range", "cpu"),
+    ({**GOOD_HOST, "name": ""}, "out_of_range", "name"),
+    ({**GOOD_HOST, "name": "x" * 129}, "out_of_range", "name"),
+    ({**GOOD_HOST, "name": None}, "wrong_type", "name"),
+    ({**GOOD_HOST, "colour": "red"}, "unknown_field", "colour"),
+    ({"name": "h", "cpu": 1}, "missing_field", "memory"),
+    ({**GOOD_HOST, "uuid": "A" * 32}, "bad_uuid", "uuid"),
+    ({**GOOD_HOST, "uuid": "12345678-1234-1234-1234-123456789012"}, "bad_uuid", "uuid"),
+    ({**GOOD_HOST, "uuid": 7}, "wrong_type", "uuid"),
+    ([1, 2], "wrong_type", None),
+])
+def test_bad_bodies_name_the_field(body, code, field):
+    err = error_of(HOST_CREATE.check, body)
+    assert (err.status, err.code, err.field) == (400, code, field)
+    if field:
+        assert field in str(err)
+
+
+def test_bad_json_and_uuids_and_queries():
+    assert error_of(parse_json, b"{nope").code == "bad_json"
+    assert parse_json(b"  ") is None
+    assert error_of(check_uuid, "xyz", "uuid").field == "uuid"
+    spec = (Field("limit", "int", minimum=1, maximum=10), Field("wait", "number", minimum=0, maximum=60))
+    assert check_query({"limit": "3", "wait": "0.5"}, spec) == {"limit": 3, "wait": 0.5}
+    assert error_of(check_query, {"limit": "x"}, spec).code == "wrong_type"
+    assert error_of(check_query, {"wait": "nan"}, spec).code == "invalid_value"
+    assert error_of(check_query, {"wait": "61"}, spec).code == "out_of_range"
+    assert error_of(check_query, {"other": "1"}, spec).field == "other"
+
+
+def test_vm_transitions():
+    assert invalid_transition("start", "Stopped") is None
+    assert "Running" in invalid_transition("start", "Running")
+    assert invalid_transition("destroy", "Running") is None
+    assert invalid_transition("migrate", "Stopped")
+
+
+def test_openapi_document_covers_every_route_with_security():
+    doc = openapi_document()
+    for route in ROUTES:
+        op = doc["paths"][route.path][route.method.lower()]
+        assert str(route.success[0]) in op["responses"]
+        assert bool(op["security"]) == route.auth
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert doc["components"]["schemas"]["HostCreate"]["additionalProperties"] is False
+
+
+def test_sync_queue_runs_one_key_in_order_and_keys_concurrently():
+    async def scenario() -> tuple[list[str], int, int]:
+        queues = SyncQueues()
+        log: list[str] = []
+        running: dict[str, int] = {}
+        peak = {"a": 0, "all": 0}
+
+        def work(key: str, n: int, delay: float):
+            async def run() -> int:
+                running[key] = running.get(key, 0) + 1
+                peak["a"] = max(peak["a"], running.get("a", 0))
+                peak["all"] = max(peak["all"], sum(running.values()))
+                await asyncio.sleep(delay)
+                log.append(f"{key}{n}")
+                running[key] -= 1
+                return n
+            return run
+
+        futures = [queues.submit("a", work("a", n, 0.02 - n * 0.004)) for n in range(5)]
+        futures += [queues.submit("b", work("b", n, 0.001)) for n in range(3)]
+        results = await asyncio.gather(*futures)
+        assert results == [0, 1, 2, 3, 4, 0, 1, 2]
+        assert queues.busy() == 0, "idle chains are removed"
+        return log, peak["a"], peak["all"]
+
+    log, peak_a, peak_all = asyncio.run(scenario())
+    assert [x for x in log if x[0] == "a"] == ["a0", "a1", "a2", "a3", "a4"]
+    assert peak_a == 1 and peak_all == 2
+
+
+def test_sync_queue_failure_does_not_block_the_chain():
+    async def scenario() -> list[object]:
+        queues = SyncQueues()
+
+        async def boom() -> None:
+            raise ValueError("x")
+
+        async def fine() -> str:
+            return "ok"
+
+        return await asyncio.gather(queues.submit("k", boom), queues.submit("k", fine), return_exceptions=True)
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, ValueError) and second == "ok"
