@@ -151,6 +151,8 @@ class ApiClient:
 
     def _explain(self, error: ApiError) -> ApiError:
         """Add the next step to errors whose fix is on the client's side."""
+        if error.status == 401 and error.code == "no_token_configured":
+            return ApiError(f"unauthorized: {error}", status=401, code=error.code, field=error.field)
         if error.status == 401:
             hint = ("pass --token / ZSTACK_API_TOKEN with the MN's api token" if not self._token
                     else "the token was refused; check --token / ZSTACK_API_TOKEN against the MN's --api-token")

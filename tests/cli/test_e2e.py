@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -176,3 +177,15 @@ def test_the_console_script_prints_no_traceback(mns: Mns) -> None:
     done = subprocess.run([script, "hosts", "list"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: unauthorized") and "Traceback" not in done.stderr
+
+
+def test_an_mn_without_a_token_says_to_configure_it(fresh_vhost: str, fresh_database: str, tmp_path: Path) -> None:
+    bare = LocalNode("cli-bare", fresh_vhost, fresh_database, tmp_path, env={"ZSTACK_API_TOKEN": ""})
+    try:
+        bare.start().wait_ready(90)
+        result = CliRunner().invoke(main, ["--url", bare.url, "--token", TOKEN, "hosts", "list"])
+    finally:
+        bare.stop(timeout=15)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unauthorized") and "on the MN" in result.stderr
+    assert "refused" not in result.stderr and TOKEN not in result.output
