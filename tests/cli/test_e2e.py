@@ -97,6 +97,21 @@ def test_vm_lifecycle_create_stop_start_destroy(mns: Mns, host: dict[str, Any]) 
     assert mns.ok("vms", "get", vm["uuid"])["state"] == "Destroyed"
 
 
+def test_migrate_moves_the_vm_and_reconnect_keeps_the_host_connected(mns: Mns) -> None:
+    source, target = (mns.ok("hosts", "add", f"cli-mig-{n}", "--cpu", "4", "--memory", "4096")["result"]
+                      for n in ("src", "dst"))
+    vm = mns.ok("vms", "create", "cli-vm-mig", "--cpu", "1", "--memory", "512", "--host", source["uuid"])["result"]
+    assert vm["host_uuid"] == source["uuid"]
+    job = mns.ok("vms", "migrate", vm["uuid"], "--host", target["uuid"], node=1)
+    assert (job["operation"], job["state"]) == ("vm.migrate", "Succeeded")
+    moved = mns.ok("vms", "get", vm["uuid"], node=2)
+    assert (moved["host_uuid"], moved["state"]) == (target["uuid"], "Running")
+    assert mns.ok("hosts", "get", target["uuid"])["cpu_used"] == 1
+    assert mns.ok("hosts", "get", source["uuid"])["cpu_used"] == 0
+    assert mns.ok("hosts", "reconnect", source["uuid"])["state"] == "Succeeded"
+    assert mns.ok("hosts", "get", source["uuid"])["state"] == "Connected"
+
+
 def test_no_wait_returns_the_job_and_jobs_wait_finishes_it(mns: Mns, host: dict[str, Any]) -> None:
     accepted = mns.ok("vms", "create", "cli-vm-2", "--cpu", "1", "--memory", "512", "--no-wait")
     assert accepted["state"] in ("Pending", "Running", "Succeeded") and len(accepted["id"]) == 32
