@@ -115,3 +115,18 @@ def cloud(rabbitmq, fresh_database, tmp_path) -> Iterator[CloudCluster]:
     for node in made.nodes:
         node.kill()
     made.engine.dispose()
+
+
+def host_accounting(cloud: CloudCluster) -> list[tuple[str, int, int, int, int]]:
+    """Hosts whose used capacity differs from the sum of their live VMs (and migration targets)."""
+    return cloud.sql(
+        "SELECT h.uuid, h.cpu_used, COALESCE(SUM(v.cpu), 0), h.memory_used, COALESCE(SUM(v.memory), 0)"
+        " FROM hosts h LEFT JOIN vm_instances v ON v.state <> 'Destroyed'"
+        " AND (v.host_uuid = h.uuid OR v.migrate_to = h.uuid)"
+        " GROUP BY h.uuid HAVING h.cpu_used <> COALESCE(SUM(v.cpu), 0) OR h.memory_used <> COALESCE(SUM(v.memory), 0)")
+
+
+def duplicate_changes(cloud: CloudCluster) -> list[tuple[str, str, int]]:
+    """(job, state, count) for every job that moved a VM into the same state more than once."""
+    return cloud.sql("SELECT job_id, to_state, COUNT(*) FROM vm_history GROUP BY job_id, to_state"
+                     " HAVING COUNT(*) > 1")
