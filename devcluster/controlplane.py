@@ -252,3 +252,18 @@ def status(root: Path) -> list[ComponentStatus]:
 def is_up(root: Path) -> bool:
     """True when every component runs and is healthy."""
     return all(r.running and r.healthy for r in status(root))
+
+
+def stop_components(root: Path, names: list[str], say: Say = stderr_say) -> list[str]:
+    """Stop only the named components (say, kube-apiserver for an outage test); ``up`` starts them again.
+
+    Returns the names that were running. Pods keep running unless the kubelet is among ``names``.
+    """
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise DevclusterError(f"unknown component(s): {', '.join(unknown)}; known: {', '.join(_BY_NAME)}")
+    with locked(root):
+        st = load(root)
+        stopped = _stop(Layout(root), st, names, say)
+        save(root, st)
+    return stopped

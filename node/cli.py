@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import signal
 import socket
 
@@ -14,6 +13,7 @@ import click
 from .cloud import SERVICES as CLOUD_SERVICES
 from .config import ConfigError, Settings
 from .http import build_app, serve
+from .kube import KubeError
 from .node import ManagementNode
 from .ring import DEFAULT_VNODES
 from .service import Service
@@ -58,17 +58,25 @@ def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN2
 @_opt("log-level", default="INFO",
       type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @_opt("api-token", default=None, help="Bearer token the HTTP API requires")
+@_opt("kubernetes", default="auto", type=click.Choice(["auto", "on", "off"]),
+      help="Lease membership: auto is on when POD_NAME is set")
+@_opt("pod-name", env="POD_NAME", default=None, help="This MN's pod (downward API): the name of its Lease")
+@_opt("pod-namespace", env="POD_NAMESPACE", default=None,
+      help="Namespace of the pod and its Lease (default: the ServiceAccount's namespace)")
 def main(services: tuple[str, ...], log_level: str, hostname: str | None, **options: object) -> None:
     """Run one ZStack management node: every service, one copy of the hash ring."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
-    hostname = hostname or os.environ.get("POD_NAME") or socket.gethostname()
+    hostname = hostname or options.get("pod_name") or socket.gethostname()  # type: ignore[assignment]
     try:
         settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     classes = [*CLOUD_SERVICES, *(load_service(spec) for spec in services)]
-    asyncio.run(run(settings, classes))
+    try:
+        asyncio.run(run(settings, classes))
+    except KubeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 async def run(settings: Settings, classes: list[type[Service]]) -> None:

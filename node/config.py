@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .ring import DEFAULT_VNODES
+
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,18 @@ class Settings:
     services: tuple[str, ...] = ()
     advertise_address: str | None = None
     call_timeout: float = 10.0
+    kubernetes: str = "auto"  # Lease membership: auto (on when pod_name is set), on, off
+    pod_name: str | None = None  # the downward API's metadata.name: also the Lease name
+    pod_namespace: str | None = None
+
+    @property
+    def leases_enabled(self) -> bool:
+        """Lease membership is on in a pod (POD_NAME set) unless forced on or off."""
+        return self.kubernetes == "on" or (self.kubernetes == "auto" and bool(self.pod_name))
+
+    @property
+    def lease_name(self) -> str:
+        return self.pod_name or self.hostname
 
     def validate(self) -> Settings:
         """Raise ConfigError naming the first bad setting; return self when all are good."""
@@ -62,7 +78,26 @@ class Settings:
             raise ConfigError(f"{_where('ring_vnodes')}: must be between 1 and 100000, got {self.ring_vnodes}")
         if not self.cluster:
             raise ConfigError(f"{_where('cluster')}: must not be empty")
+        if self.kubernetes not in ("auto", "on", "off"):
+            raise ConfigError(f"{_where('kubernetes')}: must be auto, on or off, got {self.kubernetes!r}")
+        if self.leases_enabled:
+            self._validate_lease()
         return self
+
+    def _validate_lease(self) -> None:
+        if self.lease_duration < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"{_where('lease_duration')}: {self.lease_duration}s must be at least twice "
+                f"{_where('heartbeat_interval')} ({self.heartbeat_interval}s), the renewal interval, or one "
+                "late renewal expires a healthy MN's Lease"
+            )
+        if not _DNS_SUBDOMAIN.fullmatch(self.lease_name):
+            raise ConfigError(
+                f"--pod-name / POD_NAME: {self.lease_name!r} is not a valid Lease name (lower-case letters, "
+                "digits, '-' and '.', at most 253 characters)"
+            )
+        if not _LABEL_VALUE.fullmatch(self.cluster):
+            raise ConfigError(f"{_where('cluster')}: {self.cluster!r} is not a valid Kubernetes label value")
 
     @property
     def database_url_for_sqlalchemy(self) -> str:

@@ -34,6 +34,29 @@ TAKEOVERS = Counter(
     "zstack_takeovers_total", "Takeover hooks run on this MN, by service and event", ["service", "event"]
 )
 HEARTBEAT_AGE = Gauge("zstack_heartbeat_age_seconds", "Seconds since this MN last wrote its heartbeat")
+LEASE_RENEW_SECONDS = Histogram(
+    "zstack_lease_renew_seconds",
+    "Latency of this MN's Lease renewals (successful or not)",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+LEASE_RENEW_FAILURES = Counter(
+    "zstack_lease_renew_failures_total",
+    "Lease renewals that failed: unreachable (the API server did not answer usefully) or lost (fenced)",
+    ["reason"],
+)
+LEASE_EVENTS = Counter(
+    "zstack_lease_events_total",
+    "Lease watch events handled, by effect on this MN's ring (none: a renewal or a repeat)",
+    ["effect"],
+)
+MEMBERS_BY_SOURCE = Gauge(
+    "zstack_membership_members",
+    "MNs alive by source at the last reconcile: db (fresh row), lease (unexpired Lease), both",
+    ["source"],
+)
+LEASE_TRUSTED = Gauge(
+    "zstack_lease_view_trusted", "1 while this MN's Lease view counts (own renewals succeed, watch synced)"
+)
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
 
 

@@ -1,9 +1,10 @@
 """One management node: joins the ring, heartbeats, reconciles, evicts, fences, leaves.
 
-Membership follows one rule (DESIGN.md): an MN is in the ring while its row is RUNNING and its
-heartbeat is fresh by the database's clock. Join and leave events make changes fast; a periodic
-reconcile against the table makes them certain. An MN that cannot prove it is alive stops serving
-and rejoins under a new UUID, so nothing is ever served twice under one identity.
+Membership follows one rule (DESIGN.md; written out in membership_rule.py): an MN is in the ring while
+its row is RUNNING and its heartbeat is fresh by the database's clock and, in Kubernetes, its Lease is
+held and unexpired as far as this MN can tell. Join, leave and Lease events make changes fast; a
+periodic reconcile against the table and the Leases makes them certain. An MN that cannot prove it is
+alive stops serving and rejoins under a new UUID, so nothing is ever served twice under one identity.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from . import metrics
 from .bus import CloudBus
 from .config import Settings
 from .db import make_engine, migrate
+from .lease_membership import LeaseMembership
+from .leases import LeaseEvent, Outcome
 from .membership import LEAVING, RUNNING, Membership
+from .membership_rule import decide, fresh_rows
 from .ring import Ring, RingChange
 from .service import Service
 
@@ -48,6 +52,7 @@ class ManagementNode:
         self.bus = CloudBus(settings.broker_url, ring=lambda: self.ring, may_serve=self.alive,
                             call_timeout=settings.call_timeout)
         self.services: dict[str, Service] = {cls.name: cls(self) for cls in service_classes}
+        self.leases = LeaseMembership(settings) if settings.leases_enabled else None
         self.address: str | None = None
         self.db_ok = False
         self._last_heartbeat = 0.0  # monotonic time just before the last successful heartbeat write
@@ -65,8 +70,10 @@ class ManagementNode:
 
     def alive(self) -> bool:
         """True while this MN can prove it is alive: serving, heartbeat written within the timeout."""
+        now = time.monotonic()
         return (self.state in ("running", "leaving")
-                and time.monotonic() - self._last_heartbeat < self.settings.heartbeat_timeout)
+                and now - self._last_heartbeat < self.settings.heartbeat_timeout
+                and (self.leases is None or self.leases.own.stalled(now) is None))
 
     def readiness(self) -> dict[str, bool]:
         return {"broker": self.bus.connected, "database": self.db_ok,
@@ -81,6 +88,8 @@ class ManagementNode:
         """Wait for the DB and the broker, join the ring, and start the background loops."""
         await self._until_done("migrate the schema", lambda: asyncio.to_thread(migrate, self.engine))
         self.db_ok = True
+        if self.leases is not None:
+            await self.leases.start()
         self.bus.subscribe(JOINED_TOPIC, self._on_joined_event)
         self.bus.subscribe(LEFT_TOPIC, self._on_left_event)
         await self.bus.start()
@@ -93,6 +102,11 @@ class ManagementNode:
             asyncio.create_task(self._every(interval / 2, self._reconcile_periodically, "reconcile")),
             asyncio.create_task(self._every(interval / 4, self._watchdog, "watchdog")),
         ]
+        if self.leases is not None:
+            self._tasks += [
+                asyncio.create_task(self._every(interval, self._renew_lease, "Lease renewal")),
+                asyncio.create_task(self._lease_events(self.leases), name="lease events"),
+            ]
         await self._join()
 
     async def leave(self, grace: float = 10.0) -> None:
@@ -105,6 +119,8 @@ class ManagementNode:
         log.info("leaving the ring gracefully as %s", me)
         with contextlib.suppress(SQLAlchemyError):
             await asyncio.to_thread(self.membership.mark, me, LEAVING)  # others stop routing to me
+        if self.leases is not None:
+            await self.leases.release(me)  # every MN drops me at once
         await self.bus.drain(grace)
         await self._call_hooks(lambda s: s.on_self_dead())
         try:
@@ -120,6 +136,8 @@ class ManagementNode:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.leases is not None:
+            self.leases.stop()
         await self.bus.close()
         self.engine.dispose()
         self.state = "stopped"
@@ -136,6 +154,8 @@ class ManagementNode:
             me = uuidlib.uuid4().hex
             self.state, self.uuid = "joining", me
             try:
+                if self.leases is not None and not await self.leases.acquire(me):
+                    log.warning("joining as %s without a Lease for now; renewals keep trying", me)
                 await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
                 await self.bus.serve(me, self.services)
                 stamp = time.monotonic()
@@ -173,6 +193,8 @@ class ManagementNode:
         self.state = "fenced"
         metrics.FENCES.labels(reason.split(":")[0]).inc()
         log.error("fencing myself (%s): stopped serving as %s; will rejoin with a new UUID", reason, old)
+        if self.leases is not None:
+            self.leases.dropped()
         self._install_ring(Ring.of((), self.settings.ring_vnodes), "fenced")
         self._publish_event(LEFT_TOPIC, {"uuid": old, "reason": "fenced"})  # before the connection goes
         await self.bus.stop_serving(reason)
@@ -228,7 +250,10 @@ class ManagementNode:
         age = time.monotonic() - self._last_heartbeat
         metrics.HEARTBEAT_AGE.set(age)
         timeout = self.settings.heartbeat_timeout
-        if age >= timeout:
+        stalled = self.leases.own.stalled(time.monotonic()) if self.leases is not None else None
+        if stalled is not None:
+            await self.fence(f"lease lost: not renewed for {stalled:.1f}s, others may have seen it expire")
+        elif age >= timeout:
             await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
         elif self.bus.disconnected_for() > 2 * timeout:
             # Its queues are gone with the connection: its share would only pile up, unserved.
@@ -249,12 +274,21 @@ class ManagementNode:
         if self.state != "running":
             return
         timeout = self.settings.heartbeat_timeout
-        live = {r.uuid for r in rows if r.state == RUNNING and r.age <= timeout}
+        fresh = set(fresh_rows(rows, timeout))
         # A joined event newer than this snapshot outranks it.
         self._event_joins = {u: t for u, t in self._event_joins.items() if started - t < timeout}
-        live |= {u for u, t in self._event_joins.items() if t >= started}
-        live = (live - self._tombstones) | {self.uuid}
-        await self._change_ring(lambda _current: frozenset(live), "reconcile")
+        fresh |= {u for u, t in self._event_joins.items() if t >= started}
+        now = time.monotonic()
+        if self.leases is None:
+            decision = decide(fresh, self.uuid, {}, self._tombstones, None, now)
+        else:
+            decision = decide(fresh, self.uuid, self.leases.holders(), self._tombstones,
+                              self.leases.trusted_since(now), now)
+        for source, count in (("db", len(decision.db)), ("lease", len(decision.lease)),
+                              ("both", len(decision.db & decision.lease))):
+            metrics.MEMBERS_BY_SOURCE.labels(source).set(count)
+        cause = "lease expired" if decision.expired & self.ring.members else "reconcile"
+        await self._change_ring(lambda _current: decision.members, cause)
         stale = {r.uuid for r in rows if r.age > timeout and r.uuid != self.uuid}
         self._suspects = {u: t for u, t in self._suspects.items() if u in stale}
         now = time.monotonic()
@@ -273,6 +307,44 @@ class ManagementNode:
         self._tombstone(mn)
         self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "evicted"})
         await self._change_ring(lambda current: current - {mn}, "eviction")
+
+    async def _renew_lease(self) -> None:
+        """Renew my Lease every interval; a lost Lease fences me, an unreachable API server does not."""
+        assert self.leases is not None
+        if self.state == "running" and self.leases.holder is None:
+            await self.leases.acquire(self.uuid)  # the API server was unreachable when I joined
+            return
+        if self.state not in ("running", "leaving"):
+            return
+        stalled = self.leases.own.stalled(time.monotonic())
+        if stalled is not None:  # renewing now would hide that others may have dropped me
+            await self.fence(f"lease lost: not renewed for {stalled:.1f}s, others may have seen it expire")
+            return
+        result = await self.leases.renew()
+        if result is not None and result.outcome is Outcome.LOST:
+            await self.fence(f"lease lost: {result.reason}")
+
+    async def _lease_events(self, leases: LeaseMembership) -> None:
+        """Apply Lease events in order: a released, deleted or taken-over Lease drops its MN at once."""
+        while True:
+            event = await leases.events.get()
+            try:
+                await self._on_lease_event(leases, event)
+            except Exception:
+                log.exception("handling Lease event %s %s failed", event.kind, event.name)
+
+    async def _on_lease_event(self, leases: LeaseMembership, event: LeaseEvent) -> None:
+        before = self.ring.members
+        lost = leases.apply(event)
+        for mn in lost:
+            self._tombstone(mn)
+            self._event_joins.pop(mn, None)
+        if self.uuid in lost and self.state == "running":
+            await self.fence(f"lease lost: my Lease {event.name} was {event.kind.lower()} by someone else")
+        elif lost - {self.uuid}:  # while leaving I keep myself, as without Leases
+            await self._change_ring(lambda current: current - (lost - {self.uuid}), "lease gone")
+        effect = "ring_change" if self.ring.members != before else "none"
+        metrics.LEASE_EVENTS.labels(effect).inc()
 
     # ---- events and ring changes -------------------------------------------------------------
 

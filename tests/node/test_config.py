@@ -50,3 +50,25 @@ def test_cli_reports_an_unloadable_service():
         "ZSTACK_BROKER_URL": GOOD["broker_url"], "ZSTACK_DATABASE_URL": GOOD["database_url"]})
     assert result.exit_code == 2
     assert "--service" in result.output and "no.such.module" in result.output
+
+
+def test_leases_follow_pod_name_unless_forced():
+    assert not Settings(**GOOD).validate().leases_enabled
+    assert Settings(**GOOD, pod_name="demo-mn-0").validate().leases_enabled
+    assert not Settings(**GOOD, pod_name="demo-mn-0", kubernetes="off").validate().leases_enabled
+    forced = Settings(**GOOD, kubernetes="on", hostname="host-1").validate()
+    assert forced.leases_enabled and forced.lease_name == "host-1"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"kubernetes": "maybe"}, "--kubernetes / ZSTACK_KUBERNETES"),
+        ({"pod_name": "mn-0", "lease_duration": 1.0}, "--lease-duration"),
+        ({"pod_name": "Bad_Name"}, "--pod-name / POD_NAME"),
+        ({"pod_name": "mn-0", "cluster": "no spaces"}, "--cluster"),
+    ],
+)
+def test_bad_lease_settings_name_the_setting(override, named):
+    with pytest.raises(ConfigError, match=named):
+        Settings(**{**GOOD, **override}).validate()

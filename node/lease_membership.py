@@ -1,0 +1,150 @@
+"""Lease membership of one MN: holds its Lease, keeps the table of its cluster's Leases, and says how far
+Lease evidence can be trusted. The rule itself is in membership_rule.py; ring changes are node.py's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import kube, metrics
+from .config import Settings
+from .leases import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result, call_timeout
+from .membership_rule import LeaseFact, LeaseTable, OwnLease
+
+log = logging.getLogger(__name__)
+
+
+class LeaseMembership:
+    """The Kubernetes side of membership. Create it, `await start()`, then read `events`."""
+
+    def __init__(self, settings: Settings, client_factory: Callable[[], Any] = kube.login) -> None:
+        self.settings = settings
+        self.table = LeaseTable()
+        self.own = OwnLease(settings.lease_duration)
+        self.events: asyncio.Queue[LeaseEvent] = asyncio.Queue()
+        self.holder: str | None = None  # the MN UUID my Lease is held for; None while not held
+        self._factory = client_factory
+        self._lock = asyncio.Lock()  # one call on my Lease at a time: they share its last version
+        self._api: LeaseApi | None = None
+        self._watcher: LeaseWatcher | None = None
+        self._renewals_failing = False
+        self._watch_failing = False
+
+    async def start(self) -> None:
+        """Log in, find the namespace, and start watching. Raises kube.KubeError when impossible."""
+        s = self.settings
+        namespace = kube.namespace(s.pod_namespace)
+        client = await asyncio.to_thread(self._factory)  # fail early on a bad kubeconfig
+        timeout = call_timeout(s.lease_duration)
+        self._api = LeaseApi(lambda: client, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
+                             timeout)
+        loop = asyncio.get_running_loop()
+        self._watcher = LeaseWatcher(
+            self._factory, namespace, s.cluster, timeout,
+            emit=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+            broken=lambda why: loop.call_soon_threadsafe(self._watch_broken, why),
+        )
+        self._watcher.start()
+        log.info("Lease membership on: Lease %s/%s, label zstack.io/cluster=%s, duration %.0fs",
+                 namespace, s.lease_name, s.cluster, s.lease_duration)
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    # ---- my Lease --------------------------------------------------------------------------
+
+    async def acquire(self, me: str) -> bool:
+        """Create or take over my Lease for `me` (before my DB row exists). False: not held yet."""
+        assert self._api is not None
+        async with self._lock:
+            self.holder = None
+            self.own.released()
+            started = time.monotonic()
+            result = await asyncio.to_thread(self._api.acquire, me)
+            if result.outcome is Outcome.OK:
+                self.holder = me
+                self.own.succeeded(started)
+                self._renewals_failing = False
+                return True
+        self._renew_failed(result, started)
+        return False
+
+    async def renew(self) -> Result | None:
+        """Renew my Lease; None when none is held. A LOST result means: fence."""
+        assert self._api is not None
+        async with self._lock:
+            me = self.holder
+            if me is None:
+                return None
+            started = time.monotonic()
+            self.own.attempting(started)
+            result = await asyncio.to_thread(self._api.renew, me)
+            metrics.LEASE_RENEW_SECONDS.observe(time.monotonic() - started)
+            if result.outcome is Outcome.OK:
+                self.own.succeeded(started)
+                if self._renewals_failing:
+                    log.info("my Lease is renewed again: Lease evidence counts again")
+                    self._renewals_failing = False
+            elif result.outcome is Outcome.LOST:
+                metrics.LEASE_RENEW_FAILURES.labels("lost").inc()
+            else:
+                self._renew_failed(result, started)
+            return result
+
+    def _renew_failed(self, result: Result, started: float) -> None:
+        self.own.failed(started)
+        metrics.LEASE_RENEW_FAILURES.labels("unreachable").inc()
+        if not self._renewals_failing:
+            log.warning("cannot renew my Lease (%s): Leases decide nothing until it works; DB heartbeats "
+                        "alone decide membership", result.reason)
+            self._renewals_failing = True
+
+    def dropped(self) -> None:
+        """I fenced myself: the Lease is no longer held for my old UUID (the rejoin takes it over)."""
+        self.holder = None
+        self.own.released()
+
+    async def release(self, me: str) -> None:
+        """Graceful leave: delete my Lease so that every MN drops me at once."""
+        assert self._api is not None
+        async with self._lock:
+            self.holder = None
+            self.own.released()
+            result = await asyncio.to_thread(self._api.release, me)
+        if result.outcome is Outcome.FAILED:
+            log.warning("could not delete my Lease (%s); the garbage collector removes it with my Pod",
+                        result.reason)
+
+    # ---- the cluster's Leases ----------------------------------------------------------------
+
+    def apply(self, event: LeaseEvent) -> set[str]:
+        """Update the table from one watch event; the MN UUIDs that lost their Lease."""
+        now = time.monotonic()
+        if event.kind == "SYNCED":
+            self.own.watch_synced(now)
+            if self._watch_failing:
+                log.info("Lease watch synced again (%d Lease(s))", len(event.items))
+                self._watch_failing = False
+            return self.table.resync(event.items, now)
+        if event.kind == "DELETED":
+            return self.table.delete(event.name)
+        return self.table.upsert(event.name, event.holder, event.renew_time, event.duration, now)
+
+    def _watch_broken(self, why: str) -> None:
+        self.own.watch_broken()
+        if not self._watch_failing:
+            log.warning("Lease watch broken (%s): Leases decide nothing until it is synced again", why)
+            self._watch_failing = True
+
+    def holders(self) -> dict[str, LeaseFact]:
+        return self.table.holders()
+
+    def trusted_since(self, now: float) -> float | None:
+        trusted = self.own.trusted_since(now)
+        metrics.LEASE_TRUSTED.set(0 if trusted is None else 1)
+        return trusted

@@ -1,0 +1,311 @@
+"""This MN's coordination.k8s.io/v1 Lease (acquire, renew, release) and a watch of its cluster's Leases.
+
+Every call is synchronous (the kubernetes client) with a timeout, so an API-server outage never hangs the
+node: `LeaseApi` runs in worker threads (asyncio.to_thread), `LeaseWatcher` in a thread of its own that
+hands events to the event loop. Lease bodies are plain dicts, exactly as the API server returns them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CLUSTER_LABEL = "zstack.io/cluster"
+GROUP_VERSION = "coordination.k8s.io/v1"
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    LOST = "lost"  # deleted, or held by someone else: fence
+    FAILED = "failed"  # the API server did not answer usefully: Leases decide nothing for now
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """One watch event (ADDED, MODIFIED, DELETED) or a fresh list (SYNCED, with `items`)."""
+
+    kind: str
+    name: str = ""
+    holder: str | None = None
+    renew_time: str | None = None
+    duration: float = 0.0
+    items: tuple[tuple[str, str | None, str | None, float], ...] = ()
+
+
+def micro_time() -> str:
+    """Now as a Kubernetes MicroTime."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def facts(obj: dict[str, Any]) -> tuple[str, str | None, str | None, float]:
+    """(name, holder, renewTime, duration) of a Lease dict."""
+    spec = obj.get("spec") or {}
+    return (obj["metadata"]["name"], spec.get("holderIdentity") or None, spec.get("renewTime"),
+            float(spec.get("leaseDurationSeconds") or 0))
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of an answer from the API server; None when there was no answer."""
+    from kubernetes.client.exceptions import ApiException
+
+    status = exc.status if isinstance(exc, ApiException) else None
+    return status or None  # status 0: a TLS or request error, no answer
+
+
+def _why(exc: BaseException) -> str:
+    status = _status(exc)
+    if status is not None:
+        return f"HTTP {status} {getattr(exc, 'reason', '')}".strip()
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+class LeaseApi:
+    """This MN's own Lease: name = pod name, holderIdentity = MN UUID, owned by its Pod."""
+
+    def __init__(self, client_factory: Callable[[], Any], namespace: str, name: str, cluster: str,
+                 duration: float, pod_name: str | None, timeout: float) -> None:
+        self._factory = client_factory
+        self.namespace, self.name, self.cluster, self.pod_name = namespace, name, cluster, pod_name
+        self.duration = max(1, math.ceil(duration))  # leaseDurationSeconds is an integer
+        self.timeout = timeout
+        self._api: Any = None
+        self._core: Any = None
+        self._lease: dict[str, Any] | None = None  # the last version I wrote or read
+        self._owner_warned = False
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def _apis(self) -> tuple[Any, Any]:
+        if self._api is None:
+            from kubernetes import client
+
+            api_client = self._factory()
+            self._api, self._core = client.CoordinationV1Api(api_client), client.CoreV1Api(api_client)
+        return self._api, self._core
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """One Lease API call; the JSON body of the answer. A 401 re-reads the credentials (tokens rotate)."""
+        api, _ = self._apis()
+        try:
+            response = getattr(api, method)(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
+        except Exception as exc:
+            if _status(exc) == 401:
+                self._api = None
+            raise
+        data = response.data
+        return json.loads(data) if data else None
+
+    def _owner_references(self) -> list[dict[str, Any]]:
+        """A reference to my Pod, so that the Lease goes when the Pod goes."""
+        if not self.pod_name:
+            return []
+        _, core = self._apis()
+        try:
+            response = core.read_namespaced_pod(self.pod_name, self.namespace, _preload_content=False,
+                                                _request_timeout=self.timeout)
+            uid = json.loads(response.data)["metadata"]["uid"]
+        except Exception as exc:
+            if _status(exc) is None:
+                raise  # the API server is unreachable: the caller reports a failure
+            if not self._owner_warned:
+                log.warning("cannot read my Pod %s/%s (%s): my Lease gets no ownerReference",
+                            self.namespace, self.pod_name, _why(exc))
+                self._owner_warned = True
+            return []
+        return [{"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": uid}]
+
+    def _body(self, holder: str, base: dict[str, Any] | None) -> dict[str, Any]:
+        now = micro_time()
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
+                                    "labels": {**((base or {}).get("metadata", {}).get("labels") or {}),
+                                               CLUSTER_LABEL: self.cluster}}
+        owners = self._owner_references()
+        if owners:
+            metadata["ownerReferences"] = owners
+        spec = dict((base or {}).get("spec") or {})
+        if base is not None:
+            metadata["resourceVersion"] = base["metadata"]["resourceVersion"]
+            if spec.get("holderIdentity") != holder:
+                spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
+        spec.update(holderIdentity=holder, leaseDurationSeconds=self.duration, acquireTime=now, renewTime=now)
+        return {"apiVersion": GROUP_VERSION, "kind": "Lease", "metadata": metadata, "spec": spec}
+
+    # ---- operations ------------------------------------------------------------------------
+
+    def acquire(self, holder: str) -> Result:
+        """Create my Lease, or take it over (it is my pod's, whoever held it) with `holder`."""
+        try:
+            for _ in range(3):
+                try:
+                    current = self._call("read_namespaced_lease", self.name, self.namespace)
+                except Exception as exc:
+                    if _status(exc) != 404:
+                        raise
+                    current = None
+                try:
+                    body = self._body(holder, current)
+                    method = "create_namespaced_lease" if current is None else "replace_namespaced_lease"
+                    args = (self.namespace,) if current is None else (self.name, self.namespace)
+                    self._lease = self._call(method, *args, body)
+                    return Result(Outcome.OK)
+                except Exception as exc:
+                    if _status(exc) not in (404, 409):
+                        raise
+            return Result(Outcome.FAILED, "the Lease kept changing under me")
+        except Exception as exc:
+            return Result(Outcome.FAILED, _why(exc))
+
+    def renew(self, holder: str) -> Result:
+        """Set renewTime. LOST when the Lease is gone or someone else holds it; FAILED on an outage."""
+        try:
+            for _ in range(2):
+                current = self._lease
+                if current is None or (current.get("spec") or {}).get("holderIdentity") != holder:
+                    return Result(Outcome.LOST, f"my Lease {self.name} is held by "
+                                                f"{(current or {}).get('spec', {}).get('holderIdentity')}")
+                body = json.loads(json.dumps(current))
+                body["spec"]["renewTime"] = micro_time()
+                try:
+                    self._lease = self._call("replace_namespaced_lease", self.name, self.namespace, body)
+                    return Result(Outcome.OK)
+                except Exception as exc:
+                    if _status(exc) == 404:
+                        return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
+                    if _status(exc) != 409:
+                        raise
+                try:  # a conflict: somebody wrote it. Still mine (say, a label added)? Then try once more.
+                    self._lease = self._call("read_namespaced_lease", self.name, self.namespace)
+                except Exception as exc:
+                    if _status(exc) == 404:
+                        return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
+                    raise
+            return Result(Outcome.FAILED, "conflicting writes to my Lease")
+        except Exception as exc:
+            return Result(Outcome.FAILED, _why(exc))
+
+    def release(self, holder: str) -> Result:
+        """Graceful leave: delete my Lease if I still hold it (a resourceVersion precondition guards it)."""
+        try:
+            current = self._call("read_namespaced_lease", self.name, self.namespace)
+            if current is None or (current.get("spec") or {}).get("holderIdentity") != holder:
+                return Result(Outcome.LOST, "not mine any more")
+            from kubernetes import client
+
+            options = client.V1DeleteOptions(
+                preconditions=client.V1Preconditions(resource_version=current["metadata"]["resourceVersion"]))
+            self._call("delete_namespaced_lease", self.name, self.namespace, body=options)
+            self._lease = None
+            return Result(Outcome.OK)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return Result(Outcome.OK)
+            return Result(Outcome.FAILED, _why(exc))
+
+
+class LeaseWatcher(threading.Thread):
+    """List+watch of the cluster's Leases in a thread; resumes from resourceVersion, relists on 410.
+
+    `emit` is called from this thread (the caller hands the event to its loop); `broken` when the
+    watch fails, so that the caller stops trusting Leases until the next SYNCED.
+    """
+
+    def __init__(self, client_factory: Callable[[], Any], namespace: str, cluster: str, timeout: float,
+                 emit: Callable[[LeaseEvent], None], broken: Callable[[str], None]) -> None:
+        super().__init__(name="lease-watch", daemon=True)
+        self._factory, self.namespace, self.timeout = client_factory, namespace, timeout
+        self.selector = f"{CLUSTER_LABEL}={cluster}"
+        self._emit, self._broken = emit, broken
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        from kubernetes import client
+
+        api = None
+        version: str | None = None
+        delay = 0.2
+        while not self._stop_event.is_set():
+            try:
+                if api is None:
+                    api = client.CoordinationV1Api(self._factory())
+                if version is None:
+                    version = self._list(api)
+                version = self._watch(api, version)
+                delay = 0.2
+            except Exception as exc:
+                if _status(exc) == 410:
+                    version = None  # too old: relist
+                    continue
+                if _status(exc) == 401:
+                    api = None
+                self._broken(_why(exc))
+                version = None  # what happened while I was away is known only from a fresh list
+                self._stop_event.wait(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _list(self, api: Any) -> str:
+        response = api.list_namespaced_lease(self.namespace, label_selector=self.selector,
+                                             _preload_content=False, _request_timeout=self.timeout)
+        body = json.loads(response.data)
+        self._emit(LeaseEvent("SYNCED", items=tuple(facts(obj) for obj in body.get("items") or [])))
+        return body["metadata"]["resourceVersion"]
+
+    def _watch(self, api: Any, version: str) -> str | None:
+        """Stream events until the server ends the watch; the version to resume from (None: relist)."""
+        from kubernetes.watch.watch import iter_resp_lines
+
+        server_timeout = 60
+        response = api.list_namespaced_lease(
+            self.namespace, label_selector=self.selector, watch=True, resource_version=version,
+            allow_watch_bookmarks=True, timeout_seconds=server_timeout, _preload_content=False,
+            # Bookmarks come about once a minute; a silent, half-dead connection ends at the read timeout.
+            _request_timeout=(self.timeout, server_timeout + 15),
+        )
+        try:
+            for line in iter_resp_lines(response):
+                if self._stop_event.is_set():
+                    return None
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        return None
+                    raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
+                version = obj.get("metadata", {}).get("resourceVersion", version)
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    name, holder, renew_time, duration = facts(obj)
+                    self._emit(LeaseEvent(kind, name, holder, renew_time, duration))
+        finally:
+            response.close()
+            response.release_conn()
+        return version
+
+
+def call_timeout(lease_duration: float) -> float:
+    """Per-call deadline: short enough that a hung call is noticed well within one Lease duration."""
+    return min(2.0, max(0.5, lease_duration / 4))
+
+
+def elapsed(since: float) -> float:
+    return time.monotonic() - since
