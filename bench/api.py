@@ -1,6 +1,7 @@
 """`zstack-bench api`: VM operations per second through HTTP -> api.portal -> the owner MN -> PostgreSQL.
 
-Two configurations in the same run, on the same broker and database: 1 MN, then 3 MNs. Each one
+Two configurations in the same run, on the same broker and database: 1 MN, then 3 MNs, alternating
+over `rounds` so that drift on a shared machine hits both alike. Each one
 starts its MNs with an API token, adds `hosts` hosts with plenty of capacity and creates `vms` VMs
 (timed apart), then times `cycles` stop/start cycles per VM with at most `concurrency` jobs in flight,
 the requests spread round-robin over the MNs' HTTP ports. An operation counts once its job is
@@ -32,7 +33,7 @@ import aiohttp
 
 from devcluster.localnodes import LocalNode, agreed_members, wait_until
 
-from .stats import latency_summary
+from .stats import latency_summary, percentile, summary
 
 Say = Callable[[str], None]
 TERMINAL = frozenset({"Succeeded", "Failed"})
@@ -276,7 +277,10 @@ async def _setup(api: ApiDriver, tag: str, work: Workload, say: Say) -> tuple[li
 
 
 async def _cycles(api: ApiDriver, vms: Sequence[str], work: Workload) -> Phase:
-    """Every VM runs stop, start `cycles` times in order; at most `concurrency` jobs in flight overall."""
+    """Every VM runs stop, start `cycles` times in order; at most `concurrency` jobs in flight overall.
+
+    A refused request (non-202) or a broken connection counts as a failed operation, not a crash.
+    """
     gate = asyncio.Semaphore(work.concurrency)
     phase = Phase()
 
@@ -284,7 +288,12 @@ async def _cycles(api: ApiDriver, vms: Sequence[str], work: Workload) -> Phase:
         for _ in range(work.cycles):
             for action in ("stop", "start"):
                 async with gate:
-                    _, outcome = await api.run("POST", f"/v1/vms/{vm}/actions/{action}")
+                    start = time.perf_counter()
+                    try:
+                        _, outcome = await api.run("POST", f"/v1/vms/{vm}/actions/{action}")
+                    except (BenchError, aiohttp.ClientError, TimeoutError) as exc:
+                        outcome = Outcome(f"vm.{action}", "Error", time.perf_counter() - start, None,
+                                          str(exc) or type(exc).__name__)
                 phase.outcomes.append(outcome)
                 if outcome.state != "Succeeded":
                     return  # the VM's state is unknown now: further actions would only fail
@@ -295,55 +304,89 @@ async def _cycles(api: ApiDriver, vms: Sequence[str], work: Workload) -> Phase:
     return phase
 
 
-async def _cleanup(api: ApiDriver, hosts: Sequence[str], vms: Sequence[str], concurrency: int) -> None:
-    results = await _gather_limited([lambda v=v: api.run("POST", f"/v1/vms/{v}/actions/destroy") for v in vms],
-                                    concurrency)
-    _require_success([o for _, o in results], "vm.destroy")
-    results = await _gather_limited([lambda h=h: api.run("DELETE", f"/v1/hosts/{h}") for h in hosts], concurrency)
-    _require_success([o for _, o in results], "host.delete")
+async def _cleanup(api: ApiDriver, hosts: Sequence[str], vms: Sequence[str], concurrency: int, say: Say) -> None:
+    """Destroy the VMs and delete the hosts (untimed); a failure is reported, never fatal."""
+    try:
+        results = await _gather_limited(
+            [lambda v=v: api.run("POST", f"/v1/vms/{v}/actions/destroy") for v in vms], concurrency)
+        _require_success([o for _, o in results], "vm.destroy")
+        results = await _gather_limited([lambda h=h: api.run("DELETE", f"/v1/hosts/{h}") for h in hosts],
+                                        concurrency)
+        _require_success([o for _, o in results], "host.delete")
+    except (BenchError, aiohttp.ClientError, TimeoutError) as exc:
+        say(f"warning: cleanup incomplete, the next configuration shares leftovers: {exc}")
+
+
+@dataclass
+class RoundResult:
+    """What one configuration measured in one round."""
+
+    mns: int
+    create: Phase
+    cycles: Phase
+    cpu_s: dict[str, float | None]
+    not_running_after: int
+
+    @property
+    def ops_per_s(self) -> float:
+        return len(self.cycles.succeeded) / self.cycles.seconds if self.cycles.seconds else 0.0
 
 
 async def _drive(urls: Sequence[str], token: str, tag: str, work: Workload, cpu: ServerCpu,
-                 say: Say) -> dict[str, Any]:
+                 say: Say) -> RoundResult:
     connector = aiohttp.TCPConnector(limit=work.concurrency * 2 + 8)
     timeout = aiohttp.ClientTimeout(total=POLL_WAIT_S + 60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         api = ApiDriver(session, urls, token)
         hosts, vms, create = await _setup(api, tag, work, say)
-        say(f"api {tag}: {len(vms)} VMs Running; timing {work.cycles} stop/start cycles each, "
+        say(f"api {tag}: {len(vms)} VMs Running; timing {work.cycles} stop/start cycle(s) each, "
             f"{work.concurrency} in flight")
         cpu.start()
         cycles = await _cycles(api, vms, work)
         cpu_used = cpu.stop()
-        final = {vm["uuid"]: vm["state"] for vm in (await api.get("/v1/vms"))["vms"] if vm["uuid"] in set(vms)}
-        await _cleanup(api, hosts, vms, work.concurrency)
-    done = cycles.succeeded
-    failed = [o for o in cycles.outcomes if o.state != "Succeeded"]
-    ops = len(done)
+        mine = set(vms)
+        final = {vm["uuid"]: vm["state"] for vm in (await api.get("/v1/vms"))["vms"] if vm["uuid"] in mine}
+        await _cleanup(api, hosts, vms, work.concurrency, say)
+    result = RoundResult(len(urls), create, cycles, cpu_used, sum(1 for vm in vms if final.get(vm) != "Running"))
+    say(f"api {tag}: {len(cycles.succeeded)} ops in {cycles.seconds:.2f}s = {result.ops_per_s:.1f} ops/s")
+    return result
+
+
+def _per_1000(cpu_s: float | None, ops: int) -> float | None:
+    return round(cpu_s * 1000 / ops, 3) if cpu_s is not None and ops else None
+
+
+def summarise(rounds: Sequence[RoundResult]) -> dict[str, Any]:
+    """One configuration over its rounds: rates per round (worst = lowest), latencies and CPU pooled."""
+    done = [o for r in rounds for o in r.cycles.succeeded]
+    failed = [o for r in rounds for o in r.cycles.outcomes if o.state != "Succeeded"]
+    created = [o for r in rounds for o in r.create.succeeded]
     server_s = [o.server_s for o in done if o.server_s is not None]
+    cpu_s = {part: (None if any(r.cpu_s[part] is None for r in rounds)
+                    else round(sum(r.cpu_s[part] for r in rounds), 3))  # type: ignore[misc]
+             for part in rounds[0].cpu_s}
     return {
-        "mns": len(urls),
-        "ops": ops,
+        "mns": rounds[0].mns,
+        "ops": len(done),
         "failed": len(failed),
         "first_failure": f"{failed[0].operation} {failed[0].state} {failed[0].error}" if failed else None,
-        "seconds": round(cycles.seconds, 3),
-        "ops_per_s": round(ops / cycles.seconds, 2) if cycles.seconds else 0.0,
+        "seconds": round(sum(r.cycles.seconds for r in rounds), 3),
+        "ops_per_s": summary([r.ops_per_s for r in rounds], worst="min", digits=2),
         "latency": latency_summary([o.latency_s for o in done]) if done else None,
-        "server_job_ms_p50": round(sorted(server_s)[len(server_s) // 2] * 1e3, 2) if server_s else None,
-        "create_per_s": round(len(create.succeeded) / create.seconds, 2) if create.seconds else 0.0,
-        "create_latency": latency_summary([o.latency_s for o in create.succeeded]),
-        "cpu_s": cpu_used,
-        "cpu_s_per_1000_ops": {k: (round(v * 1000 / ops, 3) if v is not None and ops else None)
-                               for k, v in cpu_used.items()},
-        "vms_not_running_after": sum(1 for vm in vms if final.get(vm) != "Running"),
+        "server_job_ms_p50": round(percentile(server_s, 50) * 1e3, 2) if server_s else None,
+        "create_per_s": summary([len(r.create.succeeded) / r.create.seconds for r in rounds], worst="min", digits=2),
+        "create_latency": latency_summary([o.latency_s for o in created]),
+        "cpu_s": cpu_s,
+        "cpu_s_per_1000_ops": {part: _per_1000(value, len(done)) for part, value in cpu_s.items()},
+        "vms_not_running_after": sum(r.not_running_after for r in rounds),
     }
 
 
 class Configuration:
     """`count` MN processes sharing the run's broker and database, all stopped at the end."""
 
-    def __init__(self, count: int, broker_url: str, database_url: str, log_dir: Path, token: str) -> None:
-        self.nodes = [LocalNode(f"api{count}-mn{i}", broker_url, database_url, log_dir,
+    def __init__(self, count: int, broker_url: str, database_url: str, log_dir: Path, token: str, tag: str) -> None:
+        self.nodes = [LocalNode(f"api-{tag}-mn{i}", broker_url, database_url, log_dir,
                                 env={"ZSTACK_API_TOKEN": token}) for i in range(count)]
 
     def __enter__(self) -> Configuration:
@@ -368,31 +411,40 @@ class Configuration:
         return "\n".join(f"--- log of {n.name} ({n.log_path}):\n{n.tail(lines)}" for n in self.nodes)
 
 
-def run_configuration(count: int, broker_url: str, database_url: str, log_dir: Path, work: Workload,
-                      say: Say) -> dict[str, Any]:
+def run_configuration(count: int, broker_url: str, database_url: str, log_dir: Path, work: Workload, tag: str,
+                      say: Say) -> RoundResult:
     token = secrets.token_urlsafe(24)
-    config = Configuration(count, broker_url, database_url, log_dir, token)
+    config = Configuration(count, broker_url, database_url, log_dir, token, tag)
     with config:
-        say(f"api {count}mn: {count} MN(s) ready and agreed; adding {work.hosts} hosts")
+        say(f"api {tag}: {count} MN(s) ready and agreed; adding {work.hosts} hosts")
         cpu = ServerCpu(broker_url, database_url, [n.process.pid for n in config.nodes if n.process])
         try:
-            return asyncio.run(_drive([n.url for n in config.nodes], token, f"{count}mn", work, cpu, say))
+            return asyncio.run(_drive([n.url for n in config.nodes], token, tag, work, cpu, say))
         except Exception:
             say(config.logs())
             raise
 
 
+CONFIGURATIONS = (1, 3)
+
+
 def run(broker_url: str, database_url: str, *, hosts: int, vms: int, cycles: int, concurrency: int,
-        log_dir: Path | None = None, progress: Say | None = None) -> dict[str, Any]:
-    """The benchmark's JSON object."""
+        rounds: int = 1, log_dir: Path | None = None, progress: Say | None = None) -> dict[str, Any]:
+    """The benchmark's JSON object. Rounds alternate 1 MN, 3 MNs, so drift on a shared machine hits both."""
     say = progress or (lambda _m: None)
     work = Workload(hosts, vms, cycles, concurrency)
     scratch = log_dir or Path(tempfile.mkdtemp(prefix="zstack-bench-api-"))
-    results = {f"mns_{n}": run_configuration(n, broker_url, database_url, scratch, work, say) for n in (1, 3)}
+    per_round: dict[int, list[RoundResult]] = {n: [] for n in CONFIGURATIONS}
+    for rnd in range(1, rounds + 1):
+        for count in CONFIGURATIONS:
+            tag = f"r{rnd}-{count}mn"
+            per_round[count].append(run_configuration(count, broker_url, database_url, scratch, work, tag, say))
     if log_dir is None:
         shutil.rmtree(scratch, ignore_errors=True)
+    results = {f"mns_{n}": summarise(per_round[n]) for n in CONFIGURATIONS}
     one, three = results["mns_1"], results["mns_3"]
-    expected_ops = vms * cycles * 2
+    ratios = [b.ops_per_s / a.ops_per_s for a, b in zip(per_round[1], per_round[3], strict=True) if a.ops_per_s]
+    expected_ops = vms * cycles * 2 * rounds
     checks = {
         "no_failed_jobs": one["failed"] == 0 and three["failed"] == 0,
         "every_op_completed": one["ops"] == expected_ops and three["ops"] == expected_ops,
@@ -400,12 +452,13 @@ def run(broker_url: str, database_url: str, *, hosts: int, vms: int, cycles: int
     }
     return {
         "benchmark": "api",
-        "params": {"hosts": hosts, "vms": vms, "cycles": cycles, "concurrency": concurrency,
+        "params": {"hosts": hosts, "vms": vms, "cycles": cycles, "concurrency": concurrency, "rounds": rounds,
                    "ops_per_configuration": expected_ops, "vm_cpu": VM_CPU, "vm_memory_mib": VM_MEMORY,
+                   "cpu_count": os.cpu_count(),
                    "cpu_sources": {"rabbitmq_pid_found": listening_pid(broker_url) is not None,
                                    "postgresql_pid_found": listening_pid(database_url) is not None}},
         **results,
-        "ops_per_s_3_over_1": round(three["ops_per_s"] / one["ops_per_s"], 3) if one["ops_per_s"] else None,
+        "ops_per_s_3_over_1": summary(ratios, worst="min", digits=3) if ratios else None,
         "checks": checks,
         "targets_met": all(checks.values()),
     }

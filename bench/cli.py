@@ -91,7 +91,7 @@ def failover(small: bool, broker_url: str | None, database_url: str | None, roun
 
 
 @main.command()
-@click.option("--small", is_flag=True, help="CI smoke size: 2 hosts, 6 VMs, 1 cycle, 6 in flight")
+@click.option("--small", is_flag=True, help="CI smoke size: 2 hosts, 6 VMs, 1 cycle, 6 in flight, 1 round")
 @broker_option
 @click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
               help="PostgreSQL to use; without it a private one is started for the run")
@@ -99,10 +99,12 @@ def failover(small: bool, broker_url: str | None, database_url: str | None, roun
 @click.option("--vms", type=click.IntRange(1), default=None, help="VMs created per configuration [64; small 6]")
 @click.option("--cycles", type=click.IntRange(1), default=None, help="Stop/start cycles per VM [4; small 1]")
 @click.option("--concurrency", type=click.IntRange(1), default=None, help="Jobs in flight at most [16; small 6]")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Alternating rounds of 1 MN and 3 MNs, each with fresh MNs [2; small 1]")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
 def api(small: bool, broker_url: str | None, database_url: str | None, hosts: int | None, vms: int | None,
-        cycles: int | None, concurrency: int | None, log_dir: Path | None) -> None:
+        cycles: int | None, concurrency: int | None, rounds: int | None, log_dir: Path | None) -> None:
     """VM start/stop jobs per second through HTTP, api.portal and the owner MN, with 1 and with 3 MNs."""
     from . import api as api_bench
     from .servers import broker, database
@@ -110,4 +112,4 @@ def api(small: bool, broker_url: str | None, database_url: str | None, hosts: in
     with broker(broker_url, progress) as mq, database(database_url, progress) as db:
         emit(api_bench.run(mq, db, hosts=pick(hosts, small, 2, 4), vms=pick(vms, small, 6, 64),
                            cycles=pick(cycles, small, 1, 4), concurrency=pick(concurrency, small, 6, 16),
-                           log_dir=log_dir, progress=progress))
+                           rounds=pick(rounds, small, 1, 2), log_dir=log_dir, progress=progress))
