@@ -1,7 +1,7 @@
 """`zstack-cli`: hosts, VMs, jobs and the ring of the ZStack management nodes, over their REST API.
 
 Exit codes: 0 success; 1 the job failed, timed out or the MN could not be reached; 2 bad input (a usage
-error, or the API answered 4xx).
+error, or the API answered 4xx); 130 interrupted while waiting (the job goes on).
 """
 
 from __future__ import annotations
@@ -135,12 +135,18 @@ def finish(state: State, job: Json, wait: bool, wait_timeout: float) -> None:
         state.show(job, "job")
         return
     progress = Progress()
+    # A TTY gets a fresh progress line every second; otherwise fewer, longer polls (they end when the job does).
+    poll = 1 if progress.enabled else 10
     try:
-        done = state.client.wait_job(job, timeout=wait_timeout, on_progress=progress.update)
+        done = state.client.wait_job(job, timeout=wait_timeout, poll=poll, on_progress=progress.update)
     except (JobFailed, JobTimeout) as err:
         progress.clear()
         state.show(err.job, "job")
         raise CliError(str(err), 1) from None
+    except KeyboardInterrupt:
+        progress.clear()
+        raise CliError(f"interrupted; job {job.get('id')} goes on: follow it with zstack-cli jobs wait {job.get('id')}",
+                       130) from None
     progress.clear()
     state.show(done, "job")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from zstack_cli.cli import Progress
+from zstack_cli.cli import CliError, Progress, State, finish
 from zstack_cli.client import ApiClient, JobFailed, JobTimeout
 
 JOB_ID = "f" * 32
@@ -73,3 +73,15 @@ def test_no_progress_when_stderr_is_not_a_tty() -> None:
     progress.update({"id": JOB_ID, "operation": "vm.stop", "state": "Running"}, 1.0)
     progress.clear()
     assert stream.getvalue() == ""
+
+
+class Interrupted(ApiClient):
+    def wait_job(self, *_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_waiting_says_the_job_goes_on() -> None:
+    with pytest.raises(CliError) as err:
+        finish(State(Interrupted(), "table"), {"id": JOB_ID, "state": "Running"}, True, 60)
+    assert err.value.exit_code == 130
+    assert f"zstack-cli jobs wait {JOB_ID}" in err.value.format_message()
