@@ -6,6 +6,7 @@ what to do next. The bearer token is sent but never appears in a message.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
@@ -136,9 +137,12 @@ class ApiClient:
                                "MN with --url") from None
             raise ApiError(f"cannot reach {self.url}: {reason}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None
-        except (ConnectionError, OSError) as err:
-            raise ApiError(f"cannot reach {self.url}: {err}. Is an MN running there? "
+        except OSError as err:  # includes a connection reset or closed mid-answer
+            raise ApiError(f"cannot reach {self.url}: {err or type(err).__name__}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None
+        except http.client.HTTPException as err:
+            raise ApiError(f"{method} {url}: broken HTTP answer ({type(err).__name__}); is {self.url} a ZStack "
+                           "MN?") from None
         if not raw:
             return {}
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +104,21 @@ def test_other_error_bodies_still_give_a_message(status: int, body: bytes, messa
 
 def test_unreachable_is_not_a_4xx() -> None:
     assert ApiError("cannot reach").exit_code == 1
+
+
+def test_a_server_that_is_not_http_gets_a_clear_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+
+        def answer_garbage() -> None:
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        result = cli("--url", f"http://127.0.0.1:{port}", "--timeout", "5", "hosts", "list")
+    assert result.exit_code == 1
+    assert "broken HTTP answer (BadStatusLine)" in result.output and "Traceback" not in result.output
