@@ -225,15 +225,18 @@ class ApiClient:
         return self.get("/v1/jobs", resource_uuid=resource_uuid, state=state, limit=limit).get("jobs", [])
 
     def wait_job(self, job: Json | str, timeout: float = 600.0, poll: float = 1.0,
-                 on_progress: Callable[[Json, float], None] | None = None) -> Json:
+                 on_progress: Callable[[Json, float], None] | None = None, outage_grace: float = 30.0) -> Json:
         """Long-poll until the job is terminal. Raise JobFailed / JobTimeout; return the Succeeded job.
 
         `poll` is the server-side wait per request (whole seconds, at least 1); `on_progress` is called
-        after each answer with the job and the seconds waited so far.
+        after each answer with the job and the seconds waited so far. The job is durable, so an MN that
+        cannot be reached or answers 5xx (it died, or a Service in front moves us to another one) is
+        retried for up to `outage_grace` seconds in a row before the error is raised.
         """
         doc = job if isinstance(job, dict) else self.get_job(job)
         start = time.monotonic()
         step = max(1, int(poll))
+        outage_since: float | None = None
         while True:
             elapsed = time.monotonic() - start
             if on_progress is not None:
@@ -243,7 +246,17 @@ class ApiClient:
             left = timeout - elapsed
             if left <= 0:
                 raise JobTimeout(doc, elapsed)
-            doc = self.get_job(doc["id"], wait=max(1, min(step, int(left + 0.999))))
+            try:
+                doc = self.get_job(doc["id"], wait=max(1, min(step, int(left + 0.999))))
+                outage_since = None
+            except ApiError as err:
+                if err.status is not None and err.status < 500:
+                    raise
+                now = time.monotonic()
+                outage_since = outage_since or now
+                if now - outage_since >= outage_grace:
+                    raise
+                time.sleep(min(1.0, max(0.0, left)))
         if doc["state"] == "Failed":
             raise JobFailed(doc)
         return doc

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from zstack_cli.cli import CliError, Progress, State, finish
-from zstack_cli.client import ApiClient, JobFailed, JobTimeout
+from zstack_cli.client import ApiClient, ApiError, JobFailed, JobTimeout
 
 JOB_ID = "f" * 32
 
@@ -85,3 +85,28 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on() -> None:
         finish(State(Interrupted(), "table"), {"id": JOB_ID, "state": "Running"}, True, 60)
     assert err.value.exit_code == 130
     assert f"zstack-cli jobs wait {JOB_ID}" in err.value.format_message()
+
+
+class FlakyMn(ScriptedJobs):
+    """Unreachable (or 503) for the first `outages` polls, then answers the scripted states."""
+
+    def __init__(self, outages: list[ApiError], *states: str) -> None:
+        super().__init__(*states)
+        self.outages = outages
+
+    def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        if wait is not None and self.outages:
+            raise self.outages.pop(0)
+        return super().get_job(job_id, wait)
+
+
+def test_an_mn_outage_while_waiting_is_ridden_out() -> None:
+    client = FlakyMn([ApiError("cannot reach"), ApiError("not serving", status=503)], "Running", "Succeeded")
+    assert client.wait_job(JOB_ID)["state"] == "Succeeded"
+
+
+def test_a_lasting_outage_or_a_4xx_while_waiting_is_raised() -> None:
+    with pytest.raises(ApiError, match="cannot reach"):
+        FlakyMn([ApiError("cannot reach")] * 100, "Running").wait_job(JOB_ID, outage_grace=0.5)
+    with pytest.raises(ApiError, match="no such job"):
+        FlakyMn([ApiError("no such job", status=404)], "Running").wait_job(JOB_ID)
