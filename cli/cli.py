@@ -79,10 +79,16 @@ def _check_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_token(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
+        raise click.BadParameter("must be printable ASCII without spaces (the value is not shown)")
+    return value or None
+
+
 @click.group(cls=ApiGroup, context_settings={"max_content_width": 110, "help_option_names": ["-h", "--help"]})
 @click.option("--url", envvar="ZSTACK_API_URL", show_envvar=True, default=DEFAULT_URL, show_default=True,
               callback=_check_url, help="Base URL of any MN's API")
-@click.option("--token", envvar="ZSTACK_API_TOKEN", show_envvar=True, default=None,
+@click.option("--token", envvar="ZSTACK_API_TOKEN", show_envvar=True, default=None, callback=_check_token,
               help="Bearer token (the MN's --api-token); never printed")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,

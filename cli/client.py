@@ -95,6 +95,11 @@ def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
     return ApiError(message, status=status, code=code, field=field)
 
 
+def _timed_out(method: str, url: str, limit: float) -> ApiError:
+    return ApiError(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? Raise --timeout "
+                    "or try another MN with --url")
+
+
 class ApiClient:
     """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it)."""
 
@@ -127,16 +132,13 @@ class ApiClient:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             raise self._explain(_error_from_body(err.code, err.read(), err.reason)) from None
-        except TimeoutError:
-            raise ApiError(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? "
-                           "raise --timeout or try another MN with --url") from None
         except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, TimeoutError):
-                raise ApiError(f"{method} {url}: no answer within {limit:g}s; raise --timeout or try another "
-                               "MN with --url") from None
-            raise ApiError(f"cannot reach {self.url}: {reason}. Is an MN running there? "
+            if isinstance(err.reason, TimeoutError):
+                raise _timed_out(method, url, limit) from None
+            raise ApiError(f"cannot reach {self.url}: {err.reason}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None
+        except TimeoutError:
+            raise _timed_out(method, url, limit) from None
         except OSError as err:  # includes a connection reset or closed mid-answer
             raise ApiError(f"cannot reach {self.url}: {err or type(err).__name__}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None

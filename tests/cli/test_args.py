@@ -85,6 +85,11 @@ def test_the_token_from_the_environment_is_never_shown() -> None:
     assert SECRET not in repr(ApiClient(token=SECRET))
 
 
+def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -> None:
+    result = cli("--token", "geheim-\u00fc", "ring")
+    assert result.exit_code == 2 and "--token" in result.output and "geheim" not in result.output
+
+
 def test_api_errors_in_the_contract_shape_keep_code_and_field() -> None:
     body = b'{"error": {"code": "bad_type", "message": "cpu: expected an integer, got \\"two\\"", "field": "cpu"}}'
     err = _error_from_body(400, body, "Bad Request")
