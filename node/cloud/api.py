@@ -69,7 +69,8 @@ class ApiService(Service):
     def add_routes(self, app: web.Application) -> None:
         app.middlewares.append(_json_errors)
         for route in ROUTES:
-            app.router.add_route(route.method, route.path, self._endpoint(route))
+            if route.handler:
+                app.router.add_route(route.method, route.path, self._endpoint(route))
 
     def _endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         handler: Callable[[web.Request, Params], Awaitable[web.StreamResponse]] = getattr(self, route.handler)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sqlalchemy.engine import Connection, Row
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 JOB_DONE_TOPIC = "cloud.job.done"
 _ATTEMPTS = 6
 _WAIT_FOR_OTHER = 30.0  # seconds a job waits for an older one still run by another live MN
+_DB_THREADS = 4  # with the runtime's threads, within the engine's pool of 10 connections
+_EXECUTORS: weakref.WeakKeyDictionary[Any, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
 
 
@@ -48,13 +53,22 @@ class JobFailure(Exception):
 
 
 class Database:
-    """Runs a function in one transaction on a worker thread."""
+    """Runs a function in one transaction on the cloud's own worker threads.
+
+    Not the loop's default executor: a backlog of job queries there would delay the membership
+    heartbeat, and a late heartbeat fences the MN.
+    """
 
     def __init__(self, node: ManagementNode) -> None:
         self.node = node
+        executor = _EXECUTORS.get(node)
+        if executor is None:
+            executor = _EXECUTORS[node] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
+        self._executor = executor
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(self._in_transaction, fn, *args, **kwargs)
+        call = functools.partial(self._in_transaction, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.node.engine.begin() as conn:
@@ -90,8 +104,8 @@ class JobDriver:
     async def run(self, job: Row) -> None:
         """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
         me = self.node.uuid
-        if me is None or self.node.state != "running":
-            return
+        if me is None or self.node.state not in ("running", "leaving"):
+            return  # fenced: the new owner's sweeper drives it
         metrics.JOBS_IN_FLIGHT.inc()
         try:
             await self._run(job, me)
@@ -164,7 +178,10 @@ class JobDriver:
         with contextlib.suppress(Exception):
             self.node.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop running jobs; when leaving gracefully, let the running ones finish first (up to `grace`)."""
+        if self.node.state == "leaving":
+            await self.queues.drain(grace)
         await self.queues.close()
 
 

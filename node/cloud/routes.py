@@ -85,6 +85,11 @@ ROUTES: tuple[Route, ...] = (
                        description="Seconds to wait for a terminal state"),)),
     Route("GET", "/v1/openapi.json", "openapi", "openapi", "getOpenApi", "This document", (200, "Document"),
           auth=False),
+    # Served by the runtime (zstack_node.http); listed so that clients find the whole API here.
+    Route("GET", "/v1/cluster/ring", "", "cluster.ring", "getRing", "The ring: members and epoch", (200, "Ring"),
+          auth=False),
+    Route("GET", "/v1/cluster/owner/{uuid}", "", "cluster.owner", "getOwner", "The MN that owns a resource UUID",
+          (200, "Owner"), auth=False),
 )
 
 _TS = {"type": "string", "format": "date-time"}
@@ -126,6 +131,11 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "JobList": {"type": "object", "required": ["jobs"],
                 "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
     "Document": {"type": "object"},
+    "Ring": {"type": "object", "required": ["self", "epoch", "members", "state"],
+             "properties": {"self": _NULLABLE_UUID, "epoch": _INT, "members": {"type": "array", "items": _UUID},
+                            "state": {"type": "string"}}},
+    "Owner": {"type": "object", "required": ["resource", "owner", "epoch"],
+              "properties": {"resource": {"type": "string"}, "owner": _UUID, "epoch": _INT}},
 }
 
 _ERROR_TEXT = {400: "Bad input (the message names the field)", 401: "Missing or wrong bearer token",

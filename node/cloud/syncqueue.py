@@ -70,6 +70,11 @@ class SyncQueues:
             if self._chains.get(key) is chain:
                 del self._chains[key]
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout` seconds) for the queued work to finish."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     async def close(self) -> None:
         """Cancel every chain (this MN stopped acting on its resources)."""
         for task in list(self._tasks):
