@@ -84,6 +84,7 @@ class JobDriver:
         self.node = node
         self.db = Database(node)
         self.queues = SyncQueues()
+        self.active: set[str] = set()  # jobs being run by this MN now
 
     def submit(self, job_id: str, resource_uuid: str) -> asyncio.Future[Any]:
         """Queue a job behind the other work on its resource; it runs with the older open jobs first."""
@@ -107,9 +108,11 @@ class JobDriver:
         if me is None or self.node.state not in ("running", "leaving"):
             return  # fenced: the new owner's sweeper drives it
         metrics.JOBS_IN_FLIGHT.inc()
+        self.active.add(job.id)
         try:
             await self._run(job, me)
         finally:
+            self.active.discard(job.id)
             metrics.JOBS_IN_FLIGHT.dec()
 
     async def _run(self, job: Row | None, me: str) -> None:

@@ -110,7 +110,8 @@ def abandoned_jobs(conn: Connection, dead_grace: float, pending_grace: float) ->
     MN (its message may be lost) after `pending_grace`.
     """
     return list(conn.execute(text(
-        "SELECT * FROM jobs WHERE state IN ('Pending', 'Running') AND updated_at < clock_timestamp() -"
+        "SELECT *, EXTRACT(EPOCH FROM clock_timestamp() - updated_at) AS idle FROM jobs"
+        " WHERE state IN ('Pending', 'Running') AND updated_at < clock_timestamp() -"
         " make_interval(secs => CASE WHEN mn IS NULL THEN :p ELSE :d END) ORDER BY created_at, id LIMIT 5000"),
         {"d": dead_grace, "p": pending_grace}))
 

@@ -1,7 +1,9 @@
 """The job sweeper: finds accepted jobs nobody is driving and drives them on the resource's owner.
 
-A job is abandoned when its MN left the ring (it died mid-job), or when it has stayed Pending
-with no MN for a grace period (its message was lost, e.g. in a crashed MN's exclusive queue).
+A job is abandoned when its MN left the ring (it died mid-job), when it has stayed Pending with
+no MN for a grace period (its message was lost, e.g. in a crashed MN's exclusive queue), or when
+this MN's own claim on it is older than that grace and nothing here runs it any more (a run that
+gave up while the database was down).
 Every MN sweeps periodically and at once on ring changes, but only the jobs whose resource it
 owns, so each abandoned job has one driver.
 """
@@ -74,12 +76,15 @@ class Sweeper:
         rows = await self.db(repo.abandoned_jobs, self.dead_grace, self.pending_grace)
         taken = 0
         for job in rows:
-            if job.id in self._driving or (job.mn is not None and job.mn in ring.members):
-                continue
-            if ring.owner(job.resource_uuid) != me:
+            if job.id in self._driving or ring.owner(job.resource_uuid) != me:
                 continue
             driver = self._driver(job.operation)
             if driver is None:
+                continue
+            if job.mn == me:
+                if job.id in driver.active or job.idle < self.pending_grace:
+                    continue
+            elif job.mn is not None and job.mn in ring.members:
                 continue
             log.info("taking over job %s (%s on %s), left by MN %s", job.id, job.operation, job.resource_uuid,
                      job.mn or "none (message lost)")

@@ -48,8 +48,10 @@ def test_abandoned_jobs_are_finished_by_the_owner_once(cloud):
               " VALUES (:u, 'half', 2, 512, :h, 'Starting', :j)", u=new_vm, h=host["uuid"], j=create)
     # 4. Already finished: a job that reached its end is never run again.
     done = insert_job(cloud, "vm.destroy", vms[2]["uuid"], state="Succeeded", mn=dead)
+    # 5. Claimed by this very MN, which no longer runs it (say a run gave up while the DB was down).
+    stuck = insert_job(cloud, "vm.reboot", vms[2]["uuid"], state="Running", mn=node.uuid)
 
-    for job_id, state in [(lost, "Stopped"), (midway, "Stopped"), (create, "Running")]:
+    for job_id, state in [(lost, "Stopped"), (midway, "Stopped"), (create, "Running"), (stuck, "Running")]:
         job = api.wait(job_id, 30)
         assert job["state"] == "Succeeded" and job["mn"] == node.uuid, job
         assert job["result"]["state"] == state
@@ -60,7 +62,7 @@ def test_abandoned_jobs_are_finished_by_the_owner_once(cloud):
     assert host_accounting(cloud) == []
     assert api.ok("GET", f"/v1/hosts/{host['uuid']}", 200)["cpu_used"] == 5
     swept = api.request("GET", "/metrics").text
-    assert "zstack_jobs_swept_total 3.0" in swept
+    assert "zstack_jobs_swept_total 4.0" in swept
 
 
 def test_fences_stop_a_stale_runner(fresh_database):
