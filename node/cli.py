@@ -13,7 +13,7 @@ import click
 from .cloud import SERVICES as CLOUD_SERVICES
 from .config import ConfigError, Settings
 from .http import build_app, serve
-from .kube import KubeError
+from .kube import KubeError, namespace
 from .node import ManagementNode
 from .ring import DEFAULT_VNODES
 from .service import Service
@@ -72,6 +72,11 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
         settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if settings.leases_enabled:
+        try:
+            namespace(settings.pod_namespace)  # fail now, not after the database answers
+        except KubeError as exc:
+            raise click.UsageError(str(exc)) from None
     classes = [*CLOUD_SERVICES, *(load_service(spec) for spec in services)]
     try:
         asyncio.run(run(settings, classes))

@@ -38,9 +38,9 @@ class LeaseMembership:
         """Log in, find the namespace, and start watching. Raises kube.KubeError when impossible."""
         s = self.settings
         namespace = kube.namespace(s.pod_namespace)
-        client = await asyncio.to_thread(self._factory)  # fail early on a bad kubeconfig
+        await asyncio.to_thread(self._factory)  # fail early on a bad kubeconfig
         timeout = call_timeout(s.lease_duration)
-        self._api = LeaseApi(lambda: client, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
+        self._api = LeaseApi(self._factory, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
                              timeout)
         loop = asyncio.get_running_loop()
         self._watcher = LeaseWatcher(

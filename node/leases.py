@@ -76,6 +76,10 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def _owner_uids(obj: dict[str, Any]) -> set[str]:
+    return {o.get("uid") for o in obj.get("metadata", {}).get("ownerReferences") or []}
+
+
 class LeaseApi:
     """This MN's own Lease: name = pod name, holderIdentity = MN UUID, owned by its Pod."""
 
@@ -131,12 +135,11 @@ class LeaseApi:
             return []
         return [{"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": uid}]
 
-    def _body(self, holder: str, base: dict[str, Any] | None) -> dict[str, Any]:
+    def _body(self, holder: str, base: dict[str, Any] | None, owners: list[dict[str, Any]]) -> dict[str, Any]:
         now = micro_time()
         metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
                                     "labels": {**((base or {}).get("metadata", {}).get("labels") or {}),
                                                CLUSTER_LABEL: self.cluster}}
-        owners = self._owner_references()
         if owners:
             metadata["ownerReferences"] = owners
         spec = dict((base or {}).get("spec") or {})
@@ -146,6 +149,14 @@ class LeaseApi:
                 spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
         spec.update(holderIdentity=holder, leaseDurationSeconds=self.duration, acquireTime=now, renewTime=now)
         return {"apiVersion": GROUP_VERSION, "kind": "Lease", "metadata": metadata, "spec": spec}
+
+    def _delete(self, current: dict[str, Any]) -> None:
+        """Delete exactly the version `current` of my Lease (a 409 when it changed meanwhile)."""
+        from kubernetes import client
+
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(resource_version=current["metadata"]["resourceVersion"]))
+        self._call("delete_namespaced_lease", self.name, self.namespace, body=options)
 
     # ---- operations ------------------------------------------------------------------------
 
@@ -159,8 +170,14 @@ class LeaseApi:
                     if _status(exc) != 404:
                         raise
                     current = None
+                owners = self._owner_references()
                 try:
-                    body = self._body(holder, current)
+                    if current is not None and owners and _owner_uids(current) != {o["uid"] for o in owners}:
+                        # A Lease of an earlier Pod of this name, which the garbage collector may be deleting
+                        # right now: replace the object instead of taking it over.
+                        self._delete(current)
+                        current = None
+                    body = self._body(holder, current, owners)
                     method = "create_namespaced_lease" if current is None else "replace_namespaced_lease"
                     args = (self.namespace,) if current is None else (self.name, self.namespace)
                     self._lease = self._call(method, *args, body)
@@ -206,11 +223,7 @@ class LeaseApi:
             current = self._call("read_namespaced_lease", self.name, self.namespace)
             if current is None or (current.get("spec") or {}).get("holderIdentity") != holder:
                 return Result(Outcome.LOST, "not mine any more")
-            from kubernetes import client
-
-            options = client.V1DeleteOptions(
-                preconditions=client.V1Preconditions(resource_version=current["metadata"]["resourceVersion"]))
-            self._call("delete_namespaced_lease", self.name, self.namespace, body=options)
+            self._delete(current)
             self._lease = None
             return Result(Outcome.OK)
         except Exception as exc:

@@ -154,9 +154,11 @@ class ManagementNode:
             me = uuidlib.uuid4().hex
             self.state, self.uuid = "joining", me
             try:
+                await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
+                # The Lease before the row counts (RUNNING): others never see me without it for long.
+                # After the row is written, so that a DB outage does not churn the Lease through UUIDs.
                 if self.leases is not None and not await self.leases.acquire(me):
                     log.warning("joining as %s without a Lease for now; renewals keep trying", me)
-                await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
                 await self.bus.serve(me, self.services)
                 stamp = time.monotonic()
                 if not await asyncio.to_thread(self.membership.mark, me, RUNNING):

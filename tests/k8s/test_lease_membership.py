@@ -60,9 +60,12 @@ def test_every_mn_holds_its_lease_and_all_agree_on_one_ring(mn_pods: MnPods) -> 
         assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Pod", name, pod["metadata"]["uid"])]
     assert len({r["epoch"] for r in rings.values()}) == 1
     # Renewals go on (every interval) without rebuilding any ring.
-    before = lease_events(mn_pods)
+    before, log_lines = lease_events(mn_pods), {n: len(mn_pods.log(n).splitlines()) for n in mn_pods.names()}
     time.sleep(3 * HEARTBEAT_INTERVAL)
     after = lease_events(mn_pods)
+    logged = {n: [line for line in mn_pods.log(n).splitlines()[log_lines[n]:] if not line.startswith("[kubelet")]
+              for n in mn_pods.names()}
+    assert not any(logged.values()), f"renewals were logged: {logged}"
     assert after["none"] > before["none"], "no renewal events were seen"
     assert after["ring_change"] == before["ring_change"], "a renewal rebuilt a ring"
     assert {r["epoch"] for r in mn_pods.rings().values()} == {r["epoch"] for r in rings.values()}
@@ -121,6 +124,7 @@ def test_killed_mn_is_dropped_within_the_lease_duration_plus_one_interval(mn_pod
     rings = mn_pods.wait_agreed(3, timeout=90)
     assert rings[victim]["self"] != old_uuid
     assert mn_pods.lease(victim)["spec"]["holderIdentity"] == rings[victim]["self"]
+    figure("lease_events_kill9_test", **lease_events(mn_pods))
 
 
 def test_api_server_outage_evicts_nobody(mn_pods: MnPods) -> None:
@@ -144,7 +148,8 @@ def test_api_server_outage_evicts_nobody(mn_pods: MnPods) -> None:
             for _, r in samples if r}
     changed = [s for s in seen if set(s[2]) != members or s[3] != "running"]
     fenced = fences(mn_pods) - fences_before
-    figure("api_server_outage", stopped_s=round(down_s, 1), stop_took_s=round(stopped - t0, 1),
+    events = lease_events(mn_pods)
+    figure("api_server_outage", lease_events=events, stopped_s=round(down_s, 1), stop_took_s=round(stopped - t0, 1),
            restart_took_s=round(time.monotonic() - restart - 3 * LEASE_DURATION, 1),
            ring_views=len(seen), fences=fenced)
     assert not changed, f"a ring changed or an MN stopped running during the outage: {changed}"
