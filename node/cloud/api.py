@@ -94,6 +94,9 @@ class ApiService(Service):
                 status = 503
                 log.warning("%s %s: database unavailable: %s", request.method, request.path, _first_line(exc))
                 return _error(ApiError(503, "unavailable", f"the database is unavailable: {_first_line(exc)}"))
+            except Exception as exc:
+                log.exception("%s %s failed", request.method, request.path)
+                return _error(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
             finally:
                 metrics.API_REQUESTS.labels(route.operation, str(status)).inc()
 
@@ -245,7 +248,10 @@ class ApiService(Service):
 
 
 def _with_open_jobs(conn: Any, read: Callable[[Any, str], Row | None], uuid: str) -> tuple[Row | None, bool]:
-    return read(conn, uuid), repo.has_open_jobs(conn, uuid)
+    """The resource and whether jobs on it are open. Jobs first: a row read after "no open jobs" is
+    final, while one read before could belong to a job that ended in between."""
+    busy = repo.has_open_jobs(conn, uuid)
+    return read(conn, uuid), busy
 
 
 def _accepted(job: Row) -> web.Response:

@@ -119,7 +119,7 @@ class JobDriver:
         for attempt in range(_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0.05 * attempt)
-                job = await self._reread(job.id)  # type: ignore[union-attr]
+                job = await self._reread(job)  # type: ignore[arg-type]
             if job is None or job.state in TERMINAL:
                 return
             if job.mn not in (None, me) and job.mn in self.node.ring.members:
@@ -128,9 +128,10 @@ class JobDriver:
                     return  # finished there, or still run by a live MN: not ours to touch
             try:
                 if job.mn != me:
-                    job = await self.db(repo.claim_job, job.id, me, job.mn)
-                    if job is None:
-                        raise StaleWrite("another MN claimed the job first")
+                    claimed = await self.db(repo.claim_job, job.id, me, job.mn)
+                    if claimed is None:
+                        raise StaleWrite("another MN claimed the job first, or it ended")
+                    job = claimed
                 try:
                     self._finished(await self.apply(job, me))
                 except JobFailure as failure:
@@ -153,19 +154,21 @@ class JobDriver:
         log.warning("job %s (%s): gave up after %d attempts; the sweeper will drive it", job.id, job.operation,
                     _ATTEMPTS)
 
-    async def _reread(self, job_id: str) -> Row | None:
+    async def _reread(self, job: Row) -> Row | None:
+        """The job's row now; the row we had if the database does not answer (the next write fails anyway)."""
         try:
-            return await self.db(repo.get_job, job_id)
-        except SQLAlchemyError:
+            return await self.db(repo.get_job, job.id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s: %s", job.id, _first_line(exc))
             await asyncio.sleep(0.5)
-            return await self.db(repo.get_job, job_id)
+            return job
 
     async def _wait_for_other(self, job: Row) -> Row | None:
         """An older job run by another live MN (the ring just changed): let it finish first."""
         deadline = time.monotonic() + _WAIT_FOR_OTHER
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            job = await self._reread(job.id)
+            job = await self._reread(job)
             if job is None or job.state in TERMINAL or job.mn not in self.node.ring.members:
                 return job
         return job
