@@ -85,6 +85,7 @@ class MnPods:
     broker_url: str
     database_url: str
     replicas: int = 3
+    extra_env: dict[str, str] = field(default_factory=dict)
     _api: Any = field(default=None, repr=False)
 
     # ---- kubectl and the API ---------------------------------------------------------------
@@ -125,7 +126,7 @@ class MnPods:
             {"name": "ZSTACK_BROKER_URL", "value": self.broker_url},
             {"name": "ZSTACK_DATABASE_URL", "value": self.database_url},
             {"name": "ZSTACK_CLUSTER", "value": CLUSTER},
-        ]
+        ] + [{"name": k, "value": v} for k, v in self.extra_env.items()]
         container = {
             "name": "mn", "image": "zstack-node", "command": [sys.executable, "-m", "zstack_node"], "env": env,
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": self.port}, "periodSeconds": 1},

@@ -69,6 +69,13 @@ def test_every_mn_holds_its_lease_and_all_agree_on_one_ring(mn_pods: MnPods) -> 
     assert after["none"] > before["none"], "no renewal events were seen"
     assert after["ring_change"] == before["ring_change"], "a renewal rebuilt a ring"
     assert {r["epoch"] for r in mn_pods.rings().values()} == {r["epoch"] for r in rings.values()}
+    for name in mn_pods.names():
+        text = mn_pods.metrics(name)
+        by_source = {src: metric(text, "zstack_membership_members", source=src) for src in ("db", "lease", "both")}
+        assert by_source == {"db": 3, "lease": 3, "both": 3}, f"{name}: {by_source}"
+        assert metric(text, "zstack_lease_view_trusted") == 1
+        assert metric(text, "zstack_lease_renew_seconds_count") >= 3
+        assert metric(text, "zstack_lease_renew_failures_total") == 0
     figure("lease_events_steady", none=after["none"] - before["none"], seconds=3 * HEARTBEAT_INTERVAL)
 
 
@@ -220,6 +227,38 @@ def test_stopped_mn_is_evicted_and_rejoins_with_a_new_uuid_after_sigcont(mn_pods
     assert "fencing myself (lease lost: not renewed for" in log, log[-3000:]
     rings = mn_pods.wait_agreed(3, timeout=60)
     assert mn_pods.lease(victim)["spec"]["holderIdentity"] == rings[victim]["self"] != old_uuid
+
+
+def test_lease_expiry_alone_evicts_a_stopped_mn_and_it_fences_on_resume(mn_pods: MnPods) -> None:
+    """With a DB timeout longer than the Lease, only the Lease notices a stall: its heartbeat row is still
+    fresh when the MN resumes, so it must fence itself because its own renewal gap outgrew the Lease."""
+    db_timeout = 4 * LEASE_DURATION
+    mn_pods.extra_env = {"ZSTACK_HEARTBEAT_TIMEOUT": str(db_timeout)}
+    mn_pods.deploy()
+    rings = mn_pods.wait_agreed(3)
+    victim, others = mn_pods.names()[1], [mn_pods.names()[0], mn_pods.names()[2]]
+    old_uuid, pid, ip = rings[victim]["self"], mn_pods.pid(victim), mn_pods.ip(victim)
+    with RingRecorder(mn_pods, others) as recorder:
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for("the others to drop the stopped MN by Lease expiry",
+                     lambda: all(recorder.first_without(n, old_uuid, t0) for n in others), db_timeout / 2,
+                     info=mn_pods.describe)
+            time.sleep(max(0.0, t0 + 2 * LEASE_DURATION - time.monotonic()))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    dropped = {n: round(recorder.first_without(n, old_uuid, t0) - t0, 3) for n in others}
+    figure("lease_expiry_convergence_s", **dropped)
+    limit = LEASE_DURATION + HEARTBEAT_INTERVAL
+    assert max(dropped.values()) <= limit, f"dropped after {dropped} s (> {limit} s)"
+    assert all("ring changed (lease expired)" in mn_pods.log(n) for n in others)
+    wait_for("the stopped MN to rejoin under a new UUID",
+             lambda: mn_pods.ring(victim, ip)["self"] != old_uuid, 30, info=mn_pods.describe)
+    assert "fencing myself (lease lost: not renewed for" in mn_pods.log(victim)
+    rings = mn_pods.wait_agreed(3, timeout=60)
+    assert old_uuid not in next(iter(rings.values()))["members"]
+    assert mn_pods.lease(victim)["spec"]["holderIdentity"] == rings[victim]["self"]
 
 
 ALLOWED = {
