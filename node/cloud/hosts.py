@@ -59,17 +59,8 @@ class HostService(JobDriver, Service):
         self._wake.set()
 
     async def on_node_left(self, change: RingChange) -> None:
-        me = self.node.uuid
-        if me is None:
-            return
-        self._wake.set()  # ping what we gained now, before counting it
-        hosts = await self.db(lambda conn: [r.uuid for r in conn.execute(text("SELECT uuid FROM hosts"))])
-        gained = change.gained_by(me, hosts)
-        metrics.TAKEOVERS.inc()
-        if gained:
-            metrics.TAKEOVER_RESOURCES.labels("host").inc(len(gained))
-            log.info("took over %d host(s) from %s; tracking them now", len(gained),
-                     ",".join(sorted(u[:8] for u in change.left)))
+        self._wake.set()  # ping the hosts we gained now
+        self.count_gained(change, "host", _host_uuids)
 
     async def on_node_joined(self, change: RingChange) -> None:
         self._wake.set()  # drop the hosts the new MN took from us
@@ -182,6 +173,10 @@ class HostService(JobDriver, Service):
     def _reconnect(self, conn: Connection, job: Row, me: str, host: Row) -> Row:
         repo.touch_job(conn, job.id, me)
         return finish(conn, job, me, result=repo.host_dict(_set_host_state(conn, host, "Connected")))
+
+
+def _host_uuids(conn: Connection) -> list[str]:
+    return [r.uuid for r in conn.execute(text("SELECT uuid FROM hosts"))]
 
 
 def _hosts_and_faults(conn: Connection) -> tuple[list[Row], set[str]]:

@@ -30,6 +30,7 @@ from .syncqueue import SyncQueues
 
 if TYPE_CHECKING:
     from ..node import ManagementNode
+    from ..ring import RingChange
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class JobDriver:
         self.db = Database(node)
         self.queues = SyncQueues()
         self.active: set[str] = set()  # jobs being run by this MN now
+        self._background: set[asyncio.Task[Any]] = set()
 
     def submit(self, job_id: str, resource_uuid: str) -> asyncio.Future[Any]:
         """Queue a job behind the other work on its resource; it runs with the older open jobs first."""
@@ -172,6 +174,28 @@ class JobDriver:
             if job is None or job.state in TERMINAL or job.mn not in self.node.ring.members:
                 return job
         return job
+
+    def count_gained(self, change: RingChange, kind: str, read_uuids: Callable[[Connection], list[str]]) -> None:
+        """Count the resources this MN gained in `change`, in the background: takeover hooks run one
+        service after another, so none of them may wait for the database."""
+        me = self.node.uuid
+        if me is None:
+            return
+
+        async def count() -> None:
+            try:
+                gained = change.gained_by(me, await self.db(read_uuids))
+            except SQLAlchemyError as exc:
+                log.warning("could not count the %ss taken over: %s", kind, _first_line(exc))
+                return
+            metrics.TAKEOVERS.labels(kind).inc()
+            if gained:
+                metrics.TAKEOVER_RESOURCES.labels(kind).inc(len(gained))
+                log.info("took over %d %s(s) from %s", len(gained), kind, ",".join(sorted(u[:8] for u in change.left)))
+
+        task = asyncio.get_running_loop().create_task(count(), name=f"count-{kind}-takeover")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def apply(self, job: Row, me: str) -> Row:
         """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""

@@ -19,7 +19,8 @@ STALE_WRITES = Counter("zstack_stale_writes_total", "Fenced writes that lost a r
 TAKEOVER_RESOURCES = Counter(
     "zstack_takeover_resources_total", "Resources this MN gained when another MN left the ring", ["kind"]
 )
-TAKEOVERS = Counter("zstack_cloud_takeovers_total", "Ring changes in which this MN gained resources")
+TAKEOVERS = Counter("zstack_cloud_takeovers_total", "MNs that left while this MN served, by resource kind counted",
+                    ["kind"])
 HOSTS_TRACKED = Gauge("zstack_hosts_tracked", "Hosts this MN owns and pings")
 HOST_PINGS = Counter("zstack_host_pings_total", "Host pings by outcome", ["outcome"])
 HOSTS_DISCONNECTED = Counter("zstack_hosts_disconnected_total", "Hosts this MN marked Disconnected")

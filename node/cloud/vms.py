@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Row
 from ..envelope import Envelope
 from ..ring import Ring, RingChange
 from ..service import Service, handles
-from . import allocator, metrics, repo
+from . import allocator, repo
 from .jobs import JobDriver, JobFailure, finish
 from .simulator import AgentError, Simulator
 
@@ -74,14 +74,7 @@ class VmService(JobDriver, Service):
         self.submit(str(msg.body["job"]), str(msg.body["resource"]))
 
     async def on_node_left(self, change: RingChange) -> None:
-        me = self.node.uuid
-        if me is None:
-            return
-        vms = await self.db(_live_vm_uuids)
-        gained = change.gained_by(me, vms)
-        if gained:
-            metrics.TAKEOVER_RESOURCES.labels("vm").inc(len(gained))
-            log.info("took over %d VM(s) from %s", len(gained), ",".join(sorted(u[:8] for u in change.left)))
+        self.count_gained(change, "vm", _live_vm_uuids)
 
     async def on_self_joined(self, ring: Ring) -> None:
         """Nothing to track for VMs: the sweeper finds their unfinished jobs."""
