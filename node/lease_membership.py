@@ -5,6 +5,7 @@ Lease evidence can be trusted. The rule itself is in membership_rule.py; ring ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -43,10 +44,16 @@ class LeaseMembership:
         self._api = LeaseApi(self._factory, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
                              timeout)
         loop = asyncio.get_running_loop()
+
+        def post(callback: Callable[[Any], None], arg: Any) -> None:
+            """From the watch thread to the loop; after shutdown there is nobody left to tell."""
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(callback, arg)
+
         self._watcher = LeaseWatcher(
             self._factory, namespace, s.cluster, timeout,
-            emit=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
-            broken=lambda why: loop.call_soon_threadsafe(self._watch_broken, why),
+            emit=lambda event: post(self.events.put_nowait, event),
+            broken=lambda why: post(self._watch_broken, why),
         )
         self._watcher.start()
         log.info("Lease membership on: Lease %s/%s, label zstack.io/cluster=%s, duration %.0fs",

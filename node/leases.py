@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -318,7 +317,3 @@ class LeaseWatcher(threading.Thread):
 def call_timeout(lease_duration: float) -> float:
     """Per-call deadline: short enough that a hung call is noticed well within one Lease duration."""
     return min(2.0, max(0.5, lease_duration / 4))
-
-
-def elapsed(since: float) -> float:
-    return time.monotonic() - since
