@@ -136,7 +136,7 @@ def metric(node, name: str) -> float:
 class Load:
     """Threads submitting VM actions and creates through random live MNs until stopped."""
 
-    def __init__(self, cloud, vms: list[dict], threads: int = 10) -> None:
+    def __init__(self, cloud, vms: list[dict], threads: int = 16) -> None:
         self.cloud = cloud
         self.vms = vms
         self.stop = threading.Event()
@@ -192,6 +192,13 @@ class Load:
                     self._wait(job)
                 continue
             vm = random.choice(vms)["uuid"]
+            if states[vm] == "Running" and random.random() < 0.3:
+                # Back to back: the second waits in the owner's queue behind the first.
+                jobs = [job for job in (self._post(f"/v1/vms/{vm}/actions/{a}") for a in ("stop", "start")) if job]
+                for job in jobs:
+                    self._wait(job)
+                states[vm] = self._state(vm)
+                continue
             action = "start" if states[vm] == "Stopped" else random.choice(["stop", "reboot", "migrate"])
             job = self._post(f"/v1/vms/{vm}/actions/{action}")
             if job is None:
