@@ -96,7 +96,8 @@ class HostService(JobDriver, Service):
         ring = self.node.ring
         mine = [h for h in hosts if ring.members and ring.owner(h.uuid) == me]
         metrics.HOSTS_TRACKED.set(len(mine))
-        self._failures = {u: n for u, n in self._failures.items() if any(h.uuid == u for h in mine)}
+        mine_uuids = {h.uuid for h in mine}
+        self._failures = {u: n for u, n in self._failures.items() if u in mine_uuids}
         if not mine:
             return
         answers = await self.agent.ping([h.uuid for h in mine], faulty)

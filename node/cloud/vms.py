@@ -129,7 +129,6 @@ class VmService(JobDriver, Service):
             allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
             values.update(host_uuid=vm.migrate_to, migrate_to=None)
         elif action == "destroy":
-            repo.touch_job(conn, job.id, me)
             allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
             values.update(host_uuid=None)
         vm = repo.update_vm(conn, vm, job.id, me, **values)
