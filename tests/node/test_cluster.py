@@ -74,10 +74,13 @@ def test_kill_9_survivors_converge_and_only_gainers_take_over(cluster):
     assert converged <= HEARTBEAT_TIMEOUT + 2 * HEARTBEAT_INTERVAL, cluster.logs()
 
     new_ring = old_ring.without_member(victim_uuid)
-    wait_until(lambda: cluster.records("takeover"), 5, "takeover records")
+    def gained_keys() -> set[str]:
+        return {key for record in cluster.records("takeover") for key in record["gained"]}
+
+    # Each gainer records on its own schedule: wait until the records cover the victim's share.
+    wait_until(lambda: gained_keys() >= lost_keys or None, 10, "takeover records covering the victim's keys")
     takeovers = cluster.records("takeover")
-    taken = {key for record in takeovers for key in record["gained"]}
-    assert taken == lost_keys
+    assert gained_keys() == lost_keys
     for record in takeovers:
         assert record["left"] == [victim_uuid]
         assert all(new_ring.owner(k) == record["mn"] for k in record["gained"])
