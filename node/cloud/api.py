@@ -8,10 +8,11 @@ yet and runs where it is taken); the result lands in the job row, so any MN answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -204,21 +205,24 @@ class ApiService(Service):
     async def get_job(self, _request: web.Request, params: Params) -> web.Response:
         job_id = params["id"]
         deadline = time.monotonic() + float(params.get("wait", 0))
-        row = await self.db(repo.get_job, job_id)
-        if row is None:
-            raise _not_found("job", job_id)
-        while row.state not in TERMINAL and time.monotonic() < deadline:
-            await self._wait_for(job_id, min(_POLL, deadline - time.monotonic()))
+        # Watch before the first read: a job.done event arriving during the read must not be missed.
+        with self._watching(job_id) as done:
             row = await self.db(repo.get_job, job_id)
+            if row is None:
+                raise _not_found("job", job_id)
+            while row.state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), min(_POLL, left))
+                row = await self.db(repo.get_job, job_id)
         return web.json_response(repo.job_dict(row))
 
-    async def _wait_for(self, job_id: str, seconds: float) -> None:
+    @contextlib.contextmanager
+    def _watching(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when this job's job.done event arrives, shared by every request waiting on it."""
         event, count = self._waiters.get(job_id) or (asyncio.Event(), 0)
         self._waiters[job_id] = (event, count + 1)
         try:
-            await asyncio.wait_for(event.wait(), max(seconds, 0.0))
-        except TimeoutError:
-            pass
+            yield event
         finally:
             event, count = self._waiters[job_id]
             if count <= 1:
