@@ -8,6 +8,8 @@ background, waits for the ring, and prints what to try next.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
 import sys
 import threading
@@ -88,7 +90,9 @@ def supervise(root: Path, replicas: int) -> None:
     demo_dir = root / "demo"
     with RabbitMQ(demo_dir / "rabbitmq", say=stderr_say) as broker, \
             PostgreSQL(demo_dir / "postgres", say=stderr_say) as database:
-        nodes = [LocalNode(f"mn-{i}", broker.url, database.url, Layout(root).logs) for i in range(replicas)]
+        token_file = _api_token_file(demo_dir)
+        env = {"ZSTACK_API_TOKEN": token_file.read_text().strip()}  # env, not a flag: argv is world-readable
+        nodes = [LocalNode(f"mn-{i}", broker.url, database.url, Layout(root).logs, env=env) for i in range(replicas)]
         try:
             for node in nodes:
                 node.start()
@@ -101,6 +105,7 @@ def supervise(root: Path, replicas: int) -> None:
                            "log": str(n.log_path)} for n in nodes],
                 "broker": broker.display_url,
                 "database": database.display_url,
+                "api_token_file": str(token_file),
             }
             ready_file = _paths(root)[1]
             ready_file.write_text(json.dumps(ready, indent=2))
@@ -110,6 +115,17 @@ def supervise(root: Path, replicas: int) -> None:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def _api_token_file(demo_dir: Path) -> Path:
+    """The demo's API token: random, made once, readable only by its owner."""
+    path = demo_dir / "api-token"
+    if not path.exists():
+        demo_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def print_next_steps(ready: dict) -> None:
@@ -122,6 +138,10 @@ def print_next_steps(ready: dict) -> None:
     click.echo(f"  curl -s {first['url']}/v1/cluster/ring          # self, epoch, members")
     click.echo(f"  curl -s {first['url']}/v1/cluster/owner/$(python3 -c 'import uuid;print(uuid.uuid4().hex)')")
     click.echo(f"  curl -s {first['url']}/metrics | grep ^zstack_   # Prometheus metrics")
+    click.echo(f"  export ZSTACK_API_URL={first['url']} ZSTACK_API_TOKEN=$(cat {ready['api_token_file']})")
+    click.echo("  zstack-cli hosts add host-1 --cpu 64 --memory 262144")
+    click.echo("  zstack-cli vms create vm-1 --cpu 2 --memory 2048   # runs as a durable job; watch it finish")
+    click.echo("  zstack-cli vms list;  zstack-cli ring owner <vm uuid>")
     click.echo(f"  kill -9 {ready['nodes'][-1]['pid']}  # then watch the ring shrink within ~5 s")
     click.echo("  zstack-bench failover --small       # measured convergence, as JSON")
     click.echo("  make demo-down                      # stop it all")
