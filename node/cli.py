@@ -11,6 +11,7 @@ import socket
 import click
 
 from .cloud import SERVICES as CLOUD_SERVICES
+from .cloud.settings import CloudSettings
 from .config import ConfigError, Settings
 from .http import build_app, serve
 from .kube import KubeError, namespace
@@ -70,6 +71,7 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
     hostname = hostname or options.get("pod_name") or socket.gethostname()  # type: ignore[assignment]
     try:
         settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
+        CloudSettings.from_env()  # the cloud services read their tuning later; refuse a bad value now
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if settings.leases_enabled:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
 from sqlalchemy import text
@@ -23,6 +22,7 @@ from ..ring import Ring, RingChange
 from ..service import Service, handles
 from . import metrics, repo
 from .jobs import JobDriver, JobFailure, finish
+from .settings import CloudSettings
 from .simulator import AgentError, Simulator, faulty_hosts
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ class HostService(JobDriver, Service):
         Service.__init__(self, node)
         JobDriver.__init__(self, node)
         self.agent = Simulator()
-        self.ping_interval = float(os.environ.get("ZSTACK_HOST_PING_INTERVAL") or 1.0)
-        self.max_failures = int(os.environ.get("ZSTACK_HOST_PING_FAILURES") or 3)
+        tuning = CloudSettings.from_env()
+        self.ping_interval = tuning.host_ping_interval
+        self.max_failures = tuning.host_ping_failures
         self._failures: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tracker: asyncio.Task[None] | None = None

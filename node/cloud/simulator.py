@@ -10,23 +10,16 @@ Agent calls are idempotent: starting a started VM succeeds, as a re-driven job n
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from .settings import CloudSettings
+
 
 class AgentError(Exception):
     """The simulated agent refused or failed an operation."""
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
 class Simulator:
@@ -34,10 +27,10 @@ class Simulator:
 
     def __init__(self, latency: float | None = None, failure_rate: float | None = None,
                  ping_failure_rate: float | None = None) -> None:
-        self.latency = _env_float("ZSTACK_SIM_LATENCY", 0.005) if latency is None else latency
-        self.failure_rate = _env_float("ZSTACK_SIM_FAILURE_RATE", 0.0) if failure_rate is None else failure_rate
-        self.ping_failure_rate = (_env_float("ZSTACK_SIM_PING_FAILURE_RATE", 0.0)
-                                  if ping_failure_rate is None else ping_failure_rate)
+        tuning = CloudSettings.from_env()
+        self.latency = tuning.sim_latency if latency is None else latency
+        self.failure_rate = tuning.sim_failure_rate if failure_rate is None else failure_rate
+        self.ping_failure_rate = tuning.sim_ping_failure_rate if ping_failure_rate is None else ping_failure_rate
 
     async def call(self, host_uuid: str, operation: str, vm_uuid: str | None = None) -> None:
         """Run `operation` on the agent of `host_uuid`; raise AgentError on a simulated failure."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import metrics, repo
 from .jobs import Database, JobDriver
+from .settings import CloudSettings
 
 if TYPE_CHECKING:
     from ..node import ManagementNode
@@ -31,8 +31,9 @@ class Sweeper:
     def __init__(self, node: ManagementNode) -> None:
         self.node = node
         self.db = Database(node)
-        self.interval = float(os.environ.get("ZSTACK_JOB_SWEEP_INTERVAL") or 2.0)
-        self.pending_grace = float(os.environ.get("ZSTACK_JOB_PENDING_GRACE") or 10.0)
+        tuning = CloudSettings.from_env()
+        self.interval = tuning.job_sweep_interval
+        self.pending_grace = tuning.job_pending_grace
         self.dead_grace = 0.5  # a job just claimed by an MN that my ring does not have yet
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
