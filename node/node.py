@@ -24,6 +24,7 @@ from . import metrics
 from .bus import CloudBus
 from .config import Settings
 from .db import make_engine, migrate
+from .errors import first_line
 from .lease_membership import LeaseMembership
 from .leases import LeaseEvent, Outcome
 from .membership import LEAVING, RUNNING, Membership
@@ -167,7 +168,7 @@ class ManagementNode:
             except Exception as exc:  # noqa: BLE001 - whatever failed, the attempt is undone
                 self.db_ok = not isinstance(exc, SQLAlchemyError)
                 log.warning("joining as %s failed: %s; trying again with a new UUID in %.1fs",
-                            me, _first_line(exc), delay)
+                            me, first_line(exc), delay)
                 await self.bus.stop_serving("join failed")
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.membership.remove, me)
@@ -230,7 +231,7 @@ class ManagementNode:
         except SQLAlchemyError as exc:
             self.db_ok = False
             if not self._heartbeat_failing:
-                log.warning("cannot write my heartbeat: %s", _first_line(exc))
+                log.warning("cannot write my heartbeat: %s", first_line(exc))
             self._heartbeat_failing = True
             return
         self.db_ok = True
@@ -267,7 +268,7 @@ class ManagementNode:
         try:
             await self.reconcile()
         except SQLAlchemyError as exc:
-            log.debug("reconcile skipped: %s", _first_line(exc))
+            log.debug("reconcile skipped: %s", first_line(exc))
 
     async def reconcile(self) -> None:
         """Make the ring equal to the fresh RUNNING rows, and evict rows stale for two checks."""
@@ -445,13 +446,10 @@ class ManagementNode:
                 self.db_ok = False
                 attempt += 1
                 log.warning("waiting for the database to %s: %s (attempt %d, next try in %.1fs)",
-                            what, _first_line(exc), attempt, delay)
+                            what, first_line(exc), attempt, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _short(uuids: Iterable[str]) -> str:

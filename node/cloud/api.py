@@ -20,6 +20,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..bus import BusError
+from ..errors import first_line
 from ..ring import Ring, RingChange
 from ..service import Service
 from . import hosts, metrics, repo, vms
@@ -93,8 +94,8 @@ class ApiService(Service):
                 return _error(exc)
             except SQLAlchemyError as exc:
                 status = 503
-                log.warning("%s %s: database unavailable: %s", request.method, request.path, _first_line(exc))
-                return _error(ApiError(503, "unavailable", f"the database is unavailable: {_first_line(exc)}"))
+                log.warning("%s %s: database unavailable: %s", request.method, request.path, first_line(exc))
+                return _error(ApiError(503, "unavailable", f"the database is unavailable: {first_line(exc)}"))
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path)
                 return _error(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
@@ -309,7 +310,3 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
         return web.json_response({"error": {"code": code, "message": message, "field": None}}, status=exc.status,
                                  headers=headers)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..errors import first_line
 from . import metrics, repo
 from .repo import TERMINAL, StaleWrite
 from .syncqueue import SyncQueues
@@ -98,7 +99,7 @@ class JobDriver:
         try:
             jobs = await self.db(repo.open_jobs_up_to, job_id)
         except SQLAlchemyError as exc:
-            log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, _first_line(exc))
+            log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
             return
         for job in jobs:
             if job.operation in self.operations:
@@ -143,7 +144,7 @@ class JobDriver:
                 metrics.STALE_WRITES.labels(job.operation).inc()
                 log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
             except SQLAlchemyError as exc:
-                log.warning("job %s (%s): database error %s; trying again", job.id, job.operation, _first_line(exc))
+                log.warning("job %s (%s): database error %s; trying again", job.id, job.operation, first_line(exc))
                 await asyncio.sleep(0.5)
             except Exception as exc:
                 log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
@@ -161,7 +162,7 @@ class JobDriver:
         try:
             return await self.db(repo.get_job, job.id)
         except SQLAlchemyError as exc:
-            log.warning("cannot read job %s: %s", job.id, _first_line(exc))
+            log.warning("cannot read job %s: %s", job.id, first_line(exc))
             await asyncio.sleep(0.5)
             return job
 
@@ -186,7 +187,7 @@ class JobDriver:
             try:
                 gained = change.gained_by(me, await self.db(read_uuids))
             except SQLAlchemyError as exc:
-                log.warning("could not count the %ss taken over: %s", kind, _first_line(exc))
+                log.warning("could not count the %ss taken over: %s", kind, first_line(exc))
                 return
             metrics.TAKEOVERS.labels(kind).inc()
             if gained:
@@ -225,7 +226,3 @@ def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("job chain failed: %r", future.exception())
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
