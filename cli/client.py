@@ -100,6 +100,16 @@ def _timed_out(method: str, url: str, limit: float) -> ApiError:
                     "or try another MN with --url")
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """The API never redirects; following one would send the bearer token to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        return None  # urllib then raises HTTPError with the 3xx status
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class ApiClient:
     """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it)."""
 
@@ -128,9 +138,13 @@ class ApiClient:
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         limit = self.timeout if timeout is None else timeout
         try:
-            with urllib.request.urlopen(req, timeout=limit) as response:
+            with _OPENER.open(req, timeout=limit) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                raise ApiError(f"{method} {url}: answered a redirect ({err.code}) to {err.headers.get('Location')}; "
+                               "an MN never redirects, so the token was not sent on. Check --url / ZSTACK_API_URL",
+                               status=err.code) from None
             raise self._explain(_error_from_body(err.code, err.read(), err.reason)) from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError):

@@ -127,3 +127,44 @@ def test_a_server_that_is_not_http_gets_a_clear_error() -> None:
         result = cli("--url", f"http://127.0.0.1:{port}", "--timeout", "5", "hosts", "list")
     assert result.exit_code == 1
     assert "broken HTTP answer (BadStatusLine)" in result.output and "Traceback" not in result.output
+
+
+def test_a_redirect_is_refused_and_the_token_never_follows_it() -> None:
+    """A proxy or a wrong --url that redirects elsewhere must not receive the bearer token."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{elsewhere.server_address[1]}/v1/hosts"
+
+    class Redirecting(Elsewhere):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    servers = [elsewhere, redirecting]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = cli("--url", f"http://127.0.0.1:{redirecting.server_address[1]}", "--token", SECRET, "hosts", "list")
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert result.exit_code == 1, result.output
+    assert "redirect (302)" in result.output and "--url" in result.output
+    assert seen == [], "the redirect target must never be contacted"
+    assert SECRET not in result.output
