@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import SQLAlchemyError
 
 from ..bus import BusError
 from ..errors import first_line
@@ -25,7 +24,7 @@ from ..ring import Ring, RingChange
 from ..service import Service
 from . import hosts, metrics, repo, vms
 from .jobs import JOB_DONE_TOPIC, Database
-from .repo import TERMINAL
+from .repo import DB_UNAVAILABLE, TERMINAL
 from .routes import ROUTES, Route, openapi_document
 from .sweeper import Sweeper
 from .validation import MAX_BODY, ApiError, check_query, check_uuid, parse_json
@@ -92,13 +91,14 @@ class ApiService(Service):
             except ApiError as exc:
                 status = exc.status
                 return _error(exc)
-            except SQLAlchemyError as exc:
+            except DB_UNAVAILABLE as exc:
                 status = 503
                 log.warning("%s %s: database unavailable: %s", request.method, request.path, first_line(exc))
                 return _error(ApiError(503, "unavailable", f"the database is unavailable: {first_line(exc)}"))
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path)
-                return _error(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+                return _error(ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); the MN's log "
+                                                              "has the details"))
             finally:
                 metrics.API_REQUESTS.labels(route.operation, str(status)).inc()
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-UUID_RE = re.compile(r"^[0-9a-f]{32}$")
+UUID_RE = re.compile(r"^[0-9a-f]{32}$")  # anchored for OpenAPI; checked with fullmatch ($ allows a trailing "\n")
 MAX_BODY = 64 * 1024
 
 
@@ -68,9 +68,7 @@ class Field:
             if len(value) < low or (high is not None and len(value) > high):
                 raise ApiError(400, "out_of_range", f"{where}: length {len(value)} is not within {low}-{high}",
                                where)
-            if "\x00" in value:
-                raise ApiError(400, "invalid_value", f"{where}: must not contain NUL characters", where)
-            return value
+            return check_text(value, where)
         if self.kind in ("int", "number"):
             wanted = (int,) if self.kind == "int" else (int, float)
             if isinstance(value, bool) or not isinstance(value, wanted):
@@ -137,8 +135,20 @@ class Body:
 
 
 def check_uuid(value: str, where: str) -> str:
-    if not UUID_RE.match(value):
+    if not UUID_RE.fullmatch(value):
         raise ApiError(400, "bad_uuid", f"{where}: {_show(value)} is not a UUID (32 lowercase hex characters)", where)
+    return value
+
+
+def check_text(value: str, where: str) -> str:
+    """Refuse text PostgreSQL cannot store: NUL characters, and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ApiError(400, "invalid_value", f"{where}: must not contain NUL characters", where)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "invalid_value", f"{where}: must be valid Unicode text (lone surrogate at position "
+                                             f"{exc.start})", where) from None
     return value
 
 

@@ -129,3 +129,27 @@ def test_metrics_count_requests_and_jobs(one_mn):
     assert 'zstack_api_requests_total{code="400",operation="hosts.get"} 1.0' in text
     assert 'zstack_job_seconds_count{operation="host.add"} 1.0' in text
     assert "zstack_jobs_in_flight 0.0" in text
+
+
+def test_text_the_database_cannot_store_is_400_naming_the_field(one_mn):
+    """UUIDs with a trailing newline, NUL characters, lone surrogates: in path, query or body, a 400."""
+    api = one_mn.api()
+    good = "a" * 32
+    for path, field in [(f"/v1/vms/{good}%0A", "uuid"), (f"/v1/hosts/{good}%00", "uuid"),
+                        (f"/v1/jobs/%ED%A0%80{good[:29]}", "id"), (f"/v1/vms?host_uuid={good}%0A", "host_uuid"),
+                        ("/v1/vms?state=Running%00", "state"), ("/v1/jobs?resource_uuid=%ED%A0%80", "resource_uuid")]:
+        response = api.request("GET", path)
+        assert response.status_code == 400 and error(response)["field"] == field, (path, response.text)
+    newline = f'"{good}\\n"'
+    for path, raw, field in [
+        ("/v1/hosts", '{"name": "h\\u0000", "cpu": 1, "memory": 1}', "name"),
+        ("/v1/hosts", '{"name": "h\\ud800", "cpu": 1, "memory": 1}', "name"),
+        ("/v1/hosts", f'{{"name": "h", "cpu": 1, "memory": 1, "uuid": {newline}}}', "uuid"),
+        ("/v1/vms", '{"name": "\\udc00v", "cpu": 1, "memory": 1}', "name"),
+        ("/v1/vms", f'{{"name": "v", "cpu": 1, "memory": 1, "host_uuid": {newline}}}', "host_uuid"),
+        (f"/v1/vms/{good}/actions/migrate", f'{{"host_uuid": {newline}}}', "host_uuid"),
+        (f"/v1/vms/{good}/actions/start", '{"\\ud800": 1}', "\ud800"),
+    ]:
+        response = api.request("POST", path, data=raw.encode(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and error(response)["field"] == field, (raw, response.text)
+    assert api.ok("GET", "/v1/jobs", 200)["jobs"] == [], "no job was accepted"

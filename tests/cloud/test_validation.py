@@ -39,6 +39,10 @@ def test_a_good_body_passes_through():
     ({**GOOD_HOST, "uuid": "A" * 32}, "bad_uuid", "uuid"),
     ({**GOOD_HOST, "uuid": "12345678-1234-1234-1234-123456789012"}, "bad_uuid", "uuid"),
     ({**GOOD_HOST, "uuid": 7}, "wrong_type", "uuid"),
+    ({**GOOD_HOST, "uuid": "a" * 32 + "\n"}, "bad_uuid", "uuid"),
+    ({**GOOD_HOST, "name": "h\x00"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "h\ud800"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "\udfff"}, "invalid_value", "name"),
     ([1, 2], "wrong_type", None),
 ])
 def test_bad_bodies_name_the_field(body, code, field):
@@ -52,12 +56,19 @@ def test_bad_json_and_uuids_and_queries():
     assert error_of(parse_json, b"{nope").code == "bad_json"
     assert parse_json(b"  ") is None
     assert error_of(check_uuid, "xyz", "uuid").field == "uuid"
+    for bad in ("a" * 32 + "\n", "\n" + "a" * 32, "a" * 31 + "\x00", "a" * 31 + "\ud800"):
+        assert error_of(check_uuid, bad, "uuid").code == "bad_uuid", repr(bad)
+    assert check_uuid("0123456789abcdef" * 2, "uuid") == "0123456789abcdef" * 2
     spec = (Field("limit", "int", minimum=1, maximum=10), Field("wait", "number", minimum=0, maximum=60))
     assert check_query({"limit": "3", "wait": "0.5"}, spec) == {"limit": 3, "wait": 0.5}
     assert error_of(check_query, {"limit": "x"}, spec).code == "wrong_type"
     assert error_of(check_query, {"wait": "nan"}, spec).code == "invalid_value"
     assert error_of(check_query, {"wait": "61"}, spec).code == "out_of_range"
     assert error_of(check_query, {"other": "1"}, spec).field == "other"
+    uuids = (Field("host_uuid", "uuid"), Field("state", "enum", choices=("Running",)))
+    for query, field in [({"host_uuid": "a" * 32 + "\n"}, "host_uuid"), ({"state": "Running\x00"}, "state"),
+                         ({"state": "Running\n"}, "state"), ({"host_uuid": "\ud800"}, "host_uuid")]:
+        assert error_of(check_query, query, uuids).field == field, query
 
 
 def test_vm_transitions():
