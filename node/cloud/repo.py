@@ -107,17 +107,22 @@ def open_jobs_up_to(conn: Connection, job_id: str) -> list[Row]:
         " AND (o.created_at, o.id) < (j.created_at, j.id))) ORDER BY o.created_at, o.id"), {"j": job_id}))
 
 
-def abandoned_jobs(conn: Connection, dead_grace: float, pending_grace: float) -> list[Row]:
-    """Unfinished jobs that may have nobody driving them (the caller checks whose MN is gone).
+def abandoned_jobs(conn: Connection, me: str, live: list[str], dead_grace: float, pending_grace: float,
+                   after: tuple[datetime, str] | None = None, limit: int = 1000) -> list[Row]:
+    """Unfinished jobs that nobody may be driving, oldest first, one page of `limit` after `after`.
 
-    A job with an MN is a candidate after `dead_grace` seconds without progress; one without an
-    MN (its message may be lost) after `pending_grace`.
+    Candidates are filtered here, not by the caller, so live MNs' jobs never fill a page: a job
+    whose MN is not in `live` after `dead_grace` seconds without progress; a job without an MN (its
+    message may be lost), or claimed by `me` (a run that gave up), after `pending_grace`.
     """
     return list(conn.execute(text(
-        "SELECT *, EXTRACT(EPOCH FROM clock_timestamp() - updated_at) AS idle FROM jobs"
-        " WHERE state IN ('Pending', 'Running') AND updated_at < clock_timestamp() -"
-        " make_interval(secs => CASE WHEN mn IS NULL THEN :p ELSE :d END) ORDER BY created_at, id LIMIT 5000"),
-        {"d": dead_grace, "p": pending_grace}))
+        "SELECT * FROM jobs WHERE state IN ('Pending', 'Running')"
+        " AND (CAST(:c AS timestamptz) IS NULL OR (created_at, id) > (CAST(:c AS timestamptz), :i))"
+        " AND CASE WHEN mn IS NULL OR mn = :me THEN updated_at < clock_timestamp() - make_interval(secs => :p)"
+        " ELSE mn <> ALL(:live) AND updated_at < clock_timestamp() - make_interval(secs => :d) END"
+        " ORDER BY created_at, id LIMIT :n"),
+        {"me": me, "live": list(live), "d": dead_grace, "p": pending_grace, "c": after[0] if after else None,
+         "i": after[1] if after else None, "n": limit}))
 
 
 # ---- job writes --------------------------------------------------------------------------------

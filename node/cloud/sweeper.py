@@ -15,8 +15,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..errors import first_line
 from . import metrics, repo
 from .jobs import Database, JobDriver
 from .settings import CloudSettings
@@ -35,6 +37,7 @@ class Sweeper:
         self.interval = tuning.job_sweep_interval
         self.pending_grace = tuning.job_pending_grace
         self.dead_grace = 0.5  # a job just claimed by an MN that my ring does not have yet
+        self.page = 1000  # candidate jobs read per query
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._driving: set[str] = set()
@@ -65,36 +68,39 @@ class Sweeper:
             try:
                 await self.sweep()
             except SQLAlchemyError as exc:
-                log.warning("job sweep skipped: %s", str(exc).strip().splitlines()[0])
+                log.warning("job sweep skipped: %s", first_line(exc))
             except Exception:
                 log.exception("job sweep failed")
 
     async def sweep(self) -> int:
-        """Submit every abandoned job whose resource this MN owns; return how many."""
+        """Submit every abandoned job whose resource this MN owns, oldest first; return how many."""
         me, ring = self.node.uuid, self.node.ring
         if me is None or not ring.members:
             return 0
-        rows = await self.db(repo.abandoned_jobs, self.dead_grace, self.pending_grace)
         taken = 0
-        for job in rows:
-            if job.id in self._driving or ring.owner(job.resource_uuid) != me:
-                continue
-            driver = self._driver(job.operation)
-            if driver is None:
-                continue
-            if job.mn == me:
-                if job.id in driver.active or job.idle < self.pending_grace:
-                    continue
-            elif job.mn is not None and job.mn in ring.members:
-                continue
-            log.info("taking over job %s (%s on %s), left by MN %s", job.id, job.operation, job.resource_uuid,
-                     job.mn or "none (message lost)")
-            metrics.JOBS_SWEPT.inc()
-            self._driving.add(job.id)
-            driver.submit(job.id, job.resource_uuid).add_done_callback(
-                lambda _f, job_id=job.id: self._driving.discard(job_id))
-            taken += 1
-        return taken
+        after = None
+        while True:
+            rows = await self.db(repo.abandoned_jobs, me, sorted(ring.members), self.dead_grace, self.pending_grace,
+                                 after, self.page)
+            taken += sum(self._take(job, me) for job in rows)
+            if len(rows) < self.page:
+                return taken
+            after = (rows[-1].created_at, rows[-1].id)
+
+    def _take(self, job: Row, me: str) -> bool:
+        """Submit one candidate if its resource is ours and nothing here drives it already."""
+        driver = self._driver(job.operation)
+        if driver is None or job.id in self._driving or job.id in driver.active:
+            return False
+        if self.node.ring.owner(job.resource_uuid) != me:
+            return False
+        log.info("taking over job %s (%s on %s), left by MN %s", job.id, job.operation, job.resource_uuid,
+                 job.mn or "none (message lost)")
+        metrics.JOBS_SWEPT.inc()
+        self._driving.add(job.id)
+        driver.submit(job.id, job.resource_uuid).add_done_callback(
+            lambda _f, job_id=job.id: self._driving.discard(job_id))
+        return True
 
     def _driver(self, operation: str) -> JobDriver | None:
         service = self.node.services.get(operation.partition(".")[0])
