@@ -21,7 +21,7 @@ from ..envelope import Envelope
 from ..ring import Ring, RingChange
 from ..service import Service, handles
 from . import metrics, repo
-from .jobs import JobDriver, JobFailure, finish
+from .jobs import JobDriver, JobFailure
 from .settings import CloudSettings
 from .simulator import AgentError, Simulator, faulty_hosts
 
@@ -156,7 +156,7 @@ class HostService(JobDriver, Service):
             {"u": job.resource_uuid, "n": params["name"], "c": params["cpu"], "m": params["memory"]}).first()
         if row is None:
             raise JobFailure("already_exists", f"uuid: host {job.resource_uuid} already exists")
-        return finish(conn, job, me, result=repo.host_dict(row))
+        return repo.finish_job(conn, job.id, me, result=repo.host_dict(row))
 
     def _delete(self, conn: Connection, job: Row, me: str) -> Row:
         repo.touch_job(conn, job.id, me)
@@ -170,11 +170,11 @@ class HostService(JobDriver, Service):
             raise JobFailure("host_has_vms", f"host {job.resource_uuid} has VMs placed on it: destroy or migrate "
                                              "them first")
         conn.execute(text("DELETE FROM sim_host_faults WHERE host_uuid = :u"), {"u": job.resource_uuid})
-        return finish(conn, job, me, result=repo.host_dict(row))
+        return repo.finish_job(conn, job.id, me, result=repo.host_dict(row))
 
     def _reconnect(self, conn: Connection, job: Row, me: str, host: Row) -> Row:
         repo.touch_job(conn, job.id, me)
-        return finish(conn, job, me, result=repo.host_dict(_set_host_state(conn, host, "Connected")))
+        return repo.finish_job(conn, job.id, me, result=repo.host_dict(_set_host_state(conn, host, "Connected")))
 
 
 def _host_uuids(conn: Connection) -> list[str]:

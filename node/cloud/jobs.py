@@ -6,6 +6,8 @@
   its attempt instead of applying anything.
 - A job's resource change and the job's own terminal state commit together: a re-driven job
   finds either its change applied and itself finished, or neither.
+- A job that fails, for whatever reason, undoes its partial change with its terminal write, so it
+  never leaves its resource in a transitional state (`abort`).
 - The sweeper (on each resource's owner) drives jobs whose MN is gone or whose message was lost.
 """
 
@@ -26,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import first_line
 from . import metrics, repo
-from .repo import TERMINAL, StaleWrite
+from .repo import DB_UNAVAILABLE, TERMINAL, StaleWrite
 from .syncqueue import SyncQueues
 
 if TYPE_CHECKING:
@@ -138,19 +140,22 @@ class JobDriver:
                 try:
                     self._finished(await self.apply(job, me))
                 except JobFailure as failure:
-                    self._finished(await self.db(repo.finish_job, job.id, me, error=failure.as_dict()))
+                    self._finished(await self.db(self.abort, job, me, failure))
                 return
             except StaleWrite as exc:
                 metrics.STALE_WRITES.labels(job.operation).inc()
                 log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
-            except SQLAlchemyError as exc:
+            except DB_UNAVAILABLE as exc:
                 log.warning("job %s (%s): database error %s; trying again", job.id, job.operation, first_line(exc))
                 await asyncio.sleep(0.5)
             except Exception as exc:
                 log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
-                with contextlib.suppress(StaleWrite, SQLAlchemyError):
-                    error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
-                    self._finished(await self.db(repo.finish_job, job.id, me, error=error))
+                failure = JobFailure("internal_error", f"{type(exc).__name__}: {first_line(exc)}")
+                try:
+                    self._finished(await self.db(self.abort, job, me, failure))
+                except (StaleWrite, SQLAlchemyError) as again:
+                    log.warning("job %s (%s): could not record the failure (%s); the sweeper will drive it", job.id,
+                                job.operation, first_line(again))
                 return
         with contextlib.suppress(SQLAlchemyError):
             await self.db(repo.release_job, job.id, me)
@@ -202,6 +207,10 @@ class JobDriver:
         """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""
         raise NotImplementedError
 
+    def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
+        """Fail the job in one transaction with the undo of any partial change it left on its resource."""
+        return repo.finish_job(conn, job.id, me, error=failure.as_dict())
+
     def _finished(self, row: Row) -> None:
         metrics.JOBS_FINISHED.labels(row.operation, row.state).inc()
         if row.finished_at is not None:
@@ -214,12 +223,6 @@ class JobDriver:
         if self.node.state == "leaving":
             await self.queues.drain(grace)
         await self.queues.close()
-
-
-def finish(conn: Connection, job: Row, me: str, *, result: dict[str, Any] | None = None,
-           error: JobFailure | None = None) -> Row:
-    """Finish `job` in the caller's transaction (with the resource change it made)."""
-    return repo.finish_job(conn, job.id, me, result=result, error=error.as_dict() if error else None)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -20,7 +20,7 @@ from ..envelope import Envelope
 from ..ring import Ring, RingChange
 from ..service import Service, handles
 from . import allocator, repo
-from .jobs import JobDriver, JobFailure, finish
+from .jobs import JobDriver, JobFailure
 from .simulator import AgentError, Simulator
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,15 @@ class VmService(JobDriver, Service):
             return await self.db(self._undo, job, me, vm, spec, JobFailure("agent_error", str(exc)))
         return await self.db(self._complete, job, me, vm, action, spec)
 
+    def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
+        """Fail the job; a VM it left in a transitional state goes back (and gives back what it reserved)."""
+        vm = repo.get_vm(conn, job.resource_uuid)
+        if vm is None or vm.job_id != job.id or vm.state not in TRANSITIONAL:
+            return repo.finish_job(conn, job.id, me, error=failure.as_dict())
+        if job.operation == "vm.create":
+            return self._undo_create(conn, job, me, vm, failure)
+        return self._undo(conn, job, me, vm, ACTIONS[job.operation.removeprefix("vm.")], failure)
+
     def _begin(self, conn: Connection, job: Row, me: str, vm: Row, action: str, spec: Action) -> Row:
         repo.touch_job(conn, job.id, me)
         values: dict[str, Any] = {"state": spec.transit}
@@ -121,7 +130,7 @@ class VmService(JobDriver, Service):
             if vm.migrate_to:
                 allocator.release(conn, vm.migrate_to, vm.cpu, vm.memory)
             repo.update_vm(conn, vm, job.id, me, state=spec.undo, migrate_to=None)
-        return finish(conn, job, me, error=failure)
+        return repo.finish_job(conn, job.id, me, error=failure.as_dict())
 
     def _complete(self, conn: Connection, job: Row, me: str, vm: Row, action: str, spec: Action) -> Row:
         values: dict[str, Any] = {"state": spec.final}
@@ -132,7 +141,7 @@ class VmService(JobDriver, Service):
             allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
             values.update(host_uuid=None)
         vm = repo.update_vm(conn, vm, job.id, me, **values)
-        return finish(conn, job, me, result=repo.vm_dict(vm))
+        return repo.finish_job(conn, job.id, me, result=repo.vm_dict(vm))
 
     async def _create(self, job: Row, me: str) -> Row:
         vm = await self.db(repo.get_vm, job.resource_uuid)
@@ -164,7 +173,7 @@ class VmService(JobDriver, Service):
     def _undo_create(self, conn: Connection, job: Row, me: str, vm: Row, failure: JobFailure) -> Row:
         allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
         repo.update_vm(conn, vm, job.id, me, state="Destroyed", host_uuid=None)
-        return finish(conn, job, me, error=failure)
+        return repo.finish_job(conn, job.id, me, error=failure.as_dict())
 
 
 def _live_vm_uuids(conn: Connection) -> list[str]:

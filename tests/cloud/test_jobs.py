@@ -1,7 +1,9 @@
-"""The job runner's queries on the real database: the sweeper's candidate query."""
+"""The job runner in one process on the real database: undo after an internal error, and the
+sweeper's candidate query. The MN around it is a plain stand-in (uuid, state, ring)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -11,7 +13,39 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from zstack_node.cloud import repo
+from zstack_node.cloud.vms import VmService
 from zstack_node.db import migrate
+from zstack_node.ring import Ring
+
+
+class Bus:
+    def publish_event(self, _topic: str, _body: dict[str, Any]) -> None:
+        pass
+
+
+class Node:
+    """What the job runner reads of its ManagementNode."""
+
+    def __init__(self, engine: Engine, me: str, members: set[str]) -> None:
+        self.engine = engine
+        self.uuid = me
+        self.state = "running"
+        self.ring = Ring.of(members)
+        self.bus = Bus()
+        self.services: dict[str, Any] = {}
+
+
+class Agent:
+    """A simulated agent that records its calls, and raises `error` (not an AgentError) when set."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.error: Exception | None = None
+
+    async def call(self, _host: str, operation: str, _vm: str | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.calls.append(operation)
 
 
 @pytest.fixture
@@ -28,6 +62,22 @@ def sql(engine: Engine, query: str, **params: Any) -> list[Any]:
         return list(result) if result.returns_rows else []
 
 
+def add_host(engine: Engine, cpu: int = 8) -> str:
+    host = uuid.uuid4().hex
+    sql(engine, "INSERT INTO hosts (uuid, name, cpu_capacity, memory_capacity, state)"
+                " VALUES (:u, 'h', :c, 8192, 'Connected')", u=host, c=cpu)
+    return host
+
+
+def add_vm(engine: Engine, host: str, state: str = "Running", cpu: int = 2) -> str:
+    vm = uuid.uuid4().hex
+    sql(engine, "INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state)"
+                " VALUES (:u, 'v', :c, 256, :h, :s)", u=vm, c=cpu, h=host, s=state)
+    sql(engine, "UPDATE hosts SET cpu_used = cpu_used + :c, memory_used = memory_used + 256 WHERE uuid = :h",
+        c=cpu, h=host)
+    return vm
+
+
 def add_job(engine: Engine, operation: str, resource: str, *, mn: str | None = None,
             parameters: dict[str, Any] | None = None) -> str:
     job = uuid.uuid4().hex
@@ -35,6 +85,58 @@ def add_job(engine: Engine, operation: str, resource: str, *, mn: str | None = N
                 " VALUES (:j, :o, :r, CAST(:p AS jsonb), :s, :m)",
         j=job, o=operation, r=resource, p=json.dumps(parameters or {}), s="Running" if mn else "Pending", m=mn)
     return job
+
+
+def job_row(engine: Engine, job: str) -> Any:
+    return sql(engine, "SELECT * FROM jobs WHERE id = :j", j=job)[0]
+
+
+def vm_row(engine: Engine, vm: str) -> Any:
+    return sql(engine, "SELECT * FROM vm_instances WHERE uuid = :u", u=vm)[0]
+
+
+def cpu_used(engine: Engine, host: str) -> int:
+    return sql(engine, "SELECT cpu_used FROM hosts WHERE uuid = :h", h=host)[0].cpu_used
+
+
+def vm_service(engine: Engine, me: str, members: set[str]) -> tuple[VmService, Agent]:
+    service = VmService(Node(engine, me, members))
+    service.agent = agent = Agent()
+    service.node.services["vm"] = service
+    return service, agent
+
+
+@pytest.mark.parametrize("operation, before, after", [
+    ("vm.migrate", "Running", "Running"),
+    ("vm.start", "Stopped", "Stopped"),
+    ("vm.stop", "Running", "Running"),
+    ("vm.create", None, "Destroyed"),
+])
+def test_an_internal_error_undoes_the_action_with_the_failure(engine, operation, before, after):
+    """An unexpected exception mid-action: the job fails and the VM is back where it was, capacity too."""
+    me = uuid.uuid4().hex
+    source, target = add_host(engine), add_host(engine)
+    if operation == "vm.create":
+        vm = uuid.uuid4().hex
+        job = add_job(engine, operation, vm, parameters={"name": "v", "cpu": 2, "memory": 256, "host_uuid": target})
+    else:
+        vm = add_vm(engine, source, before)
+        job = add_job(engine, operation, vm, parameters={"host_uuid": target} if operation == "vm.migrate" else {})
+    service, agent = vm_service(engine, me, {me})
+    agent.error = RuntimeError("agent bug")
+
+    async def scenario() -> None:
+        await service.submit(job, vm)
+        await service.close()
+
+    asyncio.run(scenario())
+    finished = job_row(engine, job)
+    assert finished.state == "Failed" and finished.error["code"] == "internal_error", finished
+    assert "agent bug" in finished.error["message"]
+    row = vm_row(engine, vm)
+    assert (row.state, row.migrate_to) == (after, None)
+    assert cpu_used(engine, target) == 0, "the failed job kept capacity on the target host"
+    assert cpu_used(engine, source) == (0 if operation == "vm.create" else 2)
 
 
 def test_abandoned_jobs_are_never_hidden_behind_live_ones(engine):
