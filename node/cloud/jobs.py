@@ -8,6 +8,8 @@
   finds either its change applied and itself finished, or neither.
 - A job that fails, for whatever reason, undoes its partial change with its terminal write, so it
   never leaves its resource in a transitional state (`abort`).
+- Jobs on one resource run in acceptance order: a chain stops at the first job it cannot finish,
+  and the sweeper drives the rest later, older ones first.
 - The sweeper (on each resource's owner) drives jobs whose MN is gone or whose message was lost.
 """
 
@@ -104,8 +106,24 @@ class JobDriver:
             log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
             return
         for job in jobs:
-            if job.operation in self.operations:
-                await self.run(job)
+            if job.operation not in self.operations:
+                continue
+            await self.run(job)
+            if not await self._ended(job.id):
+                # Running a newer job now would reorder the resource's operations (stop then start
+                # applied as start then stop): leave it, and the rest, to the sweeper.
+                log.info("job %s (%s) is not finished; the newer jobs on %s wait for the sweeper", job.id,
+                         job.operation, job.resource_uuid)
+                return
+
+    async def _ended(self, job_id: str) -> bool:
+        """Whether the job is terminal now; False if the database cannot say."""
+        try:
+            row = await self.db(repo.get_job, job_id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s (%s)", job_id, first_line(exc))
+            return False
+        return row is None or row.state in TERMINAL
 
     async def run(self, job: Row) -> None:
         """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""

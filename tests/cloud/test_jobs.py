@@ -1,5 +1,5 @@
-"""The job runner in one process on the real database: undo after an internal error, and the
-sweeper's candidate query. The MN around it is a plain stand-in (uuid, state, ring)."""
+"""The job runner in one process on the real database: job order per resource, undo after an internal
+error, and the sweeper's candidate query. The MN around it is a plain stand-in (uuid, state, ring)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from zstack_node.cloud import repo
+from zstack_node.cloud import jobs, repo
+from zstack_node.cloud.sweeper import Sweeper
 from zstack_node.cloud.vms import VmService
 from zstack_node.db import migrate
 from zstack_node.ring import Ring
@@ -104,6 +105,35 @@ def vm_service(engine: Engine, me: str, members: set[str]) -> tuple[VmService, A
     service.agent = agent = Agent()
     service.node.services["vm"] = service
     return service, agent
+
+
+def test_a_chain_stops_at_an_unfinished_job_and_the_sweeper_keeps_the_order(engine, monkeypatch):
+    """stop (still run by another live MN) then start: the start must not overtake the stop."""
+    monkeypatch.setattr(jobs, "_WAIT_FOR_OTHER", 0.3)
+    me, other = uuid.uuid4().hex, uuid.uuid4().hex
+    vm = add_vm(engine, add_host(engine))
+    stop = add_job(engine, "vm.stop", vm, mn=other)
+    start = add_job(engine, "vm.start", vm)
+    service, agent = vm_service(engine, me, {me, other})
+
+    async def scenario() -> None:
+        await service.submit(start, vm)  # runs the older stop first: it waits for the other MN, then gives up
+        assert job_row(engine, start).state == "Pending", "the start ran before the older stop ended"
+        assert agent.calls == []
+
+        service.node.ring = Ring.of({me})  # the other MN left: the sweeper drives both, oldest first
+        sweeper = Sweeper(service.node)
+        sweeper.dead_grace = sweeper.pending_grace = 0.001
+        sweeper.page = 1  # a page of one: the second job is on the next page
+        assert await sweeper.sweep() == 2
+        await service.queues.drain(30)
+        await service.close()
+
+    asyncio.run(scenario())
+    assert agent.calls == ["stop", "start"]
+    assert (job_row(engine, stop).state, job_row(engine, start).state) == ("Succeeded", "Succeeded")
+    history = sql(engine, "SELECT to_state FROM vm_history WHERE vm_uuid = :u ORDER BY version", u=vm)
+    assert [r.to_state for r in history] == ["Stopping", "Stopped", "Starting", "Running"]
 
 
 @pytest.mark.parametrize("operation, before, after", [
