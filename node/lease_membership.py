@@ -13,7 +13,7 @@ from typing import Any
 
 from . import kube, metrics
 from .config import Settings
-from .leases import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result, call_timeout
+from .leases import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result, call_limit, call_timeout
 from .membership_rule import LeaseFact, LeaseTable, OwnLease
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class LeaseMembership:
     def __init__(self, settings: Settings, client_factory: Callable[[], Any] = kube.login) -> None:
         self.settings = settings
         self.table = LeaseTable()
-        self.own = OwnLease(settings.lease_duration)
+        self.own = OwnLease(settings.lease_duration, call_limit(call_timeout(settings.lease_duration)))
         self.events: asyncio.Queue[LeaseEvent] = asyncio.Queue()
         self.holder: str | None = None  # the MN UUID my Lease is held for; None while not held
         self._factory = client_factory
@@ -34,6 +34,7 @@ class LeaseMembership:
         self._watcher: LeaseWatcher | None = None
         self._renewals_failing = False
         self._watch_failing = False
+        self._dropped = 0  # counts dropped(): an acquire that started before one must not take effect
 
     async def start(self) -> None:
         """Log in, find the namespace, and start watching. Raises kube.KubeError when impossible."""
@@ -43,21 +44,23 @@ class LeaseMembership:
         timeout = call_timeout(s.lease_duration)
         self._api = LeaseApi(self._factory, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
                              timeout)
-        loop = asyncio.get_running_loop()
-
-        def post(callback: Callable[[Any], None], arg: Any) -> None:
-            """From the watch thread to the loop; after shutdown there is nobody left to tell."""
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(callback, arg)
-
-        self._watcher = LeaseWatcher(
-            self._factory, namespace, s.cluster, timeout,
-            emit=lambda event: post(self.events.put_nowait, event),
-            broken=lambda why: post(self._watch_broken, why),
-        )
+        emit, broken = self.watch_callbacks(asyncio.get_running_loop())
+        self._watcher = LeaseWatcher(self._factory, namespace, s.cluster, timeout, emit=emit, broken=broken)
         self._watcher.start()
         log.info("Lease membership on: Lease %s/%s, label zstack.io/cluster=%s, duration %.0fs",
                  namespace, s.lease_name, s.cluster, s.lease_duration)
+
+    def watch_callbacks(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Callable[[LeaseEvent], None], Callable[[str], None]]:
+        """The watch thread's `emit` and `broken`: both put into `events`, so the loop applies them in order."""
+
+        def post(event: LeaseEvent) -> None:
+            """From the watch thread to the loop; after shutdown there is nobody left to tell."""
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        return post, lambda why: post(LeaseEvent("BROKEN", reason=why))
 
     def stop(self) -> None:
         if self._watcher is not None:
@@ -71,11 +74,13 @@ class LeaseMembership:
         async with self._lock:
             self.holder = None
             self.own.released()
-            started = time.monotonic()
+            started, dropped = time.monotonic(), self._dropped
             result = await asyncio.to_thread(self._api.acquire, me)
+            if dropped != self._dropped:  # I fenced myself meanwhile: the rejoin acquires for its own UUID
+                return False
             if result.outcome is Outcome.OK:
                 self.holder = me
-                self.own.succeeded(started)
+                self.own.succeeded(started, time.monotonic(), result.renew_time)
                 self._renewals_failing = False
                 return True
         self._renew_failed(result, started)
@@ -91,9 +96,12 @@ class LeaseMembership:
             started = time.monotonic()
             self.own.attempting(started)
             result = await asyncio.to_thread(self._api.renew, me)
-            metrics.LEASE_RENEW_SECONDS.observe(time.monotonic() - started)
+            finished = time.monotonic()
+            metrics.LEASE_RENEW_SECONDS.observe(finished - started)
+            if self.holder != me:  # I fenced myself meanwhile: this answer concerns nobody any more
+                return None
             if result.outcome is Outcome.OK:
-                self.own.succeeded(started)
+                self.own.succeeded(started, finished, result.renew_time)
                 if self._renewals_failing:
                     log.info("my Lease is renewed again: Lease evidence counts again")
                     self._renewals_failing = False
@@ -114,6 +122,7 @@ class LeaseMembership:
     def dropped(self) -> None:
         """I fenced myself: the Lease is no longer held for my old UUID (the rejoin takes it over)."""
         self.holder = None
+        self._dropped += 1
         self.own.released()
 
     async def release(self, me: str) -> None:
@@ -132,14 +141,22 @@ class LeaseMembership:
     def apply(self, event: LeaseEvent) -> set[str]:
         """Update the table from one watch event; the MN UUIDs that lost their Lease."""
         now = time.monotonic()
+        if event.kind == "BROKEN":
+            self._watch_broken(event.reason)
+            return set()
         if event.kind == "SYNCED":
             self.own.watch_synced(now)
             if self._watch_failing:
                 log.info("Lease watch synced again (%d Lease(s))", len(event.items))
                 self._watch_failing = False
+            for name, _holder, renew_time, _duration in event.items:
+                if name == self.settings.lease_name:
+                    self.own.echoed(renew_time)
             return self.table.resync(event.items, now)
         if event.kind == "DELETED":
             return self.table.delete(event.name)
+        if event.name == self.settings.lease_name:
+            self.own.echoed(event.renew_time)
         return self.table.upsert(event.name, event.holder, event.renew_time, event.duration, now)
 
     def _watch_broken(self, why: str) -> None:
@@ -150,6 +167,10 @@ class LeaseMembership:
 
     def holders(self) -> dict[str, LeaseFact]:
         return self.table.holders()
+
+    def watch_clock(self) -> float | None:
+        """The time up to which my watch is proven current (rule 2b)."""
+        return self.own.watch_clock
 
     def trusted_since(self, now: float) -> float | None:
         trusted = self.own.trusted_since(now)

@@ -33,11 +33,14 @@ class Outcome(enum.Enum):
 class Result:
     outcome: Outcome
     reason: str = ""
+    renew_time: str | None = None  # on OK: the renewTime the API server stored, to find it on the watch
 
 
 @dataclass(frozen=True)
 class LeaseEvent:
-    """One watch event (ADDED, MODIFIED, DELETED) or a fresh list (SYNCED, with `items`)."""
+    """One watch event (ADDED, MODIFIED, DELETED), a fresh list (SYNCED, with `items`), or the watch
+    failing (BROKEN, with `reason`). All travel through one queue, so they are applied in the order they
+    happened: a list taken before a break can never mark the watch synced after it."""
 
     kind: str
     name: str = ""
@@ -45,6 +48,7 @@ class LeaseEvent:
     renew_time: str | None = None
     duration: float = 0.0
     items: tuple[tuple[str, str | None, str | None, float], ...] = ()
+    reason: str = ""
 
 
 def micro_time() -> str:
@@ -157,6 +161,9 @@ class LeaseApi:
             preconditions=client.V1Preconditions(resource_version=current["metadata"]["resourceVersion"]))
         self._call("delete_namespaced_lease", self.name, self.namespace, body=options)
 
+    def _ok(self) -> Result:
+        return Result(Outcome.OK, renew_time=((self._lease or {}).get("spec") or {}).get("renewTime"))
+
     # ---- operations ------------------------------------------------------------------------
 
     def acquire(self, holder: str) -> Result:
@@ -180,7 +187,7 @@ class LeaseApi:
                     method = "create_namespaced_lease" if current is None else "replace_namespaced_lease"
                     args = (self.namespace,) if current is None else (self.name, self.namespace)
                     self._lease = self._call(method, *args, body)
-                    return Result(Outcome.OK)
+                    return self._ok()
                 except Exception as exc:
                     if _status(exc) not in (404, 409):
                         raise
@@ -200,7 +207,7 @@ class LeaseApi:
                 body["spec"]["renewTime"] = micro_time()
                 try:
                     self._lease = self._call("replace_namespaced_lease", self.name, self.namespace, body)
-                    return Result(Outcome.OK)
+                    return self._ok()
                 except Exception as exc:
                     if _status(exc) == 404:
                         return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
@@ -317,3 +324,9 @@ class LeaseWatcher(threading.Thread):
 def call_timeout(lease_duration: float) -> float:
     """Per-call deadline: short enough that a hung call is noticed well within one Lease duration."""
     return min(2.0, max(0.5, lease_duration / 4))
+
+
+def call_limit(timeout: float) -> float:
+    """The longest one renewal attempt takes while the process runs: a hung call and its one retry
+    (kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
+    return 2 * timeout + 1.0

@@ -7,20 +7,29 @@ The rule implemented here:
 2. Leases (only when running in Kubernetes) can only take candidates out, never add them:
    a. a Lease released (holderIdentity cleared), deleted, or taken over by another holder takes its
       previous holder out at once and for good (UUIDs are never reused) - see `LeaseTable`;
-   b. a Lease held by X that I have not seen renewed for its leaseDurationSeconds takes X out, the time
-      counted from the later of my last observation and the moment my Lease view became trustworthy;
-   c. an MN holding no Lease I have seen is judged by its DB row alone (an MN outside Kubernetes, or a
-      Lease my watch has not delivered yet: the joiner creates its Lease before its row, so this lasts
-      milliseconds).
-3. Trust: evidence from a source this MN cannot reach counts for nothing. Expiry (2b) counts only while
-   my own renewals succeed (the last one within the Lease duration, no failure since) and my watch is
-   synced. Otherwise Leases decide nothing, and DB heartbeats alone decide - an API-server outage never
-   makes MNs evict each other.
+   b. a Lease held by X expires when my watch shows no renewal of it for its leaseDurationSeconds, counted
+      from the later of my last observation of it and the moment my Lease view became trustworthy, up to
+      the *watch clock*: the start of my own latest renewal that has come back on my watch. Everything
+      written before that renewal was delivered before its echo, so the watch is proven current up to
+      that moment and no later; a silent or lagging watch stops the clock instead of expiring everyone.
+      A candidate that looks expired by `now` but not yet by the watch clock is `overdue`: the node
+      renews at once, and the echo moves the clock (or does not, and nothing expires);
+   c. an MN holding no Lease I have seen is judged by its DB row alone (an MN outside Kubernetes, an MN
+      that cannot reach the API server to take its Lease, or a Lease my watch has not delivered yet);
+   d. an expired candidate is evicted through the database (its row deleted, a LEFT event published), the
+      channel it can still reach: it fences itself and rejoins under a new UUID, and every ring agrees.
+3. Trust: evidence from a source this MN cannot reach counts for nothing. Expiry (2b) counts only while my
+   view is trustworthy: my last renewal succeeded within the Lease duration with no failure since, my watch
+   is synced (a fresh list since it last broke), and my own latest renewal came back on the watch within
+   the duration. Otherwise Leases decide nothing, and DB heartbeats alone decide: an outage of the whole
+   API server never makes MNs evict each other.
 4. Self-fencing on my own Lease (see `OwnLease`): my Lease is lost - stop serving, rejoin under a new
    UUID - when a renewal finds it deleted (404) or held by another holder, or when my renewal gap grew
-   past the duration *before any renewal attempt failed* (the process stalled: SIGSTOP, a long GC
-   pause), because others could see it expire. Renewals that fail because the API server is
-   unreachable (connection errors, timeouts, 5xx, 429, ...) fence nothing: they only end the trust of 3.
+   past the duration while this process stood still (SIGSTOP, a long GC pause), because others could see
+   it expire. A renewal attempt that lasts longer than any call can while the process runs (`call_limit`)
+   means the process stood still during it: the gap then runs to the moment the attempt ended, whether it
+   failed or succeeded. Renewals that fail because the API server is unreachable (connection errors,
+   timeouts, 5xx, 429, ...) within `call_limit` fence nothing: they only end the trust of 3.
 5. I always count myself while I can prove I am alive (node.py fences me otherwise).
 """
 
@@ -44,12 +53,13 @@ class LeaseFact:
 
 @dataclass(frozen=True)
 class Decision:
-    """The live member set, and the counts by source for the metrics."""
+    """The live member set, the counts by source for the metrics, and what the node must act on."""
 
     members: frozenset[str]
     db: frozenset[str]  # fresh RUNNING rows
     lease: frozenset[str]  # holders of unexpired Leases
-    expired: frozenset[str]  # candidates taken out by Lease expiry (2b)
+    expired: frozenset[str]  # candidates taken out by Lease expiry (2b): evict them through the DB (2d)
+    overdue: frozenset[str] = frozenset()  # expired by now, not yet by the watch clock: renew to prove it
 
 
 def fresh_rows(rows: Iterable[MemberRow], timeout: float) -> frozenset[str]:
@@ -57,11 +67,12 @@ def fresh_rows(rows: Iterable[MemberRow], timeout: float) -> frozenset[str]:
     return frozenset(r.uuid for r in rows if r.state == RUNNING and r.age <= timeout)
 
 
-def expired_holders(holders: Mapping[str, LeaseFact], trusted_since: float | None, now: float) -> frozenset[str]:
-    """Rule 2b under rule 3: holders not renewed for their duration while my view was trustworthy."""
-    if trusted_since is None:
+def expired_holders(holders: Mapping[str, LeaseFact], trusted_since: float | None,
+                    clock: float | None) -> frozenset[str]:
+    """Rule 2b under rule 3: holders not renewed for their duration, counted up to `clock`, while trusted."""
+    if trusted_since is None or clock is None:
         return frozenset()
-    return frozenset(u for u, f in holders.items() if now - max(f.observed, trusted_since) > f.duration)
+    return frozenset(u for u, f in holders.items() if clock - max(f.observed, trusted_since) > f.duration)
 
 
 def decide(
@@ -70,18 +81,22 @@ def decide(
     holders: Mapping[str, LeaseFact],
     gone: Iterable[str],
     trusted_since: float | None,
+    watch_clock: float | None,
     now: float,
 ) -> Decision:
     """The live member set: DB-fresh candidates, minus Lease evidence I can trust, plus myself.
 
     `holders` maps each MN UUID to the Lease it holds; `gone` are UUIDs whose Lease was released,
-    deleted or taken over; `trusted_since` is when my Lease view became trustworthy (None: it is not).
+    deleted or taken over; `trusted_since` is when my Lease view became trustworthy (None: it is not);
+    `watch_clock` is the time up to which my watch is proven current (`OwnLease.watch_clock`).
     """
     db = frozenset(db_fresh)
-    expired = expired_holders(holders, trusted_since, now)
+    out = frozenset(gone) | {me}
+    expired = expired_holders(holders, trusted_since, watch_clock)
     lease = frozenset(holders) - expired
     members = (db - expired - frozenset(gone)) | {me}
-    return Decision(members=members, db=db, lease=lease, expired=expired & db)
+    overdue = expired_holders(holders, trusted_since, now) - expired
+    return Decision(members=members, db=db, lease=lease, expired=(expired & db) - out, overdue=(overdue & db) - out)
 
 
 class LeaseTable:
@@ -127,35 +142,65 @@ class LeaseTable:
 
 
 class OwnLease:
-    """The state of my own renewals: whether my Lease view can be trusted, and whether I lost my Lease."""
+    """The state of my own renewals: whether my Lease view can be trusted, and whether I lost my Lease.
 
-    def __init__(self, duration: float) -> None:
+    `call_limit` is the longest one renewal attempt can take while this process runs (its call timeouts
+    and retry); an attempt lasting longer means the process stood still during it.
+    """
+
+    def __init__(self, duration: float, call_limit: float) -> None:
         self.duration = duration
-        self.last_ok: float | None = None  # my last successful acquire/renewal
+        self.call_limit = call_limit
+        self.last_ok: float | None = None  # start of my last successful acquire/renewal
         self.failing_since: float | None = None  # first failed attempt after last_ok
         self.pending_since: float | None = None  # start of the attempt in flight
         self.renewals_trusted_since: float | None = None
         self.watch_synced_since: float | None = None
+        self.watch_clock: float | None = None  # start of my latest renewal seen on my watch (rule 2b)
+        self._unseen: dict[str, float] = {}  # renewTime I wrote, not yet seen on my watch -> write start
 
     def attempting(self, now: float) -> None:
         """A renewal starts: if it hangs, the gap up to here is what counts for rule 4."""
         self.pending_since = now
 
-    def succeeded(self, now: float) -> None:
+    def succeeded(self, started: float, now: float | None = None, renew_time: str | None = None) -> None:
+        """An acquire or renewal that started at `started` succeeded at `now`, writing `renew_time`."""
+        if renew_time:
+            self._unseen[renew_time] = started
+            while len(self._unseen) > 64:  # never echoed (a broken watch): keep the newest
+                del self._unseen[next(iter(self._unseen))]
+        took_too_long = now is not None and now - started > self.call_limit
         if self.failing_since is not None or self.renewals_trusted_since is None:
-            self.renewals_trusted_since = now
-        self.last_ok, self.failing_since, self.pending_since = now, None, None
+            self.renewals_trusted_since = now if took_too_long and now is not None else started
+        self.failing_since, self.pending_since = None, None
+        if not took_too_long or self.last_ok is None:
+            self.last_ok = started
+        # else: the write reached the server at an unknown moment while I stood still; last_ok stays, so
+        # `stalled` sees the whole gap (rule 4).
 
     def failed(self, now: float) -> None:
         """A renewal failed for want of the API server (not a lost Lease)."""
         if self.failing_since is None:
-            self.failing_since = self.pending_since if self.pending_since is not None else now
+            start = self.pending_since if self.pending_since is not None else now
+            # An attempt that outlived any call: this process stood still during it; the gap runs to now.
+            self.failing_since = now if now - start > self.call_limit else start
         self.pending_since = None
         self.renewals_trusted_since = None
 
     def released(self) -> None:
         """Not holding a Lease (before joining, after fencing or leaving)."""
         self.last_ok = self.failing_since = self.pending_since = self.renewals_trusted_since = None
+        self.watch_clock = None
+        self._unseen.clear()
+
+    def echoed(self, renew_time: str | None) -> bool:
+        """My Lease came by on my watch with `renew_time`: if I wrote it, the watch is current up to then."""
+        started = self._unseen.pop(renew_time, None) if renew_time else None
+        if started is None:
+            return False
+        self._unseen = {t: s for t, s in self._unseen.items() if s > started}  # older ones cannot come back
+        self.watch_clock = started if self.watch_clock is None else max(self.watch_clock, started)
+        return True
 
     def watch_synced(self, now: float) -> None:
         self.watch_synced_since = now
@@ -165,16 +210,23 @@ class OwnLease:
 
     def trusted_since(self, now: float) -> float | None:
         """Rule 3: when my Lease view became trustworthy, or None while it is not."""
-        if self.renewals_trusted_since is None or self.watch_synced_since is None or self.last_ok is None:
+        if None in (self.renewals_trusted_since, self.watch_synced_since, self.last_ok, self.watch_clock):
             return None
-        if now - self.last_ok > self.duration:  # renewals hang or stopped: no news is no evidence
+        if now - self.last_ok > self.duration:  # type: ignore[operator]  # renewals hang or stopped
             return None
-        return max(self.renewals_trusted_since, self.watch_synced_since)
+        if now - self.watch_clock > self.duration:  # type: ignore[operator]  # my watch went quiet or lags
+            return None
+        return max(self.renewals_trusted_since, self.watch_synced_since)  # type: ignore[type-var]
 
     def stalled(self, now: float) -> float | None:
-        """Rule 4: the renewal gap (seconds) when it outgrew the duration before any attempt failed."""
+        """Rule 4: the renewal gap (seconds) when it outgrew the duration while this process stood still."""
         if self.last_ok is None:
             return None
-        end = next((t for t in (self.failing_since, self.pending_since) if t is not None), now)
+        if self.failing_since is not None:
+            end = self.failing_since
+        elif self.pending_since is not None and now - self.pending_since <= self.call_limit:
+            end = self.pending_since  # a call in flight, within its time limit: an outage, not a stall
+        else:
+            end = now
         gap = end - self.last_ok
         return gap if gap > self.duration else None

@@ -28,7 +28,11 @@ REROUTES = Counter(
 RING_MEMBERS = Gauge("zstack_ring_members", "MNs in this MN's copy of the ring")
 RING_EPOCH = Gauge("zstack_ring_epoch", "Fingerprint of this MN's ring member set; equal on MNs that agree")
 RING_CHANGES = Counter("zstack_ring_changes_total", "Times this MN rebuilt its ring", ["cause"])
-EVICTIONS = Counter("zstack_membership_evictions_total", "Stale MNs this MN evicted from the table")
+EVICTIONS = Counter(
+    "zstack_membership_evictions_total",
+    "MNs this MN evicted from the table, by cause: heartbeat (a stale row) or lease (an expired Lease)",
+    ["cause"],
+)
 FENCES = Counter("zstack_membership_fences_total", "Times this MN fenced itself", ["reason"])
 TAKEOVERS = Counter(
     "zstack_takeovers_total", "Takeover hooks run on this MN, by service and event", ["service", "event"]
@@ -55,7 +59,8 @@ MEMBERS_BY_SOURCE = Gauge(
     ["source"],
 )
 LEASE_TRUSTED = Gauge(
-    "zstack_lease_view_trusted", "1 while this MN's Lease view counts (own renewals succeed, watch synced)"
+    "zstack_lease_view_trusted",
+    "1 while this MN's Lease view counts (own renewals succeed and come back on its synced watch)",
 )
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
 

@@ -2,9 +2,11 @@
 
 Membership follows one rule (DESIGN.md; written out in membership_rule.py): an MN is in the ring while
 its row is RUNNING and its heartbeat is fresh by the database's clock and, in Kubernetes, its Lease is
-held and unexpired as far as this MN can tell. Join, leave and Lease events make changes fast; a
-periodic reconcile against the table and the Leases makes them certain. An MN that cannot prove it is
-alive stops serving and rejoins under a new UUID, so nothing is ever served twice under one identity.
+held and unexpired as far as this MN can tell. An expired Lease is acted on through the database (the
+row is deleted), so an MN cut off from the API server alone learns it too. Join, leave and Lease events
+make changes fast; a periodic reconcile against the table and the Leases makes them certain. An MN that
+cannot prove it is alive stops serving and rejoins under a new UUID, so nothing is ever served twice under
+one identity.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .errors import first_line
 from .lease_membership import LeaseMembership
 from .leases import LeaseEvent, Outcome
 from .membership import LEAVING, RUNNING, Membership
-from .membership_rule import decide, fresh_rows
+from .membership_rule import Decision, decide, fresh_rows
 from .ring import Ring, RingChange
 from .service import Service
 
@@ -66,6 +68,9 @@ class ManagementNode:
         self._hooks: asyncio.Queue[Hook] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
         self._rejoining: asyncio.Task[None] | None = None
+        self._renew_now = asyncio.Event()  # renew at once: prove my watch current (Decision.overdue)
+        self._reconcile_now = asyncio.Event()  # reconcile at once: my watch clock moved past an overdue MN
+        self._overdue: frozenset[str] = frozenset()
 
     # ---- facts -----------------------------------------------------------------------------
 
@@ -100,12 +105,13 @@ class ManagementNode:
             asyncio.create_task(self._every(interval, self._heartbeat, "heartbeat")),
             # Reconcile twice per interval: a crashed MN's heartbeat crosses the timeout between
             # two checks, so checking more often than heartbeats are written detects it sooner.
-            asyncio.create_task(self._every(interval / 2, self._reconcile_periodically, "reconcile")),
+            asyncio.create_task(self._every(interval / 2, self._reconcile_periodically, "reconcile",
+                                            self._reconcile_now)),
             asyncio.create_task(self._every(interval / 4, self._watchdog, "watchdog")),
         ]
         if self.leases is not None:
             self._tasks += [
-                asyncio.create_task(self._every(interval, self._renew_lease, "Lease renewal")),
+                asyncio.create_task(self._every(interval, self._renew_lease, "Lease renewal", self._renew_now)),
                 asyncio.create_task(self._lease_events(self.leases), name="lease events"),
             ]
         await self._join()
@@ -212,10 +218,16 @@ class ManagementNode:
 
     # ---- loops -----------------------------------------------------------------------------
 
-    async def _every(self, period: float, step: Callable[[], Awaitable[None]], what: str) -> None:
-        """Run `step` every `period` seconds; an unexpected error is logged, never fatal."""
+    async def _every(self, period: float, step: Callable[[], Awaitable[None]], what: str,
+                     kick: asyncio.Event | None = None) -> None:
+        """Run `step` every `period` seconds, or at once when `kick` is set; an error is logged, never fatal."""
         while True:
-            await asyncio.sleep(period)
+            if kick is None:
+                await asyncio.sleep(period)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(kick.wait(), period)
+                kick.clear()
             try:
                 await step()
             except Exception:
@@ -253,10 +265,9 @@ class ManagementNode:
         age = time.monotonic() - self._last_heartbeat
         metrics.HEARTBEAT_AGE.set(age)
         timeout = self.settings.heartbeat_timeout
-        stalled = self.leases.own.stalled(time.monotonic()) if self.leases is not None else None
-        if stalled is not None:
-            await self.fence(f"lease lost: not renewed for {stalled:.1f}s, others may have seen it expire")
-        elif age >= timeout:
+        if await self._fence_if_lease_stalled():
+            return
+        if age >= timeout:
             await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
         elif self.bus.disconnected_for() > 2 * timeout:
             # Its queues are gone with the connection: its share would only pile up, unserved.
@@ -281,17 +292,17 @@ class ManagementNode:
         # A joined event newer than this snapshot outranks it.
         self._event_joins = {u: t for u, t in self._event_joins.items() if started - t < timeout}
         fresh |= {u for u, t in self._event_joins.items() if t >= started}
-        now = time.monotonic()
-        if self.leases is None:
-            decision = decide(fresh, self.uuid, {}, self._tombstones, None, now)
-        else:
-            decision = decide(fresh, self.uuid, self.leases.holders(), self._tombstones,
-                              self.leases.trusted_since(now), now)
+        decision = self._decide(fresh)
         for source, count in (("db", len(decision.db)), ("lease", len(decision.lease)),
                               ("both", len(decision.db & decision.lease))):
             metrics.MEMBERS_BY_SOURCE.labels(source).set(count)
         cause = "lease expired" if decision.expired & self.ring.members else "reconcile"
         await self._change_ring(lambda _current: decision.members, cause)
+        for mn in decision.expired:
+            await self._evict_expired(mn)
+        self._overdue = decision.overdue
+        if decision.overdue:
+            self._renew_now.set()  # its echo proves my watch current, or nothing expires
         stale = {r.uuid for r in rows if r.age > timeout and r.uuid != self.uuid}
         self._suspects = {u: t for u, t in self._suspects.items() if u in stale}
         now = time.monotonic()
@@ -300,12 +311,29 @@ class ManagementNode:
             if now - first_seen >= self.settings.heartbeat_interval * 0.9:
                 await self._evict(mn)
 
+    def _decide(self, fresh: set[str]) -> Decision:
+        now = time.monotonic()
+        if self.leases is None:
+            return decide(fresh, self.uuid, {}, self._tombstones, None, None, now)
+        return decide(fresh, self.uuid, self.leases.holders(), self._tombstones, self.leases.trusted_since(now),
+                      self.leases.watch_clock(), now)
+
+    async def _evict_expired(self, mn: str) -> None:
+        """Act on an expired Lease through the DB, which the MN may reach while the API server is out of
+        its reach: its row goes, so it fences itself (LEFT event, or its next heartbeat) and rejoins anew."""
+        self._tombstone(mn)
+        if not await asyncio.to_thread(self.membership.evict_expired, mn):
+            return  # another MN did it, or the row is gone already
+        metrics.EVICTIONS.labels("lease").inc()
+        log.warning("evicted MN %s: its Lease was not renewed for %.1fs", mn, self.settings.lease_duration)
+        self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "lease expired"})
+
     async def _evict(self, mn: str) -> None:
         """Delete a row stale on two checks; only the MN whose DELETE matched announces it."""
         self._suspects.pop(mn, None)
         if not await asyncio.to_thread(self.membership.evict, mn):
             return  # already gone, or fresh again: the next reconcile sees which
-        metrics.EVICTIONS.inc()
+        metrics.EVICTIONS.labels("heartbeat").inc()
         log.warning("evicted MN %s: its heartbeat is older than %.1fs", mn, self.settings.heartbeat_timeout)
         self._tombstone(mn)
         self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "evicted"})
@@ -319,13 +347,19 @@ class ManagementNode:
             return
         if self.state not in ("running", "leaving"):
             return
-        stalled = self.leases.own.stalled(time.monotonic())
-        if stalled is not None:  # renewing now would hide that others may have dropped me
-            await self.fence(f"lease lost: not renewed for {stalled:.1f}s, others may have seen it expire")
+        if await self._fence_if_lease_stalled():  # renewing now would hide that others may have dropped me
             return
         result = await self.leases.renew()
         if result is not None and result.outcome is Outcome.LOST:
             await self.fence(f"lease lost: {result.reason}")
+
+    async def _fence_if_lease_stalled(self) -> bool:
+        """Rule 4: fence when my renewal gap outgrew the Lease while I stood still. True when it did."""
+        stalled = self.leases.own.stalled(time.monotonic()) if self.leases is not None else None
+        if stalled is None:
+            return False
+        await self.fence(f"lease lost: not renewed for {stalled:.1f}s, others may have seen it expire")
+        return True
 
     async def _lease_events(self, leases: LeaseMembership) -> None:
         """Apply Lease events in order: a released, deleted or taken-over Lease drops its MN at once."""
@@ -337,8 +371,10 @@ class ManagementNode:
                 log.exception("handling Lease event %s %s failed", event.kind, event.name)
 
     async def _on_lease_event(self, leases: LeaseMembership, event: LeaseEvent) -> None:
-        before = self.ring.members
+        before, clock = self.ring.members, leases.watch_clock()
         lost = leases.apply(event)
+        if self._overdue and leases.watch_clock() != clock:
+            self._reconcile_now.set()  # my renewal came back: an overdue MN may be expired now
         for mn in lost:
             self._tombstone(mn)
             self._event_joins.pop(mn, None)

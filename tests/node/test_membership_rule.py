@@ -1,5 +1,11 @@
 """The membership rule (DESIGN.md "Membership, one rule"), on plain facts and fake clocks."""
 
+import asyncio
+import threading
+from types import SimpleNamespace
+
+from zstack_node.lease_membership import LeaseMembership
+from zstack_node.leases import LeaseEvent
 from zstack_node.membership import LEAVING, RUNNING, MemberRow
 from zstack_node.membership_rule import LeaseTable, OwnLease, decide, fresh_rows
 
@@ -23,14 +29,14 @@ def test_fresh_running_rows_are_candidates():
 
 
 def test_without_leases_the_db_decides_and_i_count_myself():
-    decision = decide({A, B}, ME, {}, (), None, now=100.0)
+    decision = decide({A, B}, ME, {}, (), None, None, now=100.0)
     assert decision.members == {ME, A, B}
 
 
 def test_a_lease_not_renewed_for_its_duration_takes_its_holder_out_while_i_am_trusted():
     table = table_with(A, B, now=0.0)
     table.upsert("pod-b", B, "t1", 5.0, now=4.0)  # b renewed, a did not
-    decision = decide({A, B}, ME, table.holders(), (), trusted_since=0.0, now=5.5)
+    decision = decide({A, B}, ME, table.holders(), (), trusted_since=0.0, watch_clock=5.5, now=5.5)
     assert decision.members == {ME, B}
     assert decision.expired == {A}
     assert decision.lease == {B}
@@ -38,22 +44,22 @@ def test_a_lease_not_renewed_for_its_duration_takes_its_holder_out_while_i_am_tr
 
 def test_expiry_counts_nothing_while_my_view_is_not_trusted():
     table = table_with(A, now=0.0)
-    assert decide({A}, ME, table.holders(), (), trusted_since=None, now=60.0).members == {ME, A}
+    assert decide({A}, ME, table.holders(), (), None, None, now=60.0).members == {ME, A}
 
 
 def test_expiry_is_counted_from_when_my_view_became_trustworthy():
     table = table_with(A, now=0.0)  # then an API-server outage; trust comes back at t=20
-    assert decide({A}, ME, table.holders(), (), trusted_since=20.0, now=24.0).members == {ME, A}
-    assert decide({A}, ME, table.holders(), (), trusted_since=20.0, now=25.5).members == {ME}
+    assert decide({A}, ME, table.holders(), (), 20.0, watch_clock=24.0, now=24.0).members == {ME, A}
+    assert decide({A}, ME, table.holders(), (), 20.0, watch_clock=25.5, now=25.5).members == {ME}
 
 
 def test_leases_never_add_an_mn_the_db_does_not_count():
     table = table_with(A, now=0.0)
-    assert decide(set(), ME, table.holders(), (), trusted_since=0.0, now=1.0).members == {ME}
+    assert decide(set(), ME, table.holders(), (), 0.0, 1.0, now=1.0).members == {ME}
 
 
 def test_an_mn_without_a_lease_i_have_seen_is_judged_by_the_db():
-    assert decide({A}, ME, table_with(B).holders(), (), trusted_since=0.0, now=1.0).members == {ME, A}
+    assert decide({A}, ME, table_with(B).holders(), (), 0.0, 1.0, now=1.0).members == {ME, A}
 
 
 def test_released_deleted_or_taken_leases_name_their_previous_holder():
@@ -62,7 +68,7 @@ def test_released_deleted_or_taken_leases_name_their_previous_holder():
     assert table.delete("pod-b") == {B}  # deleted
     table.upsert("pod-c", "c1", "t0", 5.0, 1.0)
     assert table.upsert("pod-c", "c2", "t0", 5.0, 1.0) == {"c1"}  # taken over (pod restarted)
-    assert decide({A, B, "c1", "c2"}, ME, table.holders(), {A, B, "c1"}, 0.0, 2.0).members == {ME, "c2"}
+    assert decide({A, B, "c1", "c2"}, ME, table.holders(), {A, B, "c1"}, 0.0, 2.0, 2.0).members == {ME, "c2"}
 
 
 def test_a_renewal_changes_no_membership_fact():
@@ -80,20 +86,23 @@ def test_a_relist_treats_missing_leases_as_deleted():
 
 
 def test_own_renewals_decide_trust():
-    own = OwnLease(duration=5.0)
+    own = OwnLease(duration=5.0, call_limit=3.5)
     assert own.trusted_since(0.0) is None  # nothing renewed, nothing synced
-    own.succeeded(1.0)
+    own.succeeded(1.0, 1.01, "r1")
     own.watch_synced(1.5)
+    assert own.trusted_since(2.0) is None  # my renewal has not come back on the watch yet
+    assert own.echoed("r1")
     assert own.trusted_since(2.0) == 1.5
     own.failed(3.0)
     assert own.trusted_since(3.0) is None
-    own.succeeded(20.0)
+    own.succeeded(20.0, 20.01, "r2")
+    own.echoed("r2")
     assert own.trusted_since(20.0) == 20.0  # trust starts over after the outage
     assert own.trusted_since(26.0) is None  # no renewal for longer than the duration: no evidence
 
 
 def test_an_api_server_outage_never_means_my_lease_is_lost():
-    own = OwnLease(duration=5.0)
+    own = OwnLease(duration=5.0, call_limit=3.5)
     own.succeeded(0.0)
     own.attempting(1.0)
     own.failed(2.0)  # the attempt started at 1.0 failed: the outage began within the duration
@@ -103,11 +112,137 @@ def test_an_api_server_outage_never_means_my_lease_is_lost():
 
 
 def test_a_stall_longer_than_the_duration_means_my_lease_is_lost():
-    own = OwnLease(duration=5.0)
+    own = OwnLease(duration=5.0, call_limit=3.5)
     own.succeeded(0.0)
     assert own.stalled(4.0) is None
     assert own.stalled(10.0) == 10.0  # SIGSTOP: no attempt at all for 10 s
     own.attempting(1.0)
-    assert own.stalled(10.0) is None  # a call in flight since 1.0 (it has a timeout)
+    assert own.stalled(4.0) is None  # a call in flight since 1.0, within its time limit
     own.released()
     assert own.stalled(100.0) is None
+
+
+def renewing(own: OwnLease, times: list[float], echoed_until: float) -> None:
+    """Renew at each time (10 ms calls); the watch delivers my renewals only up to `echoed_until`."""
+    for t in times:
+        own.attempting(t)
+        own.succeeded(t, t + 0.01, f"r{t}")
+        if t <= echoed_until:
+            own.echoed(f"r{t}")
+
+
+# ---- finding 1: a stalled watch never makes me trust my Lease view ------------------------------
+
+def test_a_silent_watch_expires_nobody_and_ends_my_trust():
+    own, table = OwnLease(duration=5.0, call_limit=3.5), table_with(A, now=0.0)
+    own.watch_synced(0.0)
+    # My renewals keep succeeding every second, but the watch went silent after t=3 (half-dead TCP).
+    renewing(own, [float(t) for t in range(0, 12)], echoed_until=3.0)
+    assert own.watch_clock == 3.0
+    # t=7.5: still trusted (my last echo is 4.5 s old), A looks expired by now but not by the watch clock.
+    decision = decide({A}, ME, table.holders(), (), own.trusted_since(7.5), own.watch_clock, now=7.5)
+    assert decision.members == {ME, A} and decision.expired == set() and decision.overdue == {A}
+    # t=8.5: my latest echo is older than the duration: not trusted, Leases decide nothing.
+    assert own.trusted_since(8.5) is None
+    assert decide({A}, ME, table.holders(), (), own.trusted_since(60.0), own.watch_clock, 60.0).members == {ME, A}
+
+
+def test_my_renewal_coming_back_proves_the_watch_current_and_then_expiry_counts():
+    own, table = OwnLease(duration=5.0, call_limit=3.5), table_with(A, now=0.0)
+    own.watch_synced(0.0)
+    renewing(own, [float(t) for t in range(0, 7)], echoed_until=6.0)  # A stopped renewing at 0
+    decision = decide({A}, ME, table.holders(), (), own.trusted_since(6.1), own.watch_clock, now=6.1)
+    assert decision.members == {ME} and decision.expired == {A} and decision.overdue == set()
+
+
+def test_an_echo_of_an_older_renewal_moves_the_clock_only_to_that_renewal():
+    own = OwnLease(duration=5.0, call_limit=3.5)
+    renewing(own, [1.0, 2.0, 3.0], echoed_until=0.0)
+    assert own.echoed("r2.0") and own.watch_clock == 2.0
+    assert not own.echoed("r1.0")  # older than what came back: forgotten
+    assert not own.echoed("someone else's renewTime")
+    assert own.echoed("r3.0") and own.watch_clock == 3.0
+
+
+# ---- finding 4: a stall during an in-flight renewal is a stall ----------------------------------
+
+def test_a_renewal_that_fails_after_a_stall_means_my_lease_is_lost():
+    own = OwnLease(duration=5.0, call_limit=3.5)
+    own.succeeded(0.0, 0.01, "r0")
+    own.attempting(1.0)  # SIGSTOP arrives now, SIGCONT at 12: the call then times out
+    assert own.stalled(12.0) == 12.0  # the watchdog fences before the call even returns
+    own.failed(12.5)
+    assert own.stalled(12.5) == 12.5
+
+
+def test_a_renewal_that_succeeds_after_a_stall_means_my_lease_is_lost():
+    own = OwnLease(duration=5.0, call_limit=3.5)
+    own.succeeded(0.0, 0.01, "r0")
+    own.attempting(1.0)
+    own.succeeded(1.0, 12.0, "r1")  # the answer was read after SIGCONT: when it was written is unknown
+    assert own.stalled(12.0) == 12.0
+
+
+def test_a_renewal_that_times_out_within_its_limit_is_an_outage_not_a_stall():
+    own = OwnLease(duration=5.0, call_limit=3.5)
+    own.succeeded(0.0, 0.01, "r0")
+    own.attempting(4.0)
+    own.failed(6.5)  # a 2.5 s timeout: the API server is out of reach
+    assert own.stalled(60.0) is None
+
+
+# ---- finding 5: "broken" travels through the same queue as SYNCED -------------------------------
+
+def test_a_list_taken_before_the_watch_broke_never_marks_it_synced_after():
+    async def scenario() -> LeaseMembership:
+        leases = LeaseMembership(SimpleNamespace(lease_duration=5.0, lease_name="pod-me"))  # type: ignore[arg-type]
+        emit, broken = leases.watch_callbacks(asyncio.get_running_loop())
+        watch = threading.Thread(target=lambda: (emit(LeaseEvent("SYNCED")), broken("connection reset")))
+        watch.start()
+        watch.join()
+        await asyncio.sleep(0)
+        while not leases.events.empty():
+            leases.apply(leases.events.get_nowait())
+        return leases
+
+    leases = asyncio.run(scenario())
+    assert leases.own.watch_synced_since is None
+
+
+def test_my_renewal_on_the_watch_or_in_a_relist_moves_the_watch_clock():
+    leases = LeaseMembership(SimpleNamespace(lease_duration=5.0, lease_name="pod-me"))  # type: ignore[arg-type]
+    leases.own.succeeded(1.0, 1.01, "r1")
+    leases.own.succeeded(2.0, 2.01, "r2")
+    leases.apply(LeaseEvent("MODIFIED", "pod-other", "x", "r2", 5.0))  # not my Lease: proves nothing
+    assert leases.watch_clock() is None
+    leases.apply(LeaseEvent("SYNCED", items=(("pod-me", "me", "r1", 5.0),)))
+    assert leases.watch_clock() == 1.0
+    leases.apply(LeaseEvent("MODIFIED", "pod-me", "me", "r2", 5.0))
+    assert leases.watch_clock() == 2.0
+
+
+# ---- the question: Lease expiry is acted on through the DB, and only when trusted ---------------
+
+def test_expired_candidates_are_named_for_eviction_through_the_db():
+    table = table_with(A, B, "c", now=0.0)
+    table.upsert("pod-b", B, "t1", 5.0, now=4.0)
+    # a: expired and a DB candidate (it may still reach the DB): evict its row. c: expired but no fresh
+    # row (the DB path handles it). me: never. gone: already out.
+    decision = decide({A, B, ME, "c-gone"}, ME, {**table.holders(), ME: table.holders()[A]}, {"c-gone"}, 0.0,
+                      watch_clock=6.0, now=6.0)
+    assert decision.expired == {A}
+    assert decision.members == {ME, B}
+
+
+def test_a_whole_api_server_outage_names_nobody_for_eviction():
+    own, table = OwnLease(duration=5.0, call_limit=3.5), table_with(A, B, now=0.0)
+    own.watch_synced(0.0)
+    renewing(own, [0.0, 1.0], echoed_until=1.0)
+    for t in range(2, 40):  # every renewal fails quickly; the watch breaks too
+        own.attempting(float(t))
+        own.failed(t + 0.01)
+    own.watch_broken()
+    for now in (5.0, 20.0, 39.0):
+        decision = decide({A, B}, ME, table.holders(), (), own.trusted_since(now), own.watch_clock, now)
+        assert decision.members == {ME, A, B} and not decision.expired and not decision.overdue
+        assert own.stalled(now) is None  # and nobody fences: DB heartbeats alone decide
