@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..envelope import Envelope
+from ..errors import first_line
 from ..ring import Ring, RingChange
 from ..service import Service, handles
 from . import metrics, repo
@@ -88,7 +89,7 @@ class HostService(JobDriver, Service):
             try:
                 await self._ping_round(self.node.uuid)
             except SQLAlchemyError as exc:
-                log.warning("host tracking skipped a round: %s", str(exc).strip().splitlines()[0])
+                log.warning("host tracking skipped a round: %s", first_line(exc))
             except Exception:
                 log.exception("host tracking round failed")
 
