@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 HOST_COLUMNS = ("uuid", "name", "cpu_capacity", "cpu_used", "memory_capacity", "memory_used", "state", "version",
                 "created_at")
@@ -22,9 +23,10 @@ VM_COLUMNS = ("uuid", "name", "cpu", "memory", "host_uuid", "state", "version", 
 JOB_COLUMNS = ("id", "operation", "resource_uuid", "parameters", "state", "result", "error", "mn", "created_at",
                "updated_at", "finished_at")
 TERMINAL = ("Succeeded", "Failed")
-# The database cannot be reached (or dropped the connection): worth a retry, or a 503. Any other
-# SQLAlchemyError (bad data, a broken constraint) is a bug, and retrying would only repeat it.
-DB_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError)
+# The database cannot be reached, dropped the connection, or every pooled connection is busy: worth
+# a retry, or a 503. Any other SQLAlchemyError (bad data, a broken constraint) is a bug, and retrying
+# would only repeat it.
+DB_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 
 
 class StaleWrite(Exception):

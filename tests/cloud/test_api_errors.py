@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import create_engine
 from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from zstack_node.cloud import repo
 from zstack_node.cloud.api import ApiService
@@ -47,6 +48,7 @@ def orig(text: str) -> Exception:
     (OperationalError("SELECT 1", {}, orig("server closed the connection unexpectedly")), 503, "unavailable"),
     (InterfaceError("SELECT 1", {}, orig("connection already closed")), 503, "unavailable"),
     (DisconnectionError("the pool's connection was invalidated"), 503, "unavailable"),
+    (PoolTimeout("QueuePool limit of size 5 overflow 5 reached"), 503, "unavailable"),
     (DataError("SELECT 1", {}, orig("value too long for type character varying(32)")), 500, "internal_error"),
     (IntegrityError("INSERT", {}, orig("duplicate key")), 500, "internal_error"),
     (KeyError("uuid"), 500, "internal_error"),
