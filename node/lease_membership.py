@@ -119,6 +119,11 @@ class LeaseMembership:
                         "alone decide membership", result.reason)
             self._renewals_failing = True
 
+    @property
+    def unreachable(self) -> bool:
+        """True since my last acquire or renewal failed for want of the API server, until one succeeds."""
+        return self._renewals_failing
+
     def dropped(self) -> None:
         """I fenced myself: the Lease is no longer held for my old UUID (the rejoin takes it over)."""
         self.holder = None

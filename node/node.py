@@ -164,7 +164,11 @@ class ManagementNode:
                 await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
                 # The Lease before the row counts (RUNNING): others never see me without it for long.
                 # After the row is written, so that a DB outage does not churn the Lease through UUIDs.
-                if self.leases is not None and not await self.leases.acquire(me):
+                if self.leases is not None and self.leases.unreachable:
+                    # Waiting on a hung call could let the new row go stale; Leases decide nothing for me now.
+                    log.warning("joining as %s without a Lease: the API server is out of reach; renewals keep "
+                                "trying", me)
+                elif self.leases is not None and not await self.leases.acquire(me):
                     log.warning("joining as %s without a Lease for now; renewals keep trying", me)
                 await self.bus.serve(me, self.services)
                 stamp = time.monotonic()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from tests.k8s.conftest import (
     SA,
     MnPods,
     RingRecorder,
+    TcpProxy,
     get_json,
     metric,
     wait_for,
@@ -226,7 +229,10 @@ def test_stopped_mn_is_evicted_and_rejoins_with_a_new_uuid_after_sigcont(mn_pods
     log = mn_pods.log(victim)
     assert "fencing myself (lease lost: not renewed for" in log, log[-3000:]
     rings = mn_pods.wait_agreed(3, timeout=60)
-    assert mn_pods.lease(victim)["spec"]["holderIdentity"] == rings[victim]["self"] != old_uuid
+    assert rings[victim]["self"] != old_uuid
+    # It may have rejoined before it could renew again (then it joins without a Lease): it takes it next.
+    wait_for("the rejoined MN to hold its Lease", lambda: mn_pods.lease(victim)["spec"]["holderIdentity"]
+             == rings[victim]["self"], 10, info=mn_pods.describe)
 
 
 def test_lease_expiry_alone_evicts_a_stopped_mn_and_it_fences_on_resume(mn_pods: MnPods) -> None:
@@ -255,10 +261,80 @@ def test_lease_expiry_alone_evicts_a_stopped_mn_and_it_fences_on_resume(mn_pods:
     assert all("ring changed (lease expired)" in mn_pods.log(n) for n in others)
     wait_for("the stopped MN to rejoin under a new UUID",
              lambda: mn_pods.ring(victim, ip)["self"] != old_uuid, 30, info=mn_pods.describe)
-    assert "fencing myself (lease lost: not renewed for" in mn_pods.log(victim)
+    # On resume it finds its renewal gap too long, or first reads the LEFT event of the MN that evicted it
+    # through the DB when its Lease expired: either way it fences before serving again.
+    log = mn_pods.log(victim)
+    assert ("fencing myself (lease lost: not renewed for" in log
+            or "fencing myself (evicted: another MN removed me (lease expired))" in log), log[-3000:]
     rings = mn_pods.wait_agreed(3, timeout=60)
     assert old_uuid not in next(iter(rings.values()))["members"]
-    assert mn_pods.lease(victim)["spec"]["holderIdentity"] == rings[victim]["self"]
+    wait_for("the rejoined MN to hold its Lease", lambda: mn_pods.lease(victim)["spec"]["holderIdentity"]
+             == rings[victim]["self"], 10, info=mn_pods.describe)
+
+
+def test_mn_cut_off_from_the_api_server_alone_is_evicted_through_the_db_and_rejoins(
+        mn_pods: MnPods, api_proxy: TcpProxy) -> None:
+    """One MN loses the API server (its traffic goes through a proxy that is then black-holed); the others
+    still reach it. They see its Lease expire and evict it through the DB, the channel it still reaches: it
+    fences itself and rejoins under a new UUID without a Lease, which the DB alone admits everywhere."""
+    victim = mn_pods.names()[1]
+    host, port = api_proxy.address
+    mn_pods.command = [sys.executable, str(Path(__file__).with_name("partitioned_mn.py"))]
+    mn_pods.extra_env = {"PARTITION_POD": victim, "PARTITION_SERVER": f"https://{host}:{port}"}
+    mn_pods.deploy()
+    rings = mn_pods.wait_agreed(3)
+    others = [n for n in mn_pods.names() if n != victim]
+    old_uuid, ip = rings[victim]["self"], mn_pods.ip(victim)
+    assert mn_pods.lease(victim)["spec"]["holderIdentity"] == old_uuid  # it renews through the proxy
+    served: list[tuple[float, bool, str, str]] = []  # (time, alive, self, state) of the victim
+
+    def victim_view() -> tuple[str, str]:
+        ready = get_json(f"{mn_pods.url(victim, ip)}/readyz", timeout=5)
+        ring = mn_pods.ring(victim, ip)
+        served.append((time.monotonic(), ready["checks"]["alive"], ring["self"], ring["state"]))
+        return ring["self"], ring["state"]
+
+    with RingRecorder(mn_pods, mn_pods.names()) as recorder:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        api_proxy.cut()
+        limit = LEASE_DURATION + 3 * HEARTBEAT_INTERVAL
+        wait_for("the others to drop the cut-off MN", lambda: all(
+            recorder.first_without(n, old_uuid, t0) for n in others), limit + 10, info=mn_pods.describe)
+        evicted = {n: round(recorder.first_without(n, old_uuid, t0) - t0, 3) for n in others}
+        wait_for("the cut-off MN to rejoin under a new UUID",
+                 lambda: victim_view()[0] != old_uuid and victim_view()[1] == "running", 60, interval=0.02,
+                 info=mn_pods.describe)
+        t_rejoined = time.monotonic()
+        rings = mn_pods.wait_agreed(3, timeout=60)  # one ring again, with the API server still out of reach
+    new_uuid = rings[victim]["self"]
+    fenced_at = next(at for at, ring in recorder.samples[victim] if at > t0 and ring and (
+        ring["self"] != old_uuid or ring["state"] != "running"))
+    split_s = fenced_at - t0 - max(evicted.values())  # the others dropped it, it still served
+    figure("api_partition", evicted_after_s=evicted, victim_fenced_after_s=round(fenced_at - t0, 3),
+           split_s=round(split_s, 3), rejoined_after_s=round(t_rejoined - t0, 2))
+    assert max(evicted.values()) <= limit, f"the others dropped the cut-off MN after {evicted} s (> {limit} s)"
+    assert split_s <= 2 * HEARTBEAT_INTERVAL, f"it fenced {split_s:.2f} s after the others dropped it"
+    assert new_uuid != old_uuid
+    assert any("its Lease was not renewed" in mn_pods.log(n) for n in others), "no MN evicted it through the DB"
+    log = mn_pods.log(victim)
+    assert "fencing myself (evicted: another MN removed me (lease expired))" in log or \
+        "fencing myself (row gone" in log, log[-3000:]
+    # After it fenced, no MN counts the old UUID, and the victim never serves under it.
+    late = [(n, at, ring["members"]) for n, samples in recorder.samples.items() for at, ring in samples
+            if at > fenced_at and ring and ring["state"] == "running" and old_uuid in ring["members"]]
+    assert not late, f"the old UUID was still in a ring after the MN fenced: {late[:3]}"
+    served_as_old = [s for s in served if s[0] > fenced_at and s[1] and s[2] == old_uuid]
+    assert not served_as_old, f"it served under its old UUID after its eviction: {served_as_old[:3]}"
+    # The partition heals: it takes its pod's Lease over for the new UUID, and nothing else changes.
+    fences_before = fences(mn_pods)
+    api_proxy.heal()
+    wait_for("the healed MN to hold its Lease under its new UUID",
+             lambda: mn_pods.lease(victim)["spec"]["holderIdentity"] == new_uuid, 30, info=mn_pods.describe)
+    time.sleep(2 * HEARTBEAT_INTERVAL)
+    after = mn_pods.wait_agreed(3, timeout=30)
+    assert {r["self"] for r in after.values()} == {r["self"] for r in rings.values()}
+    assert fences(mn_pods) == fences_before, "an MN fenced itself after the partition healed"
 
 
 ALLOWED = {
