@@ -19,17 +19,19 @@ The rule implemented here:
    d. an expired candidate is evicted through the database (its row deleted, a LEFT event published), the
       channel it can still reach: it fences itself and rejoins under a new UUID, and every ring agrees.
 3. Trust: evidence from a source this MN cannot reach counts for nothing. Expiry (2b) counts only while my
-   view is trustworthy: my last renewal succeeded within the Lease duration with no failure since, my watch
-   is synced (a fresh list since it last broke), and my own latest renewal came back on the watch within
-   the duration. Otherwise Leases decide nothing, and DB heartbeats alone decide: an outage of the whole
-   API server never makes MNs evict each other.
+   view is trustworthy: my last renewal started within the Lease duration and succeeded, with no failure
+   since; my watch is synced (a fresh list since it last broke); and a renewal of mine that started within
+   the duration has come back on that watch (the watch clock is less than a duration old). Trust counts
+   from the later of my first success after a failure and the last sync. Otherwise Leases decide nothing,
+   and DB heartbeats alone decide: an outage of the whole API server never makes MNs evict each other.
 4. Self-fencing on my own Lease (see `OwnLease`): my Lease is lost - stop serving, rejoin under a new
    UUID - when a renewal finds it deleted (404) or held by another holder, or when my renewal gap grew
    past the duration while this process stood still (SIGSTOP, a long GC pause), because others could see
    it expire. A renewal attempt that lasts longer than any call can while the process runs (`call_limit`)
-   means the process stood still during it: the gap then runs to the moment the attempt ended, whether it
-   failed or succeeded. Renewals that fail because the API server is unreachable (connection errors,
-   timeouts, 5xx, 429, ...) within `call_limit` fence nothing: they only end the trust of 3.
+   means the process stood still during it: the gap then runs to now while it is in flight, and to the
+   moment it ended once it failed or succeeded (a late success proves nothing about when it was written).
+   Renewals that fail within `call_limit` because the API server is unreachable (connection errors,
+   timeouts, 5xx, 429, ...) fence nothing: they only end the trust of 3.
 5. I always count myself while I can prove I am alive (node.py fences me otherwise).
 """
 
