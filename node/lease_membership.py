@@ -83,7 +83,7 @@ class LeaseMembership:
                 self.own.succeeded(started, time.monotonic(), result.renew_time)
                 self._renewals_failing = False
                 return True
-        self._renew_failed(result, started)
+        self._renew_failed(result)
         return False
 
     async def renew(self) -> Result | None:
@@ -108,11 +108,11 @@ class LeaseMembership:
             elif result.outcome is Outcome.LOST:
                 metrics.LEASE_RENEW_FAILURES.labels("lost").inc()
             else:
-                self._renew_failed(result, started)
+                self._renew_failed(result)
             return result
 
-    def _renew_failed(self, result: Result, started: float) -> None:
-        self.own.failed(started)
+    def _renew_failed(self, result: Result) -> None:
+        self.own.failed(time.monotonic())  # when it ended: an attempt that outlived its limit is a stall
         metrics.LEASE_RENEW_FAILURES.labels("unreachable").inc()
         if not self._renewals_failing:
             log.warning("cannot renew my Lease (%s): Leases decide nothing until it works; DB heartbeats "

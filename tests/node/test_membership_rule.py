@@ -2,10 +2,11 @@
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 from zstack_node.lease_membership import LeaseMembership
-from zstack_node.leases import LeaseEvent
+from zstack_node.leases import LeaseEvent, Outcome, Result
 from zstack_node.membership import LEAVING, RUNNING, MemberRow
 from zstack_node.membership_rule import LeaseTable, OwnLease, decide, fresh_rows
 
@@ -189,6 +190,25 @@ def test_a_renewal_that_times_out_within_its_limit_is_an_outage_not_a_stall():
     own.attempting(4.0)
     own.failed(6.5)  # a 2.5 s timeout: the API server is out of reach
     assert own.stalled(60.0) is None
+
+
+def test_a_renewal_call_that_outlives_its_limit_leaves_me_stalled():
+    class SlowApi:
+        def renew(self, holder: str) -> Result:
+            time.sleep(0.3)  # the process stood still with the call in flight
+            return Result(Outcome.FAILED, "read timed out")
+
+    async def scenario() -> LeaseMembership:
+        leases = LeaseMembership(SimpleNamespace(lease_duration=5.0, lease_name="pod-me"))  # type: ignore[arg-type]
+        leases.own = OwnLease(duration=0.2, call_limit=0.1)
+        leases._api = SlowApi()  # type: ignore[assignment]
+        leases.holder = "me"
+        leases.own.succeeded(time.monotonic(), None, "r0")
+        assert (await leases.renew()).outcome is Outcome.FAILED  # type: ignore[union-attr]
+        return leases
+
+    leases = asyncio.run(scenario())
+    assert leases.own.stalled(time.monotonic()) is not None
 
 
 # ---- finding 5: "broken" travels through the same queue as SYNCED -------------------------------
