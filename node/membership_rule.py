@@ -160,6 +160,7 @@ class OwnLease:
         self.watch_synced_since: float | None = None
         self.watch_clock: float | None = None  # start of my latest renewal seen on my watch (rule 2b)
         self._unseen: dict[str, float] = {}  # renewTime I wrote, not yet seen on my watch -> write start
+        self._early: dict[str, None] = {}  # renewTimes of my Lease my watch delivered before my write returned
 
     def attempting(self, now: float) -> None:
         """A renewal starts: if it hangs, the gap up to here is what counts for rule 4."""
@@ -171,6 +172,9 @@ class OwnLease:
             self._unseen[renew_time] = started
             while len(self._unseen) > 64:  # never echoed (a broken watch): keep the newest
                 del self._unseen[next(iter(self._unseen))]
+            if renew_time in self._early:  # my watch delivered this write before its answer came back
+                del self._early[renew_time]
+                self.echoed(renew_time)
         took_too_long = now is not None and now - started > self.call_limit
         if self.failing_since is not None or self.renewals_trusted_since is None:
             self.renewals_trusted_since = now if took_too_long and now is not None else started
@@ -194,11 +198,16 @@ class OwnLease:
         self.last_ok = self.failing_since = self.pending_since = self.renewals_trusted_since = None
         self.watch_clock = None
         self._unseen.clear()
+        self._early.clear()
 
     def echoed(self, renew_time: str | None) -> bool:
         """My Lease came by on my watch with `renew_time`: if I wrote it, the watch is current up to then."""
         started = self._unseen.pop(renew_time, None) if renew_time else None
         if started is None:
+            if renew_time:  # maybe my write's answer is still on its way: `succeeded` will match it
+                self._early[renew_time] = None
+                while len(self._early) > 64:
+                    del self._early[next(iter(self._early))]
             return False
         self._unseen = {t: s for t, s in self._unseen.items() if s > started}  # older ones cannot come back
         self.watch_clock = started if self.watch_clock is None else max(self.watch_clock, started)

@@ -165,6 +165,19 @@ def test_an_echo_of_an_older_renewal_moves_the_clock_only_to_that_renewal():
     assert own.echoed("r3.0") and own.watch_clock == 3.0
 
 
+def test_an_echo_that_arrives_before_my_write_returns_still_counts():
+    """On a loaded machine the watch can deliver my renewal before the renewal call's answer is read."""
+    own = OwnLease(duration=5.0, call_limit=3.5)
+    own.watch_synced(0.0)
+    own.succeeded(0.0, 0.01, "r0.0")
+    assert own.echoed("r0.0") and own.trusted_since(0.5) is not None
+    own.attempting(1.0)
+    assert not own.echoed("r1.0")  # not known yet: my write's answer is still on its way
+    own.succeeded(1.0, 1.2, "r1.0")
+    assert own.watch_clock == 1.0
+    assert own.trusted_since(5.5) is not None, "the early echo must keep my Lease view trusted"
+
+
 # ---- finding 4: a stall during an in-flight renewal is a stall ----------------------------------
 
 def test_a_renewal_that_fails_after_a_stall_means_my_lease_is_lost():
