@@ -14,9 +14,9 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from devcluster.localnodes import LocalNode, agreed_members, wait_until
+from devcluster.localnodes import LocalNode, wait_until
+from tests.fixtures.mn_processes import MnProcesses
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 TERMINAL = ("Succeeded", "Failed")
 
@@ -61,59 +61,30 @@ class Api:
         return job["result"]
 
 
-class CloudCluster:
-    """MN processes sharing one fresh database and broker."""
+class CloudCluster(MnProcesses):
+    """MN processes with the cloud services, sharing one fresh database and broker, plus SQL access to it."""
 
     def __init__(self, broker_url: str, database_url: str, workdir: Path) -> None:
-        self.broker_url = broker_url
-        self.database_url = database_url
-        self.workdir = workdir
-        self.nodes: list[LocalNode] = []
+        super().__init__(broker_url, database_url, workdir)
         self.engine: Engine = create_engine(database_url, pool_size=2)
 
-    def start(self, count: int, env: dict[str, str] | None = None, **options: object) -> list[LocalNode]:
-        started = []
-        for _ in range(count):
-            node = LocalNode(
-                name=f"mn{len(self.nodes)}", broker_url=self.broker_url, database_url=self.database_url,
-                log_dir=self.workdir, options=options,
-                env={"PYTHONPATH": str(REPO), "ZSTACK_API_TOKEN": TOKEN, "ZSTACK_SIM_LATENCY": "0.002",
-                     **(env or {})},
-            ).start()
-            self.nodes.append(node)
-            started.append(node)
-        for node in started:
-            node.wait_ready(60)
-        return started
-
-    def running(self) -> list[LocalNode]:
-        return [n for n in self.nodes if n.process and n.process.poll() is None]
+    def node_env(self) -> dict[str, str]:
+        return {**super().node_env(), "ZSTACK_API_TOKEN": TOKEN, "ZSTACK_SIM_LATENCY": "0.002"}
 
     def api(self, node: LocalNode | None = None) -> Api:
         return Api((node or random.choice(self.running())).url)
-
-    def wait_agreed(self, expected: set[str] | None = None, timeout: float = 20.0) -> frozenset[str]:
-        def agreed() -> frozenset[str] | None:
-            members = agreed_members(self.running())
-            return members if members and (expected is None or members == expected) else None
-
-        return wait_until(agreed, timeout, f"running MNs to agree on {sorted(expected or [])}")
 
     def sql(self, query: str, **params: Any) -> list[Any]:
         with self.engine.begin() as conn:
             result = conn.execute(text(query), params)
             return list(result) if result.returns_rows else []
 
-    def logs(self, lines: int = 40) -> str:
-        return "\n".join(f"--- {n.name}\n{n.tail(lines)}" for n in self.nodes)
-
 
 @pytest.fixture
 def cloud(rabbitmq, fresh_database, tmp_path) -> Iterator[CloudCluster]:
     made = CloudCluster(rabbitmq.url, fresh_database, tmp_path)
     yield made
-    for node in made.nodes:
-        node.kill()
+    made.kill_all()
     made.engine.dispose()
 
 
