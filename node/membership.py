@@ -77,7 +77,7 @@ class Membership:
             return conn.execute(delete(mn).where(mn.c.uuid == uuid, mn.c.heartbeat < self._cutoff())).rowcount == 1
 
     def evict_expired(self, uuid: str) -> bool:
-        """Delete the row of an MN whose Lease expired, fresh heartbeat or not (it may reach the DB but not
+        """Delete the row of an MN whose Lease expired or went, fresh heartbeat or not (it may reach the DB but not
         the API server). Only a RUNNING row goes: one still JOINING takes its Lease before it counts, and a
         LEAVING one deletes its row itself. True for the one MN whose DELETE matched."""
         with self.engine.begin() as conn:

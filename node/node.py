@@ -71,6 +71,7 @@ class ManagementNode:
         self._renew_now = asyncio.Event()  # renew at once: prove my watch current (Decision.overdue)
         self._reconcile_now = asyncio.Event()  # reconcile at once: my watch clock moved past an overdue MN
         self._overdue: frozenset[str] = frozenset()
+        self._lease_gone: dict[str, str] = {}  # MN -> "lease expired" or "lease gone": its row must go too
 
     # ---- facts -----------------------------------------------------------------------------
 
@@ -302,8 +303,8 @@ class ManagementNode:
             metrics.MEMBERS_BY_SOURCE.labels(source).set(count)
         cause = "lease expired" if decision.expired & self.ring.members else "reconcile"
         await self._change_ring(lambda _current: decision.members, cause)
-        for mn in decision.expired:
-            await self._evict_expired(mn)
+        self._lease_gone.update(dict.fromkeys(decision.expired, "lease expired"))
+        await self._evict_lease_gone({r.uuid for r in rows if r.state == RUNNING})
         self._overdue = decision.overdue
         if decision.overdue:
             self._renew_now.set()  # its echo proves my watch current, or nothing expires
@@ -322,15 +323,28 @@ class ManagementNode:
         return decide(fresh, self.uuid, self.leases.holders(), self._tombstones, self.leases.trusted_since(now),
                       self.leases.watch_clock(), now)
 
-    async def _evict_expired(self, mn: str) -> None:
-        """Act on an expired Lease through the DB, which the MN may reach while the API server is out of
-        its reach: its row goes, so it fences itself (LEFT event, or its next heartbeat) and rejoins anew."""
-        self._tombstone(mn)
-        if not await asyncio.to_thread(self.membership.evict_expired, mn):
-            return  # another MN did it, or the row is gone already
-        metrics.EVICTIONS.labels("lease").inc()
-        log.warning("evicted MN %s: its Lease was not renewed for %.1fs", mn, self.settings.lease_duration)
-        self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": "lease expired"})
+    async def _evict_lease_gone(self, running_rows: set[str]) -> None:
+        """Act on lost Leases through the DB, which the MN may reach while the API server is out of its
+        reach: its row goes, so it fences itself (LEFT event, or its next heartbeat) and rejoins anew.
+
+        A delete that fails (a DB blip) is tried again at the next reconcile while the row is RUNNING;
+        otherwise the MN would stay out of every ring yet keep serving under its old UUID.
+        """
+        self._lease_gone = {mn: why for mn, why in self._lease_gone.items()  # gone, or leaving by itself
+                            if mn in running_rows and mn != self.uuid}
+        for mn, why in sorted(self._lease_gone.items()):
+            self._tombstone(mn)
+            try:
+                evicted = await asyncio.to_thread(self.membership.evict_expired, mn)
+            except SQLAlchemyError as exc:
+                log.debug("evicting MN %s for its Lease failed (%s); trying again", mn, first_line(exc))
+                return
+            del self._lease_gone[mn]
+            if evicted:  # only the MN whose DELETE matched announces it
+                metrics.EVICTIONS.labels("lease").inc()
+                log.warning("evicted MN %s: %s", mn, f"its Lease was not renewed for {self.settings.lease_duration}s"
+                            if why == "lease expired" else "its Lease was released, deleted or taken over")
+                self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": why})
 
     async def _evict(self, mn: str) -> None:
         """Delete a row stale on two checks; only the MN whose DELETE matched announces it."""
@@ -382,6 +396,9 @@ class ManagementNode:
         for mn in lost:
             self._tombstone(mn)
             self._event_joins.pop(mn, None)
+        if lost - {self.uuid}:
+            self._lease_gone.update(dict.fromkeys(lost - {self.uuid}, "lease gone"))
+            self._reconcile_now.set()  # delete their rows too: an MN cut off from the API server may live on
         if self.uuid in lost and self.state == "running":
             await self.fence(f"lease lost: my Lease {event.name} was {event.kind.lower()} by someone else")
         elif lost - {self.uuid}:  # while leaving I keep myself, as without Leases
