@@ -83,6 +83,10 @@ class Sweeper:
             rows = await self.db(repo.abandoned_jobs, me, sorted(ring.members), self.dead_grace, self.pending_grace,
                                  after, self.page)
             taken += sum(self._take(job, me) for job in rows)
+            for job in rows:
+                if self._stranded(job, me):
+                    # Another MN owns its resource but skips a job claimed by a live MN: give it back.
+                    await self.db(repo.release_job, job.id, me)
             if len(rows) < self.page:
                 return taken
             after = (rows[-1].created_at, rows[-1].id)
@@ -101,6 +105,12 @@ class Sweeper:
         driver.submit(job.id, job.resource_uuid).add_done_callback(
             lambda _f, job_id=job.id: self._driving.discard(job_id))
         return True
+
+    def _stranded(self, job: Row, me: str) -> bool:
+        """My claim on a job I no longer run, whose resource another MN owns (a create, or a ring change)."""
+        driver = self._driver(job.operation)
+        return (job.mn == me and driver is not None and job.id not in self._driving and job.id not in driver.active
+                and self.node.ring.owner(job.resource_uuid) != me)
 
     def _driver(self, operation: str) -> JobDriver | None:
         service = self.node.services.get(operation.partition(".")[0])
