@@ -184,3 +184,27 @@ def test_abandoned_jobs_are_never_hidden_behind_live_ones(engine):
         assert [r.id for r in found] == [mine_idle, lost, left]
         page = repo.abandoned_jobs(conn, me, [me, live], 0.5, 10, after=(found[0].created_at, found[0].id), limit=1)
         assert [r.id for r in page] == [lost]
+
+
+def test_a_job_i_claimed_but_another_mn_owns_is_given_back_to_its_owner(engine):
+    """My claim on a job I no longer run would hide it from the owner's sweeper while I live: I release it."""
+    me, owner = uuid.uuid4().hex, uuid.uuid4().hex
+    ring = Ring.of({me, owner})
+    vm = next(u for u in iter(lambda: uuid.uuid4().hex, None) if ring.owner(u) == owner)
+    stuck = add_job(engine, "vm.stop", vm, mn=me)
+    sql(engine, "UPDATE jobs SET updated_at = updated_at - interval '1 hour'")
+    service, agent = vm_service(engine, me, {me, owner})
+
+    async def scenario() -> int:
+        sweeper = Sweeper(service.node)
+        taken = await sweeper.sweep()
+        await service.close()
+        return taken
+
+    assert asyncio.run(scenario()) == 0, "I must not drive a job whose resource another MN owns"
+    assert agent.calls == []
+    assert (job_row(engine, stuck).mn, job_row(engine, stuck).state) == (None, "Running")
+    sql(engine, "UPDATE jobs SET updated_at = updated_at - interval '1 hour'")
+    with engine.begin() as conn:
+        found = repo.abandoned_jobs(conn, owner, [me, owner], dead_grace=0.5, pending_grace=10)
+    assert [r.id for r in found] == [stuck], "the owner's sweeper must now find it"
