@@ -158,7 +158,11 @@ class MnPods:
         return self.get("pod", name)
 
     def ip(self, name: str) -> str:
-        return self.pod(name)["status"]["podIP"]
+        """The pod's IP; KeyError (which `wait_for` retries) while the pod or its IP does not exist yet."""
+        pod = self.pod(name)
+        if pod is None:
+            raise KeyError(f"pod {name} does not exist (yet)")
+        return pod["status"]["podIP"]
 
     def url(self, name: str, ip: str | None = None) -> str:
         return f"http://{ip or self.ip(name)}:{self.port}"
