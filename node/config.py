@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .leases import call_timeout
 from .ring import DEFAULT_VNODES
 
 _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -85,11 +86,15 @@ class Settings:
         return self
 
     def _validate_lease(self) -> None:
-        if self.lease_duration < 2 * self.heartbeat_interval:
+        # A renewal that times out once and succeeds on its retry commits up to interval + 2 call
+        # timeouts after the previous one; a healthy MN's Lease must outlast that.
+        slowest = self.heartbeat_interval + 2 * call_timeout(self.lease_duration)
+        if self.lease_duration < 2 * self.heartbeat_interval or self.lease_duration <= slowest:
             raise ConfigError(
                 f"{_where('lease_duration')}: {self.lease_duration}s must be at least twice "
-                f"{_where('heartbeat_interval')} ({self.heartbeat_interval}s), the renewal interval, or one "
-                "late renewal expires a healthy MN's Lease"
+                f"{_where('heartbeat_interval')} ({self.heartbeat_interval}s), the renewal interval, and longer "
+                f"than {slowest:g}s (the interval plus a renewal's timeout and retry), or one late renewal "
+                "expires a healthy MN's Lease"
             )
         if not _DNS_SUBDOMAIN.fullmatch(self.lease_name):
             raise ConfigError(

@@ -65,6 +65,9 @@ def test_leases_follow_pod_name_unless_forced():
     [
         ({"kubernetes": "maybe"}, "--kubernetes / ZSTACK_KUBERNETES"),
         ({"pod_name": "mn-0", "lease_duration": 1.0}, "--lease-duration"),
+        # twice the interval, but a renewal's timeout and retry would let a healthy MN's Lease expire
+        ({"pod_name": "mn-0", "heartbeat_interval": 2.0, "heartbeat_timeout": 4.0, "lease_duration": 4.0},
+         "--lease-duration"),
         ({"pod_name": "Bad_Name"}, "--pod-name / POD_NAME"),
         ({"pod_name": "mn-0", "cluster": "no spaces"}, "--cluster"),
     ],
