@@ -1,0 +1,1 @@
+"""zstack-operator: reconciles ZStackCluster resources into management-node StatefulSets (kopf)."""

@@ -1,0 +1,127 @@
+"""The operator process: log in, serve health and metrics, wait to lead, then run kopf and the Controller.
+
+A replica that loses its leader Lease stops writing at once and exits non-zero, so that Kubernetes restarts
+it as a fresh standby (the way client-go's leader election ends a term). SIGTERM stops kopf first and
+releases the Lease last, so a standby takes over at once and never overlaps with this replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+import kopf
+
+from zstack_node.kube import KubeError, login
+
+from . import http, metrics
+from .controller import Controller
+from .events import EventRecorder
+from .handlers import build_registry, quiet_kopf_logs
+from .kubeapi import Kube
+from .leader import LeaderElector, default_identity
+
+log = logging.getLogger("zstack_operator")
+KOPF_STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    namespaces: tuple[str, ...]  # empty: all namespaces
+    http_bind: str
+    http_port: int
+    leader_election: bool
+    leader_election_namespace: str
+    leader_election_id: str
+    lease_duration: float
+    renew_deadline: float
+    retry_period: float
+    resync_interval: float
+    status_interval: float
+
+
+def run(options: OperatorOptions) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a lost leadership (exit 1)."""
+    try:
+        api_client = login()
+    except KubeError as exc:
+        log.error("%s", exc)
+        return 2
+    quiet_kopf_logs()
+    return asyncio.run(_serve(options, api_client))
+
+
+async def _serve(options: OperatorOptions, api_client: object) -> int:
+    loop = asyncio.get_running_loop()
+    identity = default_identity()
+    kube = Kube(api_client)
+    controller = Controller(kube, EventRecorder(kube, identity), options.status_interval, options.resync_interval)
+    stopping, leading, lost = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    kopf_task: asyncio.Task[None] | None = None
+
+    def healthy() -> str | None:
+        if kopf_task is not None and kopf_task.done() and not stopping.is_set():
+            return "kopf stopped"
+        return None
+
+    runner = await http.start(options.http_bind, options.http_port, healthy)
+    log.info("serving /healthz, /readyz and /metrics on %s:%d", options.http_bind, options.http_port)
+
+    elector_stop = threading.Event()
+    elector_thread = None
+    if options.leader_election:
+        elector = LeaderElector(api_client, options.leader_election_namespace, options.leader_election_id,
+                                identity, options.lease_duration, options.renew_deadline, options.retry_period)
+
+        def stopped_leading() -> None:
+            controller.halt()  # no write after this, even before the event loop notices
+            loop.call_soon_threadsafe(lost.set)
+
+        elector_thread = threading.Thread(
+            target=elector.run, name="leader-election",
+            args=(lambda: loop.call_soon_threadsafe(leading.set), stopped_leading, elector_stop))
+        elector_thread.start()
+    else:
+        leading.set()
+
+    try:
+        if await _first(leading, stopping) is leading:
+            metrics.LEADER.set(1)
+            controller.start()
+            kopf_stop = asyncio.Event()
+            kopf_task = asyncio.create_task(kopf.operator(
+                registry=build_registry(controller), standalone=True, clusterwide=not options.namespaces,
+                namespaces=list(options.namespaces), stop_flag=kopf_stop))
+            # kopf takes over SIGTERM/SIGINT while it runs: it then returns, which ends the wait too.
+            await _first(lost, stopping, kopf_task)
+            kopf_stop.set()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(kopf_task, KOPF_STOP_TIMEOUT)
+    finally:
+        controller.stop()
+        metrics.LEADER.set(0)
+        elector_stop.set()  # releases the Lease after kopf has stopped
+        if elector_thread is not None:
+            await asyncio.to_thread(elector_thread.join, options.renew_deadline + 5)
+        await runner.cleanup()
+    if lost.is_set() and not stopping.is_set():
+        log.error("lost the leader Lease: exiting so that this replica starts again as a standby")
+        return 1
+    log.info("stopped")
+    return 0
+
+
+async def _first(*waitables: asyncio.Event | asyncio.Task[None]) -> object:
+    """Wait until one of the events is set or the task is done; return it."""
+    tasks = {asyncio.ensure_future(w.wait()) if isinstance(w, asyncio.Event) else w: w for w in waitables}
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task not in done and not isinstance(tasks[task], asyncio.Task):
+            task.cancel()
+    return tasks[next(iter(done))]

@@ -1,0 +1,205 @@
+"""The leader's work: reconcile clusters when kopf reports a change and periodically, and keep status current.
+
+kopf calls `track`/`forget` on every ZStackCluster event and `reconcile` on create, update and resume. One
+status thread observes every tracked cluster each `status_interval` (StatefulSets, pods, the MNs' rings) and
+patches its status only when something changed, so MN Lease renewals and steady clusters cause no writes;
+the same thread re-reconciles each cluster every `resync_interval` to undo drift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .cluster import Cluster
+from .events import EventRecorder
+from .kubeapi import ApiError, Kube
+from .observe import observe
+from .reconcile import Outcome, ReconcileError, reconcile
+from .status import ReconcileState, build_status, same_status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tracked:
+    """One cluster: its latest object, what its last reconcile left, and the status last written."""
+
+    body: dict[str, Any]
+    state: ReconcileState = field(default_factory=ReconcileState)
+    written: dict[str, Any] | None = None
+    paused: bool | None = None
+    last_reconcile: float = 0.0
+    reconcile_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Controller:
+    """Reconciles and reports on the ZStackClusters kopf tells it about."""
+
+    def __init__(self, kube: Kube, events: EventRecorder, status_interval: float, resync_interval: float) -> None:
+        self.kube = kube
+        self.events = events
+        self.status_interval = status_interval
+        self.resync_interval = resync_interval
+        self._clusters: dict[tuple[str, str], Tracked] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ring")
+        self._thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
+
+    # ---- fed by kopf --------------------------------------------------------------------------
+
+    def track(self, body: dict[str, Any]) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            tracked = self._clusters.get(key)
+            if tracked is None or tracked.body["metadata"]["uid"] != body["metadata"]["uid"]:
+                self._clusters[key] = Tracked(body)
+                self._wake.set()
+            else:
+                tracked.body = body
+            metrics.CLUSTERS.set(len(self._clusters))
+
+    def forget(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._clusters.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+            metrics.CLUSTERS.set(len(self._clusters))
+
+    def reconcile(self, body: dict[str, Any], trigger: str) -> None:
+        """Reconcile one cluster now (unless paused); raises ReconcileError for kopf to retry."""
+        if self._stop.is_set():
+            return  # no longer leading: the next leader reconciles
+        self.track(body)
+        cluster = Cluster.from_body(body)
+        tracked = self._get(cluster)
+        if tracked is None:
+            return
+        with tracked.reconcile_lock:
+            tracked.last_reconcile = time.monotonic()
+            if self._skip_paused(cluster, tracked):
+                return
+            started = time.monotonic()
+            try:
+                outcome = reconcile(self.kube, cluster, self.events)
+            except ReconcileError as exc:
+                self._failed(cluster, tracked, exc)
+                raise
+            finally:
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            tracked.state = ReconcileState(observed_generation=cluster.generation)
+            metrics.RECONCILES.labels("ok").inc()
+            log.info("reconciled %s/%s (generation %d, %s)%s", cluster.namespace, cluster.name, cluster.generation,
+                     trigger, _summary(outcome))
+        self._wake.set()
+
+    # ---- the status thread --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def halt(self) -> None:
+        """Stop writing at once (leadership lost); safe from any thread."""
+        self._stop.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self.halt()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _status_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.status_interval)
+            self._wake.clear()
+            with self._lock:
+                clusters = list(self._clusters.values())
+            ready = 0
+            for tracked in clusters:
+                if self._stop.is_set():
+                    return
+                ready += self._refresh(tracked)
+                if time.monotonic() - tracked.last_reconcile >= self.resync_interval:
+                    self._resync(tracked)
+            metrics.READY_CLUSTERS.set(ready)
+
+    def _refresh(self, tracked: Tracked) -> bool:
+        """Observe one cluster and write its status if it changed; True when it is Ready."""
+        cluster = Cluster.from_body(tracked.body)
+        try:
+            seen = observe(self.kube, cluster, self._pool)
+            status = build_status(cluster, seen, tracked.state, tracked.written or tracked.body.get("status"))
+            if not same_status(status, tracked.written or tracked.body.get("status")):
+                self.kube.patch_status("ZStackCluster", cluster.namespace, cluster.name, status)
+                metrics.STATUS_UPDATES.inc()
+                self._log_ring_change(cluster, tracked.written or tracked.body.get("status"), status)
+            tracked.written = status
+        except ApiError as exc:
+            if exc.status == 404:
+                self.forget(tracked.body)
+            else:
+                log.warning("cannot update the status of %s/%s: %s", cluster.namespace, cluster.name, exc)
+            return False
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
+
+    def _resync(self, tracked: Tracked) -> None:
+        with contextlib.suppress(ReconcileError):  # recorded in the Degraded condition; tried again next time
+            self.reconcile(tracked.body, "resync")
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _get(self, cluster: Cluster) -> Tracked | None:
+        with self._lock:
+            return self._clusters.get((cluster.namespace, cluster.name))
+
+    def _skip_paused(self, cluster: Cluster, tracked: Tracked) -> bool:
+        if cluster.paused:
+            metrics.RECONCILES.labels("paused").inc()
+            if tracked.paused is not True:
+                log.info("reconciliation of %s/%s is paused", cluster.namespace, cluster.name)
+                self.events.normal(cluster, "ReconciliationPaused",
+                                   "zstack.io/pause-reconciliation is \"true\": children are left as they are")
+            tracked.paused = True
+            self._wake.set()
+            return True
+        if tracked.paused:
+            log.info("reconciliation of %s/%s resumed", cluster.namespace, cluster.name)
+            self.events.normal(cluster, "ReconciliationResumed", "reconciling the children with the spec again")
+        tracked.paused = False
+        return False
+
+    def _failed(self, cluster: Cluster, tracked: Tracked, exc: ReconcileError) -> None:
+        metrics.RECONCILES.labels("error").inc()
+        metrics.RECONCILE_ERRORS.labels(exc.kind).inc()
+        message = f"could not write {exc}"
+        if tracked.state.error != message:
+            self.events.warning(cluster, "ReconcileFailed", message)
+        log.warning("reconciling %s/%s failed: %s", cluster.namespace, cluster.name, message)
+        tracked.state = ReconcileState(tracked.state.observed_generation, message)
+        self._wake.set()
+
+    @staticmethod
+    def _log_ring_change(cluster: Cluster, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
+        old = ((before or {}).get("ring") or {}).get("summary")
+        new = after["ring"]["summary"]
+        if old != new:
+            log.info("%s/%s: ring %s (ready %d/%d)", cluster.namespace, cluster.name, new, after["readyReplicas"],
+                     cluster.replicas)
+
+
+def _summary(outcome: Outcome) -> str:
+    parts = []
+    if outcome.created:
+        parts.append("created " + ", ".join(outcome.created))
+    if outcome.scaled:
+        parts.append(f"scaled {outcome.scaled[0]} -> {outcome.scaled[1]}")
+    if outcome.deleted:
+        parts.append("deleted " + ", ".join(outcome.deleted))
+    return ": " + "; ".join(parts) if parts else ""

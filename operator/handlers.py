@@ -1,0 +1,69 @@
+"""kopf handlers: feed ZStackCluster events to the Controller. Nothing here needs a finalizer.
+
+No delete handler, daemon or timer is registered, because kopf would then put a finalizer on every
+ZStackCluster, and deleting one would hang while the operator is down. Deletion needs no code: every child
+has the cluster as its owner, so the garbage collector removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import kopf
+
+from .cluster import GROUP, PLURAL, VERSION
+from .controller import Controller
+from .reconcile import ReconcileError
+
+RETRY_DELAY = 5.0
+
+
+def build_registry(controller: Controller) -> kopf.OperatorRegistry:
+    """A kopf registry with the operator's handlers bound to `controller`."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf's own bookkeeping lives under a prefix of its own: under "zstack.io/" kopf would ignore
+        # every zstack.io annotation in its diffs, including zstack.io/pause-reconciliation.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="operator.zstack.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="operator.zstack.io", key="last-handled-configuration")
+        settings.posting.enabled = False  # the Controller posts its own Events
+        settings.execution.max_workers = 8
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 30
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def track(event: dict[str, Any], **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            controller.forget(event["object"])
+        else:
+            controller.track(event["object"])
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    def reconcile(body: kopf.Body, reason: str, **_: Any) -> None:
+        try:
+            controller.reconcile(_plain(body), trigger=str(reason))
+        except ReconcileError as exc:
+            raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from None
+
+    return registry
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's Body as plain dicts and lists."""
+    return json.loads(json.dumps(body, default=dict))
+
+
+def quiet_kopf_logs() -> None:
+    """kopf logs every handler run at INFO; keep its warnings and errors, and our own INFO lines."""
+    logging.getLogger("kopf").setLevel(logging.WARNING)

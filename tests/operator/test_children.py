@@ -1,0 +1,123 @@
+"""The children the operator builds from a spec (pure logic; the e2e tests apply them to a real API server)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+from zstack_operator.cluster import Cluster
+from zstack_operator.credentials import broker_secret, database_secret, generated_secrets
+from zstack_operator.mn import access, config_map, statefulset
+from zstack_operator.reconcile import desired_children
+
+EXTERNAL = {"broker": {"external": {"secretRef": {"name": "my-amqp", "key": "uri"}}},
+            "database": {"external": {"secretRef": {"name": "my-pg", "key": "url"}}}}
+
+
+def cluster(**spec: Any) -> Cluster:
+    return Cluster("demo", "prod", "uid-1", 1, spec, {})
+
+
+def kinds(objects: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(o["kind"], o["metadata"]["name"]) for o in objects}
+
+
+def mn_container(sts: dict[str, Any]) -> dict[str, Any]:
+    return sts["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_every_child_is_owned_by_the_cluster_as_its_controller() -> None:
+    for obj in desired_children(cluster(), {"servicemonitors": True, "podmonitors": True}):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["uid"] == "uid-1" and owner["controller"] is True, obj["kind"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "zstack-operator"
+
+
+def test_external_mode_wires_the_users_secrets_and_runs_no_broker_or_database() -> None:
+    objects = desired_children(cluster(**EXTERNAL), {})
+    assert not {k for k in kinds(objects) if k[1] in ("demo-rabbitmq", "demo-postgresql")}
+    values = env(mn_container(next(o for o in objects if o["kind"] == "StatefulSet")))
+    assert values["ZSTACK_BROKER_URL"] == {"secretKeyRef": {"name": "my-amqp", "key": "uri"}}
+    assert values["ZSTACK_DATABASE_URL"] == {"secretKeyRef": {"name": "my-pg", "key": "url"}}
+    assert values["ZSTACK_API_TOKEN"] == {"secretKeyRef": {"name": "demo-api-token", "key": "token"}}
+    assert [s["metadata"]["name"] for s in generated_secrets(cluster(**EXTERNAL))] == ["demo-api-token"]
+
+
+def test_managed_mode_adds_both_statefulsets_and_their_generated_secrets() -> None:
+    objects = desired_children(cluster(), {})
+    assert {("StatefulSet", "demo-rabbitmq"), ("Service", "demo-rabbitmq"), ("StatefulSet", "demo-postgresql"),
+            ("Service", "demo-postgresql")} <= kinds(objects)
+    assert {s["metadata"]["name"] for s in generated_secrets(cluster())} == \
+        {"demo-api-token", "demo-broker", "demo-database"}
+
+
+def test_generated_urls_carry_the_generated_password_and_the_service_host() -> None:
+    for secret, host in ((broker_secret(cluster()), "demo-rabbitmq.prod.svc"),
+                         (database_secret(cluster()), "demo-postgresql.prod.svc")):
+        data = secret["stringData"]
+        url = urlsplit(data["url"])
+        assert url.hostname == host and url.username == data["username"]
+        assert unquote(url.password or "") == data["password"] and len(data["password"]) >= 24
+    assert broker_secret(cluster())["stringData"]["password"] != broker_secret(cluster())["stringData"]["password"]
+
+
+def test_the_mn_statefulset_has_probes_a_graceful_stop_and_parallel_pods() -> None:
+    sts = statefulset(cluster(replicas=4, terminationGracePeriodSeconds=45, api={"port": 9090}), config_map(cluster()))
+    spec = sts["spec"]
+    assert spec["replicas"] == 4 and spec["podManagementPolicy"] == "Parallel" and spec["serviceName"] == "demo-mn"
+    pod = spec["template"]["spec"]
+    container = mn_container(sts)
+    assert pod["terminationGracePeriodSeconds"] == 45 and pod["serviceAccountName"] == "demo-mn"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["ports"] == [{"name": "http", "containerPort": 9090, "protocol": "TCP"}]
+    assert "preStop" in container["lifecycle"]
+    assert env(container)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_a_node_setting_change_changes_the_pod_template_so_the_mns_restart_with_it() -> None:
+    def template_hash(**node: Any) -> str:
+        c = cluster(node=node)
+        return statefulset(c, config_map(c))["spec"]["template"]["metadata"]["annotations"]["zstack.io/config-hash"]
+
+    assert template_hash(heartbeatTimeoutSeconds=4) == template_hash(heartbeatTimeoutSeconds=4)
+    assert template_hash(heartbeatTimeoutSeconds=4) != template_hash(heartbeatTimeoutSeconds=6)
+    data = config_map(cluster(node={"heartbeatIntervalSeconds": 0.5, "ringVirtualNodes": 100}))["data"]
+    assert data["ZSTACK_HEARTBEAT_INTERVAL"] == "0.5" and data["ZSTACK_RING_VNODES"] == "100"
+
+
+def test_pod_overrides_land_on_the_pods_but_cannot_replace_the_selector_labels() -> None:
+    pod = {"nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "mn", "operator": "Exists"}],
+           "labels": {"team": "cloud", "app.kubernetes.io/instance": "other"}, "annotations": {"a": "b"}}
+    c = cluster(pod=pod)
+    template = statefulset(c, config_map(c))["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == {"disk": "ssd"} and template["spec"]["tolerations"] == pod["tolerations"]
+    assert template["metadata"]["labels"]["team"] == "cloud"
+    assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+    assert template["metadata"]["annotations"]["a"] == "b"
+
+
+def test_optional_children_follow_their_toggles_and_the_monitoring_crds() -> None:
+    off = desired_children(cluster(podDisruptionBudget={"enabled": False}, **EXTERNAL), {})
+    assert ("PodDisruptionBudget", "demo-mn") not in kinds(off)
+    wanted = cluster(metrics={"serviceMonitor": True, "podMonitor": True}, **EXTERNAL)
+    assert not {"ServiceMonitor", "PodMonitor"} & {k for k, _ in kinds(desired_children(wanted, {}))}
+    with_crds = desired_children(wanted, {"servicemonitors": True, "podmonitors": True})
+    assert {("ServiceMonitor", "demo-mn"), ("PodMonitor", "demo-mn")} <= kinds(with_crds)
+
+
+def test_mn_access_is_the_lease_rbac_of_the_node_renamed_per_cluster() -> None:
+    text = resources.files("zstack_node").joinpath("manifests/mn-rbac.yaml").read_text()
+    node_role = next(d for d in yaml.safe_load_all(text) if d["kind"] == "Role")
+    objects = {o["kind"]: o for o in access(cluster())}
+    assert objects["Role"]["rules"] == node_role["rules"]
+    assert objects["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "demo-mn", "namespace": "prod"}]
+    assert objects["RoleBinding"]["roleRef"]["name"] == "demo-mn" and objects["ServiceAccount"]["metadata"]["name"] \
+        == "demo-mn"
