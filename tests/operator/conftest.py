@@ -1,0 +1,435 @@
+"""The operator on the devcluster: the ZStackCluster CRD, the operator running as its own ServiceAccount
+(proving operator/manifests/rbac.yaml is enough), and one ZStackCluster `demo` per test in external mode
+against the session's RabbitMQ and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devcluster.layout import Layout
+from devcluster.ports import free_port
+from tests.fixtures.kube import KubeCluster
+from tests.k8s.conftest import get_json, get_text, metric, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "zstackcluster.yaml"
+RBAC = REPO / "operator" / "manifests" / "rbac.yaml"
+OPERATOR_NS = "zstack-system"
+OPERATOR_SA = "zstack-operator"
+CLUSTER = "demo"
+MN_SELECTOR = f"app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component=mn"
+PAUSE = "zstack.io/pause-reconciliation"
+TIMEOUT = 120.0
+
+# The children of an external-mode ZStackCluster `demo`, as "Kind/name".
+CHILDREN = [
+    "StatefulSet/demo-mn", "Service/demo-mn", "Service/demo-api", "ConfigMap/demo-mn-config",
+    "Secret/demo-api-token", "ServiceAccount/demo-mn", "Role/demo-mn", "RoleBinding/demo-mn",
+    "PodDisruptionBudget/demo-mn",
+]
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in recursively (a None value removes the key)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# ---- the CRD and the operator's identity -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def crd(devcluster: KubeCluster) -> None:
+    """The ZStackCluster CRD, applied and Established (left in place: other sessions may share the cluster)."""
+    devcluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    devcluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                       "crd/zstackclusters.zstack.io")
+
+
+@pytest.fixture(scope="session")
+def operator_rbac(devcluster: KubeCluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kubeconfig of the ServiceAccount zstack-system/zstack-operator, bound by operator/manifests/rbac.yaml."""
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}
+    devcluster.kubectl("apply", "-f", "-", input=json.dumps(namespace))
+    devcluster.kubectl("apply", "-f", str(RBAC))
+    token = devcluster.kubectl("create", "token", OPERATOR_SA, "-n", OPERATOR_NS,
+                               "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(devcluster.kubeconfig.read_text())
+    doc = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "devcluster", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
+        "contexts": [{"name": OPERATOR_SA, "context": {"cluster": "devcluster", "user": OPERATOR_SA,
+                                                        "namespace": OPERATOR_NS}}],
+        "current-context": OPERATOR_SA,
+    }
+    path = tmp_path_factory.mktemp("operator-sa") / "kubeconfig"
+    path.write_text(yaml.safe_dump(doc))
+    path.chmod(0o600)
+    return path
+
+
+# ---- operator processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class OperatorProcess:
+    """One `python -m zstack_operator` process logged in as the operator's ServiceAccount."""
+
+    kubeconfig: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> OperatorProcess:
+        argv = [sys.executable, "-m", "zstack_operator", "--all-namespaces",
+                "--http-bind", "127.0.0.1", "--http-port", str(self.port),
+                "--leader-election-namespace", OPERATOR_NS,
+                "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, cwd=REPO, start_new_session=True)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> str:
+        return get_text(self.url + "/metrics")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.metrics(), name, **labels)
+
+    def reconciles(self, result: str | None = None) -> float:
+        labels = {"result": result} if result else {}
+        return self.metric("zstack_operator_reconciles_total", **labels)
+
+    def healthy(self) -> bool:
+        if not self.running():
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+        return get_text(self.url + "/healthz") is not None
+
+    def leading(self) -> bool:
+        return "leading as" in self.log()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        wait_for(f"the operator's /healthz on port {self.port}", self.healthy, timeout, interval=0.2,
+                 info=lambda: self.log()[-4000:])
+
+    def wait_leading(self, timeout: float = 60) -> None:
+        self.wait_healthy(timeout)
+        wait_for("the operator to log 'leading as'", self.leading, timeout, interval=0.2,
+                 info=lambda: self.log()[-4000:])
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit within `timeout`."""
+        if not self.running():
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the operator ignored SIGTERM for {timeout}s:\n{self.log()[-4000:]}") from None
+
+    def kill(self) -> None:
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@dataclass
+class OperatorFactory:
+    """Starts operator processes for one test; stops every one of them at teardown."""
+
+    kubeconfig: Path
+    tmp_path: Path
+    started: list[OperatorProcess] = field(default_factory=list, repr=False)
+
+    def __call__(self) -> OperatorProcess:
+        op = OperatorProcess(self.kubeconfig, self.tmp_path / f"operator-{len(self.started)}.log")
+        self.started.append(op)
+        return op.start()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- operator-{i} log (tail)\n{op.log()[-4000:]}" for i, op in enumerate(self.started))
+
+    def stop_all(self) -> None:
+        """SIGTERM every process; raise (after stopping them all) if one had to be killed."""
+        errors = []
+        for op in self.started:
+            try:
+                op.stop(15)
+            except AssertionError as err:
+                errors.append(str(err))
+        assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def operator_factory(operator_rbac: Path, tmp_path: Path) -> Iterator[OperatorFactory]:
+    """Call it to start another operator process (not waited for)."""
+    factory = OperatorFactory(operator_rbac, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def operator(operator_factory: OperatorFactory) -> OperatorProcess:
+    """A running operator that leads (its processes are stopped by `operator_factory`, after `zsc`)."""
+    op = operator_factory()
+    op.wait_leading()
+    return op
+
+
+# ---- one ZStackCluster per test ---------------------------------------------------------------------
+
+
+@dataclass
+class Zsc:
+    """The namespace of one test, its ZStackCluster `demo` and ways to look at what the operator made."""
+
+    cluster: KubeCluster
+    ns: str
+    port: int
+    operators: OperatorFactory = field(repr=False)
+    name: str = CLUSTER
+
+    # ---- kubectl -----------------------------------------------------------------------------
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return self.cluster.kubectl("-n", self.ns, *args, check=check, input=input).stdout
+
+    def get(self, kind: str, name: str = "", selector: str = "") -> Any:
+        """The object (or list) as JSON, None when it does not exist."""
+        args = ["get", kind, *([name] if name else []), "-o", "json", *(["-l", selector] if selector else [])]
+        out = self.cluster.kubectl("-n", self.ns, *args, check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def exists(self, kind: str, name: str) -> bool:
+        out = self.kubectl("get", kind, name, "--ignore-not-found", "-o", "name")
+        return bool(out.strip())
+
+    # ---- the ZStackCluster -------------------------------------------------------------------
+
+    def manifest(self, **overrides: Any) -> dict[str, Any]:
+        """The external-mode `demo` with `overrides` merged into its spec (`metadata` merges into metadata)."""
+        metadata = overrides.pop("metadata", {})
+        spec = {
+            "replicas": 3,
+            "terminationGracePeriodSeconds": 15,
+            "api": {"port": self.port},
+            "broker": {"external": {"secretRef": {"name": "external-broker", "key": "url"}}},
+            "database": {"external": {"secretRef": {"name": "external-database", "key": "url"}}},
+        }
+        return {"apiVersion": "zstack.io/v1alpha1", "kind": "ZStackCluster",
+                "metadata": deep_merge({"name": self.name, "namespace": self.ns}, metadata),
+                "spec": deep_merge(spec, overrides)}
+
+    def apply(self, manifest: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        manifest = manifest or self.manifest(**overrides)
+        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        return self.cr()
+
+    def cr(self) -> dict[str, Any]:
+        cr = self.get("zsc", self.name)
+        assert cr is not None, f"ZStackCluster {self.ns}/{self.name} does not exist"
+        return cr
+
+    def status(self) -> dict[str, Any]:
+        return self.cr().get("status") or {}
+
+    def patch(self, patch: dict[str, Any]) -> None:
+        self.kubectl("patch", "zsc", self.name, "--type=merge", "-p", json.dumps(patch))
+
+    def scale(self, replicas: int) -> None:
+        self.kubectl("scale", f"zsc/{self.name}", f"--replicas={replicas}")
+
+    def condition(self, kind: str) -> dict[str, Any] | None:
+        for cond in self.status().get("conditions") or []:
+            if cond.get("type") == kind:
+                return cond
+        return None
+
+    def wait_condition(self, kind: str, status: str = "True", timeout: float = TIMEOUT) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            cond = self.condition(kind)
+            return cond if cond and cond.get("status") == status else None
+
+        return wait_for(f"condition {kind}={status} on {self.ns}/{self.name}", check, timeout, interval=0.2,
+                        info=self.describe)
+
+    def wait_status(self, what: str, check: Callable[[dict[str, Any]], bool],
+                    timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Wait until `check(status)` holds; returns that status."""
+        def probe() -> dict[str, Any] | None:
+            status = self.status()
+            return status if check(status) else None
+
+        return wait_for(what, probe, timeout, interval=0.2, info=self.describe)
+
+    def wait_summary(self, summary: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self.wait_status(f"status.ring.summary {summary!r}",
+                                lambda s: (s.get("ring") or {}).get("summary") == summary, timeout)
+
+    # ---- children ----------------------------------------------------------------------------
+
+    def children(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The existing ones of `names` ("Kind/name", default CHILDREN) by "Kind/name"."""
+        wanted = names or CHILDREN
+        out = self.kubectl("get", *[n.lower() for n in wanted], "--ignore-not-found", "-o", "json")
+        items = json.loads(out)["items"] if out.strip() else []
+        return {f"{item['kind']}/{item['metadata']['name']}": item for item in items}
+
+    def resource_versions(self, names: list[str] | None = None) -> dict[str, str]:
+        return {key: obj["metadata"]["resourceVersion"] for key, obj in self.children(names).items()}
+
+    def stable_resource_versions(self, names: list[str] | None = None, quiet: float = 3.0) -> dict[str, str]:
+        """The children's resourceVersions once they stayed the same for `quiet` seconds."""
+        last: dict[str, Any] = {"rvs": None, "since": 0.0}
+
+        def settled() -> dict[str, str] | None:
+            rvs, now = self.resource_versions(names), time.monotonic()
+            if rvs != last["rvs"]:
+                last.update(rvs=rvs, since=now)
+                return None
+            return rvs if now - last["since"] >= quiet else None
+
+        return wait_for("the children's resourceVersions to settle", settled, TIMEOUT, interval=0.5,
+                        info=self.describe)
+
+    def statefulset(self) -> dict[str, Any] | None:
+        return self.get("statefulset", f"{self.name}-mn")
+
+    def wait_sts_replicas(self, replicas: int, timeout: float = TIMEOUT) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            sts = self.statefulset()
+            return sts if sts and sts["spec"]["replicas"] == replicas else None
+
+        return wait_for(f"StatefulSet {self.name}-mn to have spec.replicas {replicas}", check, timeout,
+                        interval=0.2, info=self.describe)
+
+    # ---- MN pods -----------------------------------------------------------------------------
+
+    def pod_names(self, replicas: int) -> list[str]:
+        return [f"{self.name}-mn-{i}" for i in range(replicas)]
+
+    def pods(self) -> list[dict[str, Any]]:
+        return (self.get("pods", selector=MN_SELECTOR) or {}).get("items") or []
+
+    def pod(self, name: str) -> dict[str, Any] | None:
+        return self.get("pod", name)
+
+    def ip(self, name: str) -> str:
+        """The pod's IP; KeyError (which `wait_for` retries) while the pod or its IP does not exist yet."""
+        pod = self.pod(name)
+        if pod is None:
+            raise KeyError(f"pod {name} does not exist (yet)")
+        return pod["status"]["podIP"]
+
+    def ring(self, name: str) -> dict[str, Any]:
+        """The MN's GET /v1/cluster/ring: self, epoch, members, state."""
+        return get_json(f"http://{self.ip(name)}:{self.port}/v1/cluster/ring", timeout=1.0)
+
+    def rings(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        return {name: self.ring(name) for name in names}
+
+    def wait_rings(self, count: int, timeout: float = TIMEOUT) -> dict[str, dict[str, Any]]:
+        """Wait until pods -0..-(count-1) run MNs that all hold one ring of exactly themselves."""
+        names = self.pod_names(count)
+
+        def agreed() -> dict[str, dict[str, Any]] | None:
+            rings = self.rings(names)
+            views = {frozenset(r["members"]) for r in rings.values()}
+            selves = {r["self"] for r in rings.values()}
+            ok = (len(views) == 1 and selves == next(iter(views)) and len(selves) == count
+                  and all(r["state"] == "running" for r in rings.values()))
+            return rings if ok else None
+
+        return wait_for(f"{count} MNs to agree on one ring", agreed, timeout, interval=0.2, info=self.describe)
+
+    def wait_pods_gone(self, names: list[str] | None = None, timeout: float = TIMEOUT) -> None:
+        """Wait until the named MN pods (default: all) no longer exist."""
+        def gone() -> bool:
+            left = {p["metadata"]["name"] for p in self.pods()}
+            return not (left & set(names) if names is not None else left)
+
+        wait_for(f"MN pods {names or 'all'} to be gone", gone, timeout, interval=0.2, info=self.describe)
+
+    def log(self, name: str) -> str:
+        """Every run's log of the MN container of pod `name` (kept by the kubelet after the pod is deleted)."""
+        pods = Layout(self.cluster.root).kubelet_root / "pods"
+        paths = sorted(pods.glob(f"{self.ns}_{name}_*/logs/mn.log"), key=lambda p: p.stat().st_mtime)
+        return "".join(p.read_text(errors="replace") for p in paths)
+
+    def describe(self) -> str:
+        cr = self.kubectl("get", "zsc", self.name, "-o", "yaml", check=False)
+        objects = self.kubectl("get", "statefulsets,pods,leases", "-o", "wide", check=False)
+        events = self.kubectl("get", "events", "--sort-by=.lastTimestamp", check=False)
+        mns = "\n".join(f"--- {p['metadata']['name']} log (tail)\n{self.log(p['metadata']['name'])[-1500:]}"
+                        for p in self.pods())
+        return f"--- ZStackCluster\n{cr}\n{objects}\n--- events\n{events[-3000:]}\n{mns}\n{self.operators.logs()}"
+
+
+def printer_columns(table: str) -> list[dict[str, str]]:
+    """Rows of a `kubectl get` table as dicts keyed by header, split at the header's column starts."""
+    header, *rows = table.rstrip("\n").splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    return [{name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)} for row in rows]
+
+
+@pytest.fixture
+def zsc(devcluster: KubeCluster, crd: None, operator_factory: OperatorFactory, fresh_database: str,
+        fresh_vhost: str) -> Iterator[Zsc]:
+    """A fresh namespace holding the Secrets external-broker and external-database (key `url`); `apply()`
+    creates the ZStackCluster. Teardown deletes it and waits for the MN pods to go before the database is
+    dropped, and before the operators stop."""
+    ns = f"zsc-{uuid.uuid4().hex[:8]}"
+    devcluster.kubectl("create", "namespace", ns)
+    for secret, url in (("external-broker", fresh_vhost), ("external-database", fresh_database)):
+        devcluster.kubectl("-n", ns, "create", "secret", "generic", secret, f"--from-literal=url={url}")
+    cluster = Zsc(devcluster, ns, free_port(), operator_factory)
+    try:
+        yield cluster
+    finally:
+        devcluster.kubectl("-n", ns, "delete", "zsc", "--all", "--wait=false", check=False)
+        devcluster.kubectl("-n", ns, "delete", "statefulset", "--all", "--wait=false", check=False)
+        try:
+            cluster.wait_pods_gone(timeout=60)
+        finally:
+            devcluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

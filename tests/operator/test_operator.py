@@ -1,0 +1,349 @@
+"""The operator end to end on the devcluster: a ZStackCluster becomes MN pods that form one ring, scales
+both ways with graceful leaves, survives pod deletion, pauses, and is deleted with all its children; the
+operator restarts without rewriting anything and hands over leadership to a standby.
+
+The MN pods run under the process kubelet in external mode against the session's RabbitMQ and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from tests.k8s.conftest import metric, wait_for
+from tests.operator.conftest import (
+    CHILDREN,
+    CLUSTER,
+    MN_SELECTOR,
+    PAUSE,
+    TIMEOUT,
+    OperatorFactory,
+    OperatorProcess,
+    Zsc,
+    printer_columns,
+)
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+STATUS_INTERVAL = 1.0  # the operator's --status-interval default
+QUIET = 4 * STATUS_INTERVAL  # how long "nothing happens" is watched for
+
+
+def assert_owned(key: str, obj: dict[str, Any], cr: dict[str, Any]) -> None:
+    """`obj` has a controller ownerReference to the ZStackCluster `cr`."""
+    refs = obj["metadata"].get("ownerReferences") or []
+    controllers = [r for r in refs if r.get("controller")]
+    assert len(controllers) == 1, f"{key}: expected one controller ownerReference, got {refs}"
+    ref = controllers[0]
+    assert (ref["apiVersion"], ref["kind"], ref["name"], ref["uid"]) == (
+        "zstack.io/v1alpha1", "ZStackCluster", CLUSTER, cr["metadata"]["uid"]), f"{key}: owner is {ref}"
+
+
+def decoded(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+def container(sts: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    containers = sts["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        assert len(containers) == 1, f"{sts['metadata']['name']}: containers {[c['name'] for c in containers]}"
+        return containers[0]
+    return next(c for c in containers if c["name"] == name)
+
+
+def env_secret_ref(cont: dict[str, Any], var: str) -> dict[str, Any]:
+    entry = next((e for e in cont.get("env") or [] if e["name"] == var), None)
+    assert entry is not None, f"container {cont['name']} has no env var {var}"
+    ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+    assert ref, f"{var} does not come from a Secret: {entry}"
+    return ref
+
+
+def status_members(status: dict[str, Any]) -> dict[str, str]:
+    return {m["pod"]: m["uuid"] for m in (status.get("ring") or {}).get("members") or []}
+
+
+def all_children(zsc: Zsc, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    """The children `names` once they all exist."""
+    children = zsc.children(names)
+    return children if len(children) == len(names) else None
+
+
+def wait_children_gone(zsc: Zsc, names: list[str]) -> None:
+    wait_for("every child to be garbage-collected", lambda: not zsc.children(names), TIMEOUT, interval=0.5,
+             info=lambda: f"left: {sorted(zsc.children(names))}\n{zsc.describe()}")
+
+
+# ---- create, one ring, scale, pod deletion ----------------------------------------------------------
+
+
+def test_create_makes_owned_children_and_one_ring_shown_by_kubectl(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply()
+    zsc.wait_condition("Ready")
+    cr = zsc.cr()
+    children = zsc.children()
+    assert sorted(children) == sorted(CHILDREN)
+    for key, obj in children.items():
+        assert_owned(key, obj, cr)
+    assert children["Service/demo-mn"]["spec"]["clusterIP"] == "None", "demo-mn is not headless"
+    assert zsc.port in [p["port"] for p in children["Service/demo-api"]["spec"]["ports"]]
+    assert children["StatefulSet/demo-mn"]["spec"]["replicas"] == 3
+
+    status = cr["status"]
+    assert status["observedGeneration"] == cr["metadata"]["generation"]
+    assert (status["replicas"], status["readyReplicas"], status["selector"]) == (3, 3, MN_SELECTOR)
+    assert (status["broker"], status["database"]) == ("external", "external")
+    for kind in ("BrokerReady", "DatabaseReady"):
+        assert zsc.condition(kind)["status"] == "True", f"{kind}: {zsc.condition(kind)}"
+
+    rings = zsc.wait_rings(3)
+    expected = {pod: ring["self"] for pod, ring in rings.items()}
+    status = zsc.wait_status(f"status.ring.members to be {expected}", lambda s: status_members(s) == expected)
+    assert status["ring"]["summary"] == "3/3"
+    assert (status["ring"]["size"], status["ring"]["agreed"]) == (3, True)
+
+    [row] = printer_columns(zsc.kubectl("get", "zsc", CLUSTER))
+    assert row["NAME"] == CLUSTER
+    assert (row["REPLICAS"], row["READY"], row["RING"]) == ("3", "3", "3/3"), row
+    assert (row["BROKER"], row["DATABASE"]) == ("True", "True"), row
+
+
+def test_scale_up_then_down_and_the_leavers_leave_gracefully(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply()
+    zsc.wait_rings(3)
+
+    zsc.scale(5)
+    zsc.wait_summary("5/5")
+    five = zsc.wait_rings(5)
+    assert zsc.statefulset()["spec"]["replicas"] == 5
+
+    zsc.scale(2)
+    leavers, survivors = zsc.pod_names(5)[2:], zsc.pod_names(2)
+    zsc.wait_summary("2/2")
+    two = zsc.wait_rings(2)
+    zsc.wait_pods_gone(leavers)
+    assert {pod: ring["self"] for pod, ring in two.items()} == {pod: five[pod]["self"] for pod in survivors}, \
+        "a survivor changed its UUID"
+    for pod in leavers:
+        assert f"left the ring gracefully as {five[pod]['self']}" in zsc.log(pod), f"{pod} did not leave gracefully"
+    for pod in survivors:
+        assert "evicted MN" not in zsc.log(pod), f"{pod} evicted an MN:\n{zsc.log(pod)[-3000:]}"
+    expected = {pod: ring["self"] for pod, ring in two.items()}
+    zsc.wait_status(f"status.replicas 2 and status.ring.members {expected}",
+                    lambda s: s.get("replicas") == 2 and status_members(s) == expected)
+
+
+def test_a_deleted_pod_comes_back_and_rejoins_under_a_new_uuid(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply()
+    before = zsc.wait_rings(3)
+    zsc.wait_summary("3/3")
+    old_uid, old_uuid = zsc.pod("demo-mn-1")["metadata"]["uid"], before["demo-mn-1"]["self"]
+
+    zsc.kubectl("delete", "pod", "demo-mn-1")
+    wait_changed("demo-mn-1's uid", lambda: (zsc.pod("demo-mn-1") or {}).get("metadata", {}).get("uid"),
+                 old_uid, zsc)
+    after = zsc.wait_rings(3)
+
+    new_uuid = after["demo-mn-1"]["self"]
+    assert new_uuid != old_uuid
+    assert old_uuid not in after["demo-mn-0"]["members"]
+    assert {p: after[p]["self"] for p in ("demo-mn-0", "demo-mn-2")} == \
+        {p: before[p]["self"] for p in ("demo-mn-0", "demo-mn-2")}, "the other MNs were disturbed"
+    assert f"left the ring gracefully as {old_uuid}" in zsc.log("demo-mn-1")
+    expected = {pod: ring["self"] for pod, ring in after.items()}
+    status = zsc.wait_status("status.ring to name demo-mn-1's new UUID", lambda s: status_members(s) == expected)
+    assert status["ring"]["summary"] == "3/3"
+
+
+def test_deleting_the_cluster_deletes_every_child(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply(replicas=2)
+    zsc.wait_condition("Ready")
+    assert sorted(zsc.children()) == sorted(CHILDREN)
+
+    # No finalizer: deleting works even while no operator runs (the garbage collector does the rest).
+    assert operator.stop() == 0
+    zsc.kubectl("delete", "zsc", CLUSTER, "--timeout=120s")
+    wait_children_gone(zsc, CHILDREN)
+    zsc.wait_pods_gone()
+    assert not zsc.exists("zsc", CLUSTER)
+    wait_for("the MN Leases to go", lambda: not zsc.kubectl("get", "leases", "-l", f"zstack.io/cluster={CLUSTER}",
+                                                             "-o", "name").strip(), TIMEOUT, interval=0.5)
+
+
+# ---- pause, restart, HA -----------------------------------------------------------------------------
+
+
+def test_pause_freezes_every_child_until_resumed(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply(replicas=2)
+    zsc.wait_condition("Ready")
+    before = zsc.stable_resource_versions()
+
+    zsc.patch({"metadata": {"annotations": {PAUSE: "true"}}})
+    zsc.wait_condition("ReconciliationPaused", "True")
+    paused = operator.reconciles("paused")
+    zsc.scale(4)
+    zsc.kubectl("delete", "configmap", "demo-mn-config")
+    wait_for("the operator to see the change and skip it (reconciles_total{result=paused} to grow)",
+             lambda: operator.reconciles("paused") > paused, TIMEOUT, interval=0.2, info=zsc.describe)
+    time.sleep(QUIET)
+    assert zsc.statefulset()["spec"]["replicas"] == 2, "a paused cluster was scaled"
+    assert not zsc.exists("configmap", "demo-mn-config"), "a paused cluster's ConfigMap was recreated"
+    kept = [name for name in CHILDREN if name != "ConfigMap/demo-mn-config"]
+    assert zsc.resource_versions(kept) == {k: v for k, v in before.items() if k in kept}, "a paused child changed"
+    assert zsc.condition("ReconciliationPaused")["status"] == "True"
+
+    zsc.patch({"metadata": {"annotations": {PAUSE: None}}})
+    zsc.wait_sts_replicas(4)
+    wait_for("the ConfigMap to be recreated", lambda: zsc.exists("configmap", "demo-mn-config"), TIMEOUT,
+             interval=0.2, info=zsc.describe)
+    assert_owned("ConfigMap/demo-mn-config", zsc.get("configmap", "demo-mn-config"), zsc.cr())
+    zsc.wait_condition("ReconciliationPaused", "False")
+
+
+def test_an_operator_restart_rewrites_no_child(operator: OperatorProcess, operator_factory: OperatorFactory,
+                                               zsc: Zsc) -> None:
+    zsc.apply(replicas=2)
+    zsc.wait_condition("Ready")
+    zsc.wait_summary("2/2")
+    before = zsc.stable_resource_versions()
+    assert sorted(before) == sorted(CHILDREN)
+
+    assert operator.stop() == 0, f"SIGTERM: the operator exited uncleanly:\n{operator.log()[-3000:]}"
+    successor = operator_factory()
+    successor.wait_leading()
+    wait_for("the new operator to reconcile demo", lambda: successor.reconciles("ok") >= 1, TIMEOUT,
+             interval=0.2, info=zsc.describe)
+    assert f"reconciled {zsc.ns}/{CLUSTER}" in successor.log()
+    time.sleep(QUIET)
+    assert zsc.resource_versions() == before, "the restarted operator rewrote children"
+    assert zsc.condition("Ready")["status"] == "True"
+    assert successor.reconciles("error") == 0
+
+
+def test_a_standby_never_reconciles_and_takes_over_when_the_leader_dies(operator_factory: OperatorFactory,
+                                                                        zsc: Zsc) -> None:
+    leader = operator_factory()
+    leader.wait_leading()
+    standby = operator_factory()
+    standby.wait_healthy()
+    wait_for("the standby to log 'waiting to lead'", lambda: "waiting to lead" in standby.log(), 60,
+             interval=0.2, info=lambda: standby.log()[-3000:])
+
+    zsc.apply(replicas=1)
+    zsc.wait_sts_replicas(1)
+    zsc.scale(2)
+    zsc.wait_sts_replicas(2)
+    wait_for("the leader to count its reconciles", lambda: leader.reconciles("ok") >= 2, TIMEOUT, interval=0.2)
+    assert (leader.metric("zstack_operator_leader"), standby.metric("zstack_operator_leader")) == (1, 0)
+    assert standby.reconciles() == 0, "the standby reconciled"
+    assert not standby.leading(), f"both operators lead:\n{standby.log()[-3000:]}"
+
+    leader.kill()
+    seen: list[tuple[float, float]] = []  # (leader gauge, reconciles) of every scrape of the standby
+
+    def leads() -> bool:
+        text = standby.metrics()
+        seen.append((metric(text, "zstack_operator_leader"), metric(text, "zstack_operator_reconciles_total")))
+        return seen[-1][0] == 1
+
+    wait_for("the standby to lead after the leader was killed", leads, 60, interval=0.1,
+             info=lambda: standby.log()[-3000:])
+    standby_samples = [reconciles for gauge, reconciles in seen if gauge == 0]
+    assert standby_samples, "the standby led before the killed leader's Lease could expire"
+    assert set(standby_samples) == {0}, f"the standby reconciled before it led: {seen}"
+    standby.wait_leading()
+
+    zsc.scale(3)
+    zsc.wait_sts_replicas(3)
+    wait_for("the new leader to count its reconciles", lambda: standby.reconciles("ok") >= 1, TIMEOUT,
+             interval=0.2)
+
+
+# ---- managed mode, spec changes ---------------------------------------------------------------------
+
+
+def test_managed_mode_makes_complete_broker_and_database_manifests(operator: OperatorProcess, zsc: Zsc) -> None:
+    zsc.apply(replicas=1,
+              broker={"external": None, "managed": {"storage": {"size": "2Gi"}}},
+              database={"external": None, "managed": {"storage": {"size": "3Gi"}}})
+    managed = ["StatefulSet/demo-rabbitmq", "Service/demo-rabbitmq", "Secret/demo-broker",
+               "StatefulSet/demo-postgresql", "Service/demo-postgresql", "Secret/demo-database"]
+    names = CHILDREN + managed
+    children = wait_for("the managed children", lambda: all_children(zsc, names), TIMEOUT, interval=0.5,
+                        info=lambda: f"have {sorted(zsc.children(names))}\n{zsc.describe()}")
+    cr = zsc.cr()
+    for key, obj in children.items():
+        assert_owned(key, obj, cr)
+
+    broker = decoded(children["Secret/demo-broker"])
+    database = decoded(children["Secret/demo-database"])
+    for what, secret, scheme, host in (("broker", broker, "amqp", "demo-rabbitmq"),
+                                       ("database", database, "postgresql", "demo-postgresql")):
+        assert secret.get("username") and secret.get("password"), f"{what} Secret lacks credentials: {set(secret)}"
+        url = urlparse(secret["url"])
+        assert url.scheme == scheme, f"{what} url scheme {url.scheme}"
+        assert (url.username, unquote(url.password or "")) == (secret["username"], secret["password"]), \
+            f"{what} url credentials"
+        assert url.hostname.split(".")[0] == host, f"{what} url host {url.hostname}"
+    assert database.get("database") and urlparse(database["url"]).path == f"/{database['database']}"
+
+    mn = container(children["StatefulSet/demo-mn"], "mn")
+    assert env_secret_ref(mn, "ZSTACK_BROKER_URL") == {"name": "demo-broker", "key": "url"}
+    assert env_secret_ref(mn, "ZSTACK_DATABASE_URL") == {"name": "demo-database", "key": "url"}
+    assert mn["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert mn["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for key, size in (("StatefulSet/demo-rabbitmq", "2Gi"), ("StatefulSet/demo-postgresql", "3Gi")):
+        sts = children[key]
+        cont = container(sts)
+        assert cont.get("readinessProbe") and cont.get("livenessProbe"), f"{key}: probes missing"
+        claims = sts["spec"].get("volumeClaimTemplates") or []
+        assert [c["spec"]["resources"]["requests"]["storage"] for c in claims] == [size], f"{key}: claims {claims}"
+        mounted = {m["name"] for m in cont.get("volumeMounts") or []}
+        assert claims[0]["metadata"]["name"] in mounted, f"{key}: the claim is not mounted"
+    assert (zsc.status().get("broker"), zsc.status().get("database")) == ("managed", "managed")
+
+    zsc.kubectl("delete", "zsc", CLUSTER, "--timeout=120s")
+    wait_children_gone(zsc, names)
+
+
+def test_a_node_setting_change_reaches_the_configmap_and_rolls_the_pods(operator: OperatorProcess,
+                                                                          zsc: Zsc) -> None:
+    zsc.apply(replicas=1)
+    wait_for("the ConfigMap and StatefulSet", lambda: len(zsc.children(["ConfigMap/demo-mn-config",
+                                                                         "StatefulSet/demo-mn"])) == 2,
+             TIMEOUT, interval=0.2, info=zsc.describe)
+    config = zsc.get("configmap", "demo-mn-config")["data"]
+    template = zsc.statefulset()["spec"]["template"]
+
+    zsc.patch({"spec": {"node": {"heartbeatTimeoutSeconds": 6}}})
+    new_config = wait_changed("the ConfigMap", lambda: zsc.get("configmap", "demo-mn-config")["data"], config, zsc)
+    changed = {k: (config.get(k), new_config.get(k)) for k in config.keys() | new_config.keys()
+               if config.get(k) != new_config.get(k)}
+    assert changed == {"ZSTACK_HEARTBEAT_TIMEOUT": ("4", "6")}
+
+    new_template = wait_changed("the pod template", lambda: zsc.statefulset()["spec"]["template"], template, zsc)
+    old_notes, new_notes = (t["metadata"].get("annotations") or {} for t in (template, new_template))
+    assert old_notes != new_notes, "the pod template's annotations (the config hash) did not change"
+    cr = wait_for("status.observedGeneration to catch up", lambda: observed(zsc), TIMEOUT, interval=0.2,
+                  info=zsc.describe)
+    assert cr["metadata"]["generation"] == 2
+
+
+def wait_changed(what: str, read: Callable[[], Any], old: Any, zsc: Zsc) -> Any:
+    """Wait until `read()` differs from `old`; returns the new value."""
+    def check() -> Any:
+        new = read()
+        return new if new != old else None
+
+    return wait_for(f"{what} to change", check, TIMEOUT, interval=0.2, info=zsc.describe)
+
+
+def observed(zsc: Zsc) -> dict[str, Any] | None:
+    """The CR once its status.observedGeneration equals its generation."""
+    cr = zsc.cr()
+    return cr if (cr.get("status") or {}).get("observedGeneration") == cr["metadata"]["generation"] else None
