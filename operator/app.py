@@ -81,7 +81,8 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
 
         def stopped_leading() -> None:
             controller.halt()  # no write after this, even before the event loop notices
-            loop.call_soon_threadsafe(lost.set)
+            if not elector_stop.is_set():  # a lost Lease, not our own graceful stop
+                loop.call_soon_threadsafe(lost.set)
 
         elector_thread = threading.Thread(
             target=elector.run, name="leader-election",
@@ -99,7 +100,8 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
                 registry=build_registry(controller), standalone=True, clusterwide=not options.namespaces,
                 namespaces=list(options.namespaces), stop_flag=kopf_stop))
             # kopf takes over SIGTERM/SIGINT while it runs: it then returns, which ends the wait too.
-            await _first(lost, stopping, kopf_task)
+            if await _first(lost, stopping, kopf_task) is kopf_task and not lost.is_set():
+                stopping.set()  # kopf returns on SIGTERM/SIGINT (or a crash, which it logged)
             kopf_stop.set()
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(kopf_task, KOPF_STOP_TIMEOUT)
