@@ -113,3 +113,29 @@ def api(small: bool, broker_url: str | None, database_url: str | None, hosts: in
         emit(api_bench.run(mq, db, hosts=pick(hosts, small, 2, 4), vms=pick(vms, small, 6, 64),
                            cycles=pick(cycles, small, 1, 4), concurrency=pick(concurrency, small, 6, 16),
                            rounds=pick(rounds, small, 1, 2), log_dir=log_dir, progress=progress))
+
+
+@main.command("k8s-scale")
+@click.option("--small", is_flag=True, help="CI smoke size: 1 round, 10 spec changes")
+@click.option("--dev-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ZSTACK_DEV_DIR",
+              show_envvar=True, default=None,
+              help="A running devcluster to use; without it a private one is started for the run")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds of scaling 3 -> 5 -> 3 [3; small 1]")
+@click.option("--changes", type=click.IntRange(1), default=None,
+              help="Timed spec changes, and as many baseline StatefulSet patches [30; small 10]")
+def k8s_scale(small: bool, dev_dir: Path | None, broker_url: str | None, database_url: str | None,
+              rounds: int | None, changes: int | None) -> None:
+    """The operator on the devcluster: ring convergence after kubectl scale 3 -> 5 -> 3, spec-change latency."""
+    from . import k8s_scale as k8s_bench
+    from .servers import broker, database
+
+    try:
+        with k8s_bench.devcluster(dev_dir, progress) as kubeconfig, broker(broker_url, progress) as mq, \
+                database(database_url, progress) as db:
+            emit(k8s_bench.run(kubeconfig, mq, db, rounds=pick(rounds, small, 1, 3),
+                               changes=pick(changes, small, 10, 30), progress=progress))
+    except k8s_bench.BenchError as err:
+        raise click.ClickException(str(err)) from None
