@@ -283,6 +283,14 @@ def test_explain_documents_the_broker(crd: KubeCluster) -> None:
     assert "amqp://" in external and "name\t<string> -required-" in external
 
 
+def test_managed_storage_cannot_change_once_created(ns: Namespace) -> None:
+    expect_accepted(ns, {"database": {"managed": {"storage": {"size": "1Gi"}}}})
+    proc = ns.apply({"database": {"managed": {"storage": {"size": "2Gi"}}}})
+    assert proc.returncode != 0
+    assert "spec.database.managed.storage: Invalid value" in proc.stderr and "resize the PVC" in proc.stderr
+    expect_accepted(ns, {"replicas": 5, "database": {"managed": {"storage": {"size": "1Gi"}}}})
+
+
 def test_scale_subresource_sets_spec_replicas(ns: Namespace) -> None:
     expect_accepted(ns, {})
     out = ns.kubectl("scale", "zsc/demo", "--replicas=5").stdout
