@@ -113,7 +113,7 @@ class OperatorProcess:
         env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=REPO, start_new_session=True)
+                                         env=env, cwd=self.log_path.parent, start_new_session=True)
         return self
 
     @property
