@@ -1,15 +1,16 @@
 """The operator process: log in, serve health and metrics, wait to lead, then run kopf and the Controller.
 
-A replica that loses its leader Lease stops writing at once and exits non-zero, so that Kubernetes restarts
-it as a fresh standby (the way client-go's leader election ends a term). SIGTERM stops kopf first and
-releases the Lease last, so a standby takes over at once and never overlaps with this replica.
+A replica that loses its leader Lease exits at once with status 1, writes in flight included, so that
+Kubernetes restarts it as a fresh standby (as controller-runtime does); the renew deadline is shorter than
+the Lease duration, so it is gone before a standby may take over. SIGTERM stops kopf, waits for every write
+in flight and only then releases the Lease, so a standby takes over at once and never overlaps with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
     identity = default_identity()
     kube = Kube(api_client)
     controller = Controller(kube, EventRecorder(kube, identity), options.status_interval, options.resync_interval)
-    stopping, leading, lost = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    stopping, leading = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     kopf_task: asyncio.Task[None] | None = None
@@ -68,21 +69,27 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
     def healthy() -> str | None:
         if kopf_task is not None and kopf_task.done() and not stopping.is_set():
             return "kopf stopped"
+        if not controller.alive:
+            return "the status thread stopped"
         return None
 
     runner = await http.start(options.http_bind, options.http_port, healthy)
     log.info("serving /healthz, /readyz and /metrics on %s:%d", options.http_bind, options.http_port)
 
     elector_stop = threading.Event()
-    elector_thread = None
+    elector_thread = elector = None
     if options.leader_election:
         elector = LeaderElector(api_client, options.leader_election_namespace, options.leader_election_id,
                                 identity, options.lease_duration, options.renew_deadline, options.retry_period)
 
         def stopped_leading() -> None:
-            controller.halt()  # no write after this, even before the event loop notices
-            if not elector_stop.is_set():  # a lost Lease, not our own graceful stop
-                loop.call_soon_threadsafe(lost.set)
+            controller.halt()  # no new write from here on
+            if not elector_stop.is_set():
+                # A lost Lease: writes in flight in kopf's threads cannot be recalled, so end the
+                # process now, before the standby may take over (renew deadline < lease duration).
+                log.error("lost the leader Lease: exiting so that this replica starts again as a standby")
+                logging.shutdown()
+                os._exit(1)
 
         elector_thread = threading.Thread(
             target=elector.run, name="leader-election",
@@ -91,6 +98,7 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
     else:
         leading.set()
 
+    status = 0
     try:
         if await _first(leading, stopping) is leading:
             metrics.LEADER.set(1)
@@ -100,23 +108,27 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
                 registry=build_registry(controller), standalone=True, clusterwide=not options.namespaces,
                 namespaces=list(options.namespaces), stop_flag=kopf_stop))
             # kopf takes over SIGTERM/SIGINT while it runs: it then returns, which ends the wait too.
-            if await _first(lost, stopping, kopf_task) is kopf_task and not lost.is_set():
-                stopping.set()  # kopf returns on SIGTERM/SIGINT (or a crash, which it logged)
+            await _first(stopping, kopf_task)  # kopf returns on SIGTERM/SIGINT, or raises if it failed
             kopf_stop.set()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(kopf_task, KOPF_STOP_TIMEOUT)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("kopf did not stop within %.0fs", KOPF_STOP_TIMEOUT)
+            except Exception as exc:
+                log.error("kopf failed: %s", exc)
+                status = 1
     finally:
-        controller.stop()
+        drained = await asyncio.to_thread(controller.stop, options.renew_deadline)
         metrics.LEADER.set(0)
-        elector_stop.set()  # releases the Lease after kopf has stopped
+        if elector is not None and not drained:
+            log.warning("a write was still in flight: keeping the Lease until it expires")
+            elector.release_on_cancel = False
+        elector_stop.set()  # releases the Lease only now: kopf and every write have stopped
         if elector_thread is not None:
             await asyncio.to_thread(elector_thread.join, options.renew_deadline + 5)
         await runner.cleanup()
-    if lost.is_set() and not stopping.is_set():
-        log.error("lost the leader Lease: exiting so that this replica starts again as a standby")
-        return 1
     log.info("stopped")
-    return 0
+    return status
 
 
 async def _first(*waitables: asyncio.Event | asyncio.Task[None]) -> object:

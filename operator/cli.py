@@ -18,7 +18,7 @@ def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-n", "--namespace", "namespaces", multiple=True, envvar="ZSTACK_OPERATOR_NAMESPACES",
-              show_envvar=True, help="Watch ZStackClusters in this namespace (repeat for more; globs allowed)")
+              show_envvar=True, help="Watch ZStackClusters in this namespace (repeat for more)")
 @click.option("-A", "--all-namespaces", is_flag=True, envvar="ZSTACK_OPERATOR_ALL_NAMESPACES", show_envvar=True,
               help="Watch ZStackClusters in every namespace")
 @_opt("http-bind", default="0.0.0.0", help="Address of the /healthz (liveness), /readyz and /metrics port")

@@ -35,8 +35,13 @@ class Tracked:
     state: ReconcileState = field(default_factory=ReconcileState)
     written: dict[str, Any] | None = None
     paused: bool | None = None
+    notes: list[str] = field(default_factory=list)
     last_reconcile: float = 0.0
     reconcile_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Stopping(Exception):
+    """This replica no longer leads (or is shutting down): the next leader reconciles."""
 
 
 class Controller:
@@ -57,31 +62,36 @@ class Controller:
     # ---- fed by kopf --------------------------------------------------------------------------
 
     def track(self, body: dict[str, Any]) -> None:
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        key = _key(body)
         with self._lock:
             tracked = self._clusters.get(key)
             if tracked is None or tracked.body["metadata"]["uid"] != body["metadata"]["uid"]:
                 self._clusters[key] = Tracked(body)
                 self._wake.set()
-            else:
+            elif _generation(body) >= _generation(tracked.body):  # never step back to an older spec
                 tracked.body = body
             metrics.CLUSTERS.set(len(self._clusters))
 
     def forget(self, body: dict[str, Any]) -> None:
         with self._lock:
-            self._clusters.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+            self._clusters.pop(_key(body), None)
             metrics.CLUSTERS.set(len(self._clusters))
 
     def reconcile(self, body: dict[str, Any], trigger: str) -> None:
-        """Reconcile one cluster now (unless paused); raises ReconcileError for kopf to retry."""
+        """Reconcile one cluster now (unless paused). Raises ReconcileError for kopf to retry, and Stopping
+        once this replica no longer leads."""
         if self._stop.is_set():
-            return  # no longer leading: the next leader reconciles
+            raise Stopping
         self.track(body)
-        cluster = Cluster.from_body(body)
-        tracked = self._get(cluster)
-        if tracked is None:
-            return
+        tracked = self._get(*_key(body))
+        if tracked is not None:
+            self._reconcile(tracked, trigger)
+
+    def _reconcile(self, tracked: Tracked, trigger: str) -> None:
         with tracked.reconcile_lock:
+            if self._stop.is_set():
+                raise Stopping
+            cluster = Cluster.from_body(tracked.body)  # the newest version seen, not the caller's copy
             tracked.last_reconcile = time.monotonic()
             if self._skip_paused(cluster, tracked):
                 return
@@ -94,6 +104,7 @@ class Controller:
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
             tracked.state = ReconcileState(observed_generation=cluster.generation)
+            self._warn_once(cluster, tracked, outcome.notes)
             metrics.RECONCILES.labels("ok").inc()
             log.info("reconciled %s/%s (generation %d, %s)%s", cluster.namespace, cluster.name, cluster.generation,
                      trigger, _summary(outcome))
@@ -109,11 +120,29 @@ class Controller:
         self._stop.set()
         self._wake.set()
 
-    def stop(self) -> None:
+    @property
+    def alive(self) -> bool:
+        """False when the status thread died (it never should: see `_status_loop`)."""
+        return self._thread.is_alive() or not self._thread.ident or self._stop.is_set()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Halt, then wait for the status thread and every reconcile in flight; True when all finished.
+
+        The caller releases the leader Lease only then, so a successor never writes beside us."""
         self.halt()
+        deadline = time.monotonic() + timeout
         if self._thread.is_alive():
-            self._thread.join(10)
+            self._thread.join(timeout)
+        with self._lock:
+            clusters = list(self._clusters.values())
+        drained = not self._thread.is_alive()
+        for tracked in clusters:
+            if tracked.reconcile_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                tracked.reconcile_lock.release()
+            else:
+                drained = False
         self._pool.shutdown(wait=False, cancel_futures=True)
+        return drained
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():
@@ -125,39 +154,54 @@ class Controller:
             for tracked in clusters:
                 if self._stop.is_set():
                     return
-                ready += self._refresh(tracked)
-                if time.monotonic() - tracked.last_reconcile >= self.resync_interval:
-                    self._resync(tracked)
+                try:
+                    ready += self._refresh(tracked)
+                    if time.monotonic() - tracked.last_reconcile >= self.resync_interval:
+                        self._resync(tracked)
+                except Exception:  # a bug must not stop the status of every other cluster
+                    log.exception("status pass of %s/%s failed", *_key(tracked.body))
             metrics.READY_CLUSTERS.set(ready)
 
     def _refresh(self, tracked: Tracked) -> bool:
         """Observe one cluster and write its status if it changed; True when it is Ready."""
-        cluster = Cluster.from_body(tracked.body)
+        with self._lock:  # one snapshot: the status must describe the generation it claims
+            body, state = tracked.body, tracked.state
+        cluster = Cluster.from_body(body)
+        if state.observed_generation is not None:
+            state = ReconcileState(min(state.observed_generation, cluster.generation), state.error)
+        previous = tracked.written or body.get("status")
         try:
             seen = observe(self.kube, cluster, self._pool)
-            status = build_status(cluster, seen, tracked.state, tracked.written or tracked.body.get("status"))
-            if not same_status(status, tracked.written or tracked.body.get("status")):
-                self.kube.patch_status("ZStackCluster", cluster.namespace, cluster.name, status)
+            status = build_status(cluster, seen, state, previous)
+            if not same_status(status, previous):
+                self.kube.patch_status("ZStackCluster", cluster.namespace, cluster.name, status, uid=cluster.uid)
                 metrics.STATUS_UPDATES.inc()
-                self._log_ring_change(cluster, tracked.written or tracked.body.get("status"), status)
+                self._log_ring_change(cluster, previous, status)
             tracked.written = status
         except ApiError as exc:
-            if exc.status == 404:
-                self.forget(tracked.body)
+            if exc.status in (404, 409):  # gone, or replaced by a new object of the same name
+                self.forget(body)
             else:
                 log.warning("cannot update the status of %s/%s: %s", cluster.namespace, cluster.name, exc)
             return False
         return any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
 
     def _resync(self, tracked: Tracked) -> None:
-        with contextlib.suppress(ReconcileError):  # recorded in the Degraded condition; tried again next time
-            self.reconcile(tracked.body, "resync")
+        with contextlib.suppress(ReconcileError, Stopping):  # recorded in Degraded; tried again next time
+            self._reconcile(tracked, "resync")
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _get(self, cluster: Cluster) -> Tracked | None:
+    def _get(self, namespace: str, name: str) -> Tracked | None:
         with self._lock:
-            return self._clusters.get((cluster.namespace, cluster.name))
+            return self._clusters.get((namespace, name))
+
+    def _warn_once(self, cluster: Cluster, tracked: Tracked, notes: list[str]) -> None:
+        """Post a warning Event when its text is new, not at every periodic reconcile."""
+        for note in notes:
+            if note not in tracked.notes:
+                self.events.warning(cluster, "MonitoringUnavailable", note)
+        tracked.notes = list(notes)
 
     def _skip_paused(self, cluster: Cluster, tracked: Tracked) -> bool:
         if cluster.paused:
@@ -203,3 +247,11 @@ def _summary(outcome: Outcome) -> str:
     if outcome.deleted:
         parts.append("deleted " + ", ".join(outcome.deleted))
     return ": " + "; ".join(parts) if parts else ""
+
+
+def _generation(body: dict[str, Any]) -> int:
+    return int(body["metadata"].get("generation") or 0)
+
+
+def _key(body: dict[str, Any]) -> tuple[str, str]:
+    return body["metadata"]["namespace"], body["metadata"]["name"]

@@ -14,10 +14,16 @@ from typing import Any
 import kopf
 
 from .cluster import GROUP, PLURAL, VERSION
-from .controller import Controller
+from .controller import Controller, Stopping
 from .reconcile import ReconcileError
 
 RETRY_DELAY = 5.0
+MAX_RETRY_DELAY = 300.0
+
+
+def retry_delay(retry: int) -> float:
+    """5 s, 10 s, 20 s ... at most 5 min: a child that keeps failing is not hammered."""
+    return min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** min(retry, 16))
 
 
 def build_registry(controller: Controller) -> kopf.OperatorRegistry:
@@ -50,11 +56,14 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
-    def reconcile(body: kopf.Body, reason: str, **_: Any) -> None:
+    def reconcile(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
         try:
             controller.reconcile(_plain(body), trigger=str(reason))
         except ReconcileError as exc:
-            raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from None
+            raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from None
+        except Stopping:
+            raise kopf.TemporaryError("this replica is stopping; the next leader reconciles",
+                                      delay=RETRY_DELAY) from None
 
     return registry
 

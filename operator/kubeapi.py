@@ -31,7 +31,6 @@ KINDS: dict[str, tuple[str, str]] = {
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),
     "ZStackCluster": ("zstack.io/v1alpha1", "zstackclusters"),
-    "Lease": ("coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -121,9 +120,10 @@ class Kube:
             raise
         return True
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", path(kind, namespace, name, "status"), body={"status": status},
-                            content_type=MERGE_PATCH)
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any], uid: str) -> dict[str, Any]:
+        """Merge-patch the status subresource of the object with this uid (409 if the name now holds another)."""
+        return self.request("PATCH", path(kind, namespace, name, "status"),
+                            body={"metadata": {"uid": uid}, "status": status}, content_type=MERGE_PATCH)
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -1,6 +1,7 @@
 """Managed dependencies: a single-replica RabbitMQ and PostgreSQL, each a StatefulSet with a PVC and a Service.
 
-Their credentials come from the generated `<cluster>-broker` and `<cluster>-database` Secrets.
+Their credentials come from the generated `<cluster>-broker` and `<cluster>-database` Secrets. Their volumes
+are deleted with the ZStackCluster (the Secrets are too, and a kept volume would not accept new ones).
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def _statefulset(cluster: Cluster, name: str, component: str, container: dict[st
                 "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": user, "fsGroup": user},
                          "terminationGracePeriodSeconds": 60, "containers": [container]},
             },
-            # The claim outlives the StatefulSet: deleting the cluster keeps the data until the PVC is deleted.
             "volumeClaimTemplates": [{"metadata": {"name": "data", "labels": cluster.labels(component)},
                                       "spec": storage}],
+            # Deleting the cluster deletes its data: the generated credentials go with it, and a kept volume
+            # would refuse the new cluster's new password. Scaling never deletes a claim.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
         },
     }
 

@@ -24,12 +24,12 @@ MONITORING = "monitoring.coreos.com/v1"
 
 
 class ReconcileError(Exception):
-    """A child could not be written; the message names it and the API server's answer."""
+    """Some children could not be written; the message names each and the API server's answer."""
 
-    def __init__(self, kind: str, name: str, cause: ApiError) -> None:
-        super().__init__(f"{kind} {name}: {cause}")
-        self.kind = kind
-        self.cause = cause
+    def __init__(self, failures: list[tuple[str, str, ApiError]]) -> None:
+        super().__init__("; ".join(f"{kind} {name}: {cause}" for kind, name, cause in failures))
+        self.failures = failures
+        self.kind = failures[0][0]
 
 
 @dataclass
@@ -69,19 +69,31 @@ def optional_children(cluster: Cluster) -> list[tuple[str, str]]:
 
 
 def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder) -> Outcome:
-    """Apply the desired children, create missing Secrets, prune what the spec turned off."""
+    """Apply the desired children, create missing Secrets, prune what the spec turned off.
+
+    A child that fails does not stop the others (a broken managed database must not block `kubectl scale`);
+    the failures are raised together at the end."""
     outcome = Outcome()
+    failures: list[tuple[str, str, ApiError]] = []
+
+    def attempt(kind: str, name: str, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except ApiError as exc:
+            failures.append((kind, name, exc))
+            return None
+
     monitoring = _monitoring_apis(kube, cluster, outcome)
     for secret in generated_secrets(cluster):
-        if _write(kube.create_once, secret):
+        if attempt("Secret", secret["metadata"]["name"], kube.create_once, secret):
             outcome.created.append(f"Secret {secret['metadata']['name']}")
 
     before = _get(kube, "StatefulSet", cluster, cluster.mn)
     wanted = desired_children(cluster, monitoring)
     for obj in wanted:
-        _write(kube.apply, obj)
+        attempt(obj["kind"], obj["metadata"]["name"], kube.apply, obj)
     if before is None:
-        outcome.created.append(f"StatefulSet {cluster.mn}")
+        outcome.created.append(f"StatefulSet {cluster.mn} with its ConfigMap, Services and RBAC")
     elif (old := int(before["spec"].get("replicas", 1))) != cluster.replicas:
         outcome.scaled = (old, cluster.replicas)
 
@@ -89,11 +101,12 @@ def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder) -> Outcome:
     for kind, name in optional_children(cluster):
         if (kind, name) in keep:
             continue
-        existing = _get(kube, kind, cluster, name)
-        if existing and _owned(existing, cluster):
-            kube.delete(kind, cluster.namespace, name)
+        existing = attempt(kind, name, kube.get, kind, cluster.namespace, name)
+        if existing and _owned(existing, cluster) and attempt(kind, name, kube.delete, kind, cluster.namespace, name):
             outcome.deleted.append(f"{kind} {name}")
     _announce(cluster, outcome, events)
+    if failures:
+        raise ReconcileError(failures)
     return outcome
 
 
@@ -107,8 +120,6 @@ def _announce(cluster: Cluster, outcome: Outcome, events: EventRecorder) -> None
         events.normal(cluster, "Scaling", f"scaling {verb} from {old} to {new} MNs{detail}")
     if outcome.deleted:
         events.normal(cluster, "Deleted", "deleted " + ", ".join(outcome.deleted) + " (turned off in the spec)")
-    for note in outcome.notes:
-        events.warning(cluster, "MonitoringUnavailable", note)
 
 
 def _monitoring_apis(kube: Kube, cluster: Cluster, outcome: Outcome) -> dict[str, bool]:
@@ -120,7 +131,7 @@ def _monitoring_apis(kube: Kube, cluster: Cluster, outcome: Outcome) -> dict[str
         try:
             found[plural] = bool(wanted) and kube.has_api(MONITORING, plural)
         except ApiError as exc:
-            raise ReconcileError("API group", MONITORING, exc) from None
+            raise ReconcileError([("API group", MONITORING, exc)]) from None
         if wanted and not found[plural]:
             outcome.notes.append(f"spec.metrics asks for a {plural[:-1]} but the API server has no {MONITORING} "
                                  f"{plural}: install the Prometheus Operator's CRDs; skipped for now")
@@ -135,11 +146,4 @@ def _get(kube: Kube, kind: str, cluster: Cluster, name: str) -> dict[str, Any] |
     try:
         return kube.get(kind, cluster.namespace, name)
     except ApiError as exc:
-        raise ReconcileError(kind, name, exc) from None
-
-
-def _write(verb: Any, obj: dict[str, Any]) -> Any:
-    try:
-        return verb(obj)
-    except ApiError as exc:
-        raise ReconcileError(obj["kind"], obj["metadata"]["name"], exc) from None
+        raise ReconcileError([(kind, name, exc)]) from None

@@ -88,6 +88,9 @@ def _ready(cluster: Cluster, seen: Observation, broker: Condition, database: Con
 
 def _progressing(cluster: Cluster, seen: Observation) -> Condition:
     want = cluster.replicas
+    if cluster.paused:
+        return Condition("Progressing", False, "Paused", "reconciliation is paused: what runs may differ from "
+                         "the spec until the annotation zstack.io/pause-reconciliation is removed")
     if seen.statefulset is None:
         return Condition("Progressing", True, "Creating", f"creating the MN StatefulSet {cluster.mn}")
     sts = seen.statefulset
@@ -106,6 +109,10 @@ def _progressing(cluster: Cluster, seen: Observation) -> Condition:
     if sts_status.get("updateRevision") and sts_status.get("currentRevision") != sts_status.get("updateRevision"):
         updated = int(sts_status.get("updatedReplicas", 0))
         return Condition("Progressing", True, "RollingUpdate", f"{updated}/{want} MN(s) run the new pod template")
+    if ready and not any(p.ring for p in seen.pods):
+        return Condition("Progressing", True, "RingUnobservable",
+                         f"{ready} MN(s) ready but none answers on /v1/cluster/ring at its pod IP, port "
+                         f"{cluster.api_port}: the operator must reach the MN pods (check NetworkPolicies)")
     if ring != want or not seen.ring_agreed:
         return Condition("Progressing", True, "RingConverging", f"ring {ring}/{want}; the MNs' views differ"
                          if not seen.ring_agreed else f"ring {ring}/{want}")

@@ -120,3 +120,17 @@ def test_transition_times_change_only_when_a_condition_flips() -> None:
     assert condition(down, "Ready")["lastTransitionTime"] == "2026-01-01T02:00:00Z"
     assert condition(down, "BrokerReady")["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert not same_status(first, down)
+
+
+def test_a_paused_cluster_is_not_reported_as_progressing() -> None:
+    pods = [mn(i, ALL[:2]) for i in range(2)]
+    status = build_status(cluster(replicas=4, paused=True), seen(pods, sts(2, 2)), ReconcileState(2), None)
+    assert condition(status, "Progressing")["reason"] == "Paused"
+    assert condition(status, "Ready")["reason"] == "Converging" and "2/4" in condition(status, "Ready")["message"]
+
+
+def test_ready_mns_whose_rings_cannot_be_read_are_named_unobservable() -> None:
+    pods = [MnPod(f"demo-mn-{i}", f"127.0.1.{i}", True, False, None, None) for i in range(3)]
+    status = build_status(cluster(), seen(pods, sts(3, 3)), ReconcileState(2), None)
+    assert condition(status, "Progressing")["reason"] == "RingUnobservable"
+    assert "NetworkPolicies" in condition(status, "Ready")["message"]
