@@ -37,12 +37,14 @@ from devcluster import controlplane, tools
 from devcluster.errors import DevclusterError
 from devcluster.layout import Layout
 from devcluster.ports import free_port
-from zstack_operator.cluster import GROUP, PLURAL, VERSION
+from zstack_operator.cluster import GROUP, VERSION
+from zstack_operator.kubeapi import MERGE_PATCH, ApiError, Kube, path
 
 from .stats import percentile, summary
 
 Say = Callable[[str], None]
-CRD = Path(__file__).resolve().parents[1] / "crds" / "zstackcluster.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "zstackcluster.yaml"
 POLL_S = 0.02
 TIMEOUT_S = 180.0
 CHANGE_GAP_S = 0.2  # idle time between two spec changes, so that each one is handled on its own
@@ -79,36 +81,33 @@ def devcluster(dev_dir: Path | None, say: Say) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-class Api:
-    """JSON requests to the API server with the kubernetes client's login (no model classes: they are slow)."""
+class Api(Kube):
+    """The operator's `Kube` logged in with a kubeconfig; errors name the request. Adds what `Kube` does not do:
+    a streamed watch, and kubectl."""
 
     def __init__(self, kubeconfig: Path) -> None:
         from kubernetes import config
 
+        super().__init__(config.new_client_from_config(config_file=str(kubeconfig)))
         self.kubeconfig = kubeconfig
-        self.client = config.new_client_from_config(config_file=str(kubeconfig))
 
-    def open(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
-             content_type: str = "application/json", timeout: float | None = 30.0) -> Any:
-        """The urllib3 response, body unread; BenchError unless 2xx."""
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        _, url, headers, body, _ = self.client.param_serialize(method, path, query_params=list((query or {}).items()),
-                                                               header_params=headers, body=body,
-                                                               auth_settings=["BearerToken"])
-        resp = self.client.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout).response
-        if not 200 <= resp.status < 300:
-            raise BenchError(f"{method} {path} answered {resp.status}: {resp.data.decode(errors='replace')[:500]}")
-        return resp
-
-    def __call__(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        data = self.open(method, path, body, **kwargs).data
-        return json.loads(data) if data else None
-
-    def exists(self, path: str) -> bool:
+    def request(self, method: str, url: str, *, query: dict[str, Any] | None = None, body: Any = None,
+                content_type: str = "application/json") -> dict[str, Any]:
         try:
-            return self("GET", path) is not None
-        except BenchError:
-            return False
+            return super().request(method, url, query=query, body=body, content_type=content_type)
+        except ApiError as exc:
+            raise ApiError(exc.status, f"{method} {url}: {exc.message}", exc.reason) from None
+
+    def watch(self, url: str, query: dict[str, Any]) -> Any:
+        """The urllib3 response of a watch on `url`, body unread and without a read timeout; ApiError unless 2xx."""
+        headers = {"Accept": "application/json"}
+        params = [*query.items(), ("watch", "true")]
+        method, full_url, headers, _, _ = self.api_client.param_serialize(
+            "GET", url, query_params=params, header_params=headers, auth_settings=["BearerToken"])
+        resp = self.api_client.call_api(method, full_url, headers, _request_timeout=None).response
+        if not 200 <= resp.status < 300:
+            raise ApiError(resp.status, f"GET {url} (watch): {resp.data.decode(errors='replace')[:500]}")
+        return resp
 
     def kubectl(self, *args: str) -> str:
         argv = [str(tools.tool_path("kubectl")), f"--kubeconfig={self.kubeconfig}", *args]
@@ -139,18 +138,30 @@ def pod_ready(pod: dict[str, Any] | None) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-class Operator:
-    """`python -m zstack_operator` watching one namespace, logged in with the admin kubeconfig."""
+def operator_env(kubeconfig: Path) -> dict[str, str]:
+    """The operator's environment: ours without Kubernetes and ZStack settings, and without the repo root on
+    PYTHONPATH (its `operator/` folder would shadow the standard library's `operator` module)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
+    env["KUBECONFIG"] = str(kubeconfig)
+    kept = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    return env
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path) -> None:
+
+class Operator:
+    """`python -m zstack_operator` watching one namespace, logged in with the admin kubeconfig.
+
+    It runs in `workdir` (a temp dir, never the repo root, whose `operator/` folder would shadow the standard
+    library's `operator` module) and logs to operator.log there."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path) -> None:
         argv = [sys.executable, "-m", "zstack_operator", "-n", namespace, "--no-leader-election",
                 "--http-bind", "127.0.0.1", "--http-port", str(free_port())]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
-        env["KUBECONFIG"] = str(kubeconfig)
-        self.log_path = log_path
-        with log_path.open("ab") as log:
+        self.log_path = workdir / "operator.log"
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+                                         cwd=workdir, env=operator_env(kubeconfig), start_new_session=True)
 
     def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -222,7 +233,7 @@ class TemplateWatch:
     """A watch on one StatefulSet, opened before any change: when each value of a template annotation arrived."""
 
     def __init__(self, api: Api, namespace: str, name: str) -> None:
-        self.api, self.path, self.name = api, f"/apis/apps/v1/namespaces/{namespace}/statefulsets", name
+        self.api, self.path, self.name = api, path("StatefulSet", namespace), name
         self.seen: dict[str, float] = {}
         self.failure: str | None = None
         self._cond = threading.Condition()
@@ -235,9 +246,10 @@ class TemplateWatch:
     def _connect(self) -> Any:
         selector = f"metadata.name={self.name}"
         if not self._rv:
-            self._rv = self.api("GET", self.path, query={"fieldSelector": selector})["metadata"]["resourceVersion"]
-        return self.api.open("GET", self.path, timeout=None, query={
-            "fieldSelector": selector, "watch": "true", "resourceVersion": self._rv, "timeoutSeconds": 600})
+            self._rv = self.api.request("GET", self.path, query={"fieldSelector": selector})["metadata"][
+                "resourceVersion"]
+        return self.api.watch(self.path, {"fieldSelector": selector, "resourceVersion": self._rv,
+                                          "timeoutSeconds": 600})
 
     def _read(self) -> None:
         while not self._stopped:
@@ -295,18 +307,18 @@ class Bench:
         self.ips: dict[str, str] = {}
         self.operator: Operator | None = None
 
-    # ---- paths and small requests ---------------------------------------------------------------------
+    # ---- small requests -------------------------------------------------------------------------------
 
-    def zsc_path(self, name: str = "") -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.ns}/{PLURAL}" + (f"/{name}" if name else "")
+    def demo(self) -> dict[str, Any]:
+        """ZStackCluster demo; ApiError if it is missing."""
+        return self.api.request("GET", path("ZStackCluster", self.ns, "demo"))
 
-    def sts_path(self, name: str = "") -> str:
-        return f"/apis/apps/v1/namespaces/{self.ns}/statefulsets" + (f"/{name}" if name else "")
+    def merge_patch(self, kind: str, name: str, body: dict[str, Any], sub: str = "") -> None:
+        self.api.request("PATCH", path(kind, self.ns, name, sub), body=body, content_type=MERGE_PATCH)
 
     def mn_pods(self, cluster: str = "demo") -> dict[str, dict[str, Any]]:
         """The cluster's MN pods by name; remembers their IPs for the ring pollers."""
-        selector = f"app.kubernetes.io/instance={cluster},app.kubernetes.io/component=mn"
-        items = self.api("GET", f"/api/v1/namespaces/{self.ns}/pods", query={"labelSelector": selector})["items"]
+        items = self.api.list("Pod", self.ns, f"app.kubernetes.io/instance={cluster},app.kubernetes.io/component=mn")
         pods = {p["metadata"]["name"]: p for p in items}
         for name, pod in pods.items():
             if ip := (pod.get("status") or {}).get("podIP"):
@@ -315,15 +327,14 @@ class Bench:
 
     def scale(self, replicas: int) -> float:
         """Patch the scale subresource of `demo` as `kubectl scale` does; the monotonic time of the response."""
-        self.api("PATCH", self.zsc_path("demo") + "/scale", {"spec": {"replicas": replicas}},
-                 content_type="application/merge-patch+json")
+        self.merge_patch("ZStackCluster", "demo", {"spec": {"replicas": replicas}}, sub="scale")
         return time.monotonic()
 
     def describe(self) -> str:
         """The demo cluster's conditions, its pods and the operator's log tail, for error messages."""
         lines = []
-        with contextlib.suppress(BenchError):
-            status = self.api("GET", self.zsc_path("demo")).get("status") or {}
+        with contextlib.suppress(ApiError):
+            status = self.demo().get("status") or {}
             lines.append(f"demo ring: {(status.get('ring') or {}).get('summary')}")
             lines += [f"  {c['type']}={c['status']} {c.get('reason')}: {c.get('message')}"
                       for c in status.get("conditions") or []]
@@ -349,26 +360,26 @@ class Bench:
             raise BenchError(f"the ZStackCluster CRD is missing: {CRD}")
         self.api.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
         self.api.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/zstackclusters.zstack.io")
-        self.api("POST", "/api/v1/namespaces", {"metadata": {"name": self.ns}})
+        self.api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": self.ns}})
         self.say(f"k8s-scale: namespace {self.ns}; starting the operator")
         for name, url in (("bench-broker", self.broker_url), ("bench-database", self.database_url)):
-            self.api("POST", f"/api/v1/namespaces/{self.ns}/secrets",
-                     {"metadata": {"name": name}, "stringData": {"url": url}})
-        self.operator = Operator(self.api.kubeconfig, self.ns, self.workdir / "operator.log")
+            self.api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": self.ns},
+                             "stringData": {"url": url}})
+        self.operator = Operator(self.api.kubeconfig, self.ns, self.workdir)
         for name, replicas in (("demo", 3), ("idle", 0)):
-            self.api("POST", self.zsc_path(), self.zstackcluster(name, replicas))
-        self.api("POST", self.sts_path(), self.baseline_statefulset())
+            self.api.create(self.zstackcluster(name, replicas))
+        self.api.create(self.baseline_statefulset())
 
     def zstackcluster(self, name: str, replicas: int) -> dict[str, Any]:
-        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ZStackCluster", "metadata": {"name": name},
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ZStackCluster",
+                "metadata": {"name": name, "namespace": self.ns},
                 "spec": {"replicas": replicas, "terminationGracePeriodSeconds": 15, "api": {"port": self.port},
                          "broker": {"external": {"secretRef": {"name": "bench-broker", "key": "url"}}},
                          "database": {"external": {"secretRef": {"name": "bench-database", "key": "url"}}}}}
 
-    @staticmethod
-    def baseline_statefulset() -> dict[str, Any]:
+    def baseline_statefulset(self) -> dict[str, Any]:
         labels = {"app.kubernetes.io/name": "zstack-bench-baseline"}
-        return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "baseline"},
+        return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "baseline", "namespace": self.ns},
                 "spec": {"replicas": 0, "serviceName": "baseline", "selector": {"matchLabels": labels},
                          "template": {"metadata": {"labels": labels},
                                       "spec": {"containers": [{"name": "idle", "image": "none",
@@ -376,9 +387,10 @@ class Bench:
 
     def teardown(self) -> None:
         """Delete the clusters and StatefulSets, wait until the MN pods left, stop the operator, drop the namespace."""
-        for path in (self.zsc_path("demo"), self.zsc_path("idle"), self.sts_path("demo-mn"), self.sts_path("baseline")):
-            with contextlib.suppress(BenchError):
-                self.api("DELETE", path, {"propagationPolicy": "Background"})
+        for kind, name in (("ZStackCluster", "demo"), ("ZStackCluster", "idle"), ("StatefulSet", "demo-mn"),
+                           ("StatefulSet", "baseline")):
+            with contextlib.suppress(ApiError):
+                self.api.delete(kind, self.ns, name)
         try:
             wait_until("the MN pods to be gone", lambda: not self.mn_pods(), 90, interval=0.2)
         except Exception as exc:  # keep cleaning up; an error of the run itself matters more
@@ -386,17 +398,17 @@ class Bench:
         if self.operator is not None:
             self.operator.stop()
         with contextlib.suppress(Exception):
-            self.api("DELETE", f"/api/v1/namespaces/{self.ns}")
+            self.api.request("DELETE", f"/api/v1/namespaces/{self.ns}")
 
     # ---- measurements ---------------------------------------------------------------------------------
 
     def wait_ready(self) -> None:
         def ready() -> bool:
-            status = self.api("GET", self.zsc_path("demo")).get("status") or {}
+            status = self.demo().get("status") or {}
             conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
             return conditions.get("Ready") == "True" and (status.get("ring") or {}).get("summary") == "3/3"
         self.wait("ZStackCluster demo to be Ready with ring 3/3", ready)
-        self.wait("StatefulSet idle-mn to exist", lambda: self.api.exists(self.sts_path("idle-mn")))
+        self.wait("StatefulSet idle-mn to exist", lambda: self.api.get("StatefulSet", self.ns, "idle-mn"))
 
     def scale_up(self, names: list[str]) -> dict[str, float]:
         """3 -> 5: seconds from the scale request until the new pods are Ready and until all 5 rings agree."""
@@ -434,12 +446,10 @@ class Bench:
         watches = {"operator": TemplateWatch(self.api, self.ns, "idle-mn"),
                    "baseline": TemplateWatch(self.api, self.ns, "baseline")}
         patches = {
-            "operator": lambda v: self.api("PATCH", self.zsc_path("idle"),
-                                           {"spec": {"pod": {"annotations": {ANNOTATION: v}}}},
-                                           content_type="application/merge-patch+json"),
-            "baseline": lambda v: self.api("PATCH", self.sts_path("baseline"),
-                                           {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: v}}}}},
-                                           content_type="application/merge-patch+json"),
+            "operator": lambda v: self.merge_patch("ZStackCluster", "idle", {"spec": {"pod": {"annotations": {
+                ANNOTATION: v}}}}),
+            "baseline": lambda v: self.merge_patch("StatefulSet", "baseline", {"spec": {"template": {"metadata": {
+                "annotations": {ANNOTATION: v}}}}}),
         }
         latencies: dict[str, list[float]] = {"operator": [], "baseline": []}
         try:
@@ -484,9 +494,11 @@ def run(kubeconfig: Path, broker_url: str, database_url: str, rounds: int = 3, c
                 per_round.append({**up, **down})
             say(f"k8s-scale: {changes} spec changes of ZStackCluster idle, and as many of StatefulSet baseline")
             spec = bench.spec_changes(changes)
-        except Exception:
+        except Exception as exc:
             if bench.operator is not None:
                 say(f"--- operator log (tail)\n{bench.operator.tail()}")
+            if isinstance(exc, ApiError):
+                raise BenchError(f"an API request failed: {exc}") from None
             raise
         finally:
             say(f"k8s-scale: cleaning up namespace {bench.ns}")

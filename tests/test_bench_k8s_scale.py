@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from tests.fixtures.kube import KubeCluster
 from zstack_bench.cli import main
+from zstack_bench.k8s_scale import REPO
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -27,7 +28,12 @@ def assert_worst_and_mean(value: dict[str, float], key: str) -> None:
     assert value["worst"] >= value["mean"], key
 
 
-def test_k8s_scale_small(devcluster: KubeCluster, fresh_vhost: str, fresh_database: str) -> None:
+def test_k8s_scale_small(devcluster: KubeCluster, fresh_vhost: str, fresh_database: str,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started from the repo root with it on PYTHONPATH, as a developer might: the operator subprocess must still
+    # get the standard library's `operator` module, not the repo's operator/ folder.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     before = bench_namespaces(devcluster)
     result = CliRunner().invoke(main, ["k8s-scale", "--small", "--dev-dir", str(devcluster.root),
                                        "--broker-url", fresh_vhost, "--database-url", fresh_database],
