@@ -43,6 +43,7 @@ class OperatorOptions:
     retry_period: float
     resync_interval: float
     status_interval: float
+    idle_status_interval: float
 
 
 def run(options: OperatorOptions) -> int:
@@ -60,7 +61,8 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
     loop = asyncio.get_running_loop()
     identity = default_identity()
     kube = Kube(api_client)
-    controller = Controller(kube, EventRecorder(kube, identity), options.status_interval, options.resync_interval)
+    controller = Controller(kube, EventRecorder(kube, identity), options.status_interval, options.resync_interval,
+                            options.idle_status_interval)
     stopping, leading = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

@@ -34,12 +34,14 @@ def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
 @_opt("retry-period", default=2.0, type=click.FloatRange(min=0.1), help="Seconds between Lease attempts")
 @_opt("resync-interval", default=30.0, type=click.FloatRange(min=1), help="Seconds between periodic reconciles")
 @_opt("status-interval", default=1.0, type=click.FloatRange(min=0.1),
-      help="Seconds between status refreshes (pods and MN rings)")
+      help="Seconds between status refreshes (pods and MN rings) of a cluster that is changing")
+@_opt("idle-status-interval", default=10.0, type=click.FloatRange(min=0.1),
+      help="Seconds between status refreshes of a Ready, stable cluster (MN pod events refresh at once)")
 @_opt("log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(namespaces: tuple[str, ...], all_namespaces: bool, http_bind: str, http_port: int, leader_election: bool,
          leader_election_namespace: str | None, leader_election_id: str, lease_duration: float,
          renew_deadline: float, retry_period: float, resync_interval: float, status_interval: float,
-         log_level: str) -> None:
+         idle_status_interval: float, log_level: str) -> None:
     """Reconcile ZStackCluster resources into management-node StatefulSets, Services, Secrets and more."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("pass --namespace NS (repeatable) or --all-namespaces, not both and not neither")
@@ -54,5 +56,6 @@ def main(namespaces: tuple[str, ...], all_namespaces: bool, http_bind: str, http
         namespaces=namespaces, http_bind=http_bind, http_port=http_port, leader_election=leader_election,
         leader_election_namespace=leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default",
         leader_election_id=leader_election_id, lease_duration=lease_duration, renew_deadline=renew_deadline,
-        retry_period=retry_period, resync_interval=resync_interval, status_interval=status_interval)
+        retry_period=retry_period, resync_interval=resync_interval, status_interval=status_interval,
+        idle_status_interval=idle_status_interval)
     sys.exit(run(options))

@@ -1,9 +1,11 @@
 """The leader's work: reconcile clusters when kopf reports a change and periodically, and keep status current.
 
-kopf calls `track`/`forget` on every ZStackCluster event and `reconcile` on create, update and resume. One
-status thread observes every tracked cluster each `status_interval` (StatefulSets, pods, the MNs' rings) and
-patches its status only when something changed, so MN Lease renewals and steady clusters cause no writes;
-the same thread re-reconciles each cluster every `resync_interval` to undo drift.
+kopf calls `track`/`forget` on every ZStackCluster event, `reconcile` on create, update and resume, and
+`poke` when one of a cluster's MN pods changes. One status thread observes each cluster (its StatefulSets,
+pods and the MNs' rings) when poked, every `status_interval` while it is not Ready and stable, and every
+`idle_status_interval` otherwise (an MN can fence and rejoin without a pod event). It patches status only when
+something changed, so MN Lease renewals and steady clusters cause no writes. The same thread re-reconciles each
+cluster every `resync_interval` to undo drift.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Tracked:
     paused: bool | None = None
     notes: list[str] = field(default_factory=list)
     last_reconcile: float = 0.0
+    due: float = 0.0  # monotonic time of the next status refresh
+    ready: bool = False
     reconcile_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -47,10 +51,12 @@ class Stopping(Exception):
 class Controller:
     """Reconciles and reports on the ZStackClusters kopf tells it about."""
 
-    def __init__(self, kube: Kube, events: EventRecorder, status_interval: float, resync_interval: float) -> None:
+    def __init__(self, kube: Kube, events: EventRecorder, status_interval: float, resync_interval: float,
+                 idle_status_interval: float = 10.0) -> None:
         self.kube = kube
         self.events = events
         self.status_interval = status_interval
+        self.idle_status_interval = max(idle_status_interval, status_interval)
         self.resync_interval = resync_interval
         self._clusters: dict[tuple[str, str], Tracked] = {}
         self._lock = threading.Lock()
@@ -70,7 +76,16 @@ class Controller:
                 self._wake.set()
             elif _generation(body) >= _generation(tracked.body):  # never step back to an older spec
                 tracked.body = body
+                tracked.due = 0.0  # spec, annotations or status changed: look again at the next pass
+                self._wake.set()
             metrics.CLUSTERS.set(len(self._clusters))
+
+    def poke(self, namespace: str, name: str) -> None:
+        """Something of this cluster changed (an MN pod): refresh its status at the next pass."""
+        tracked = self._get(namespace, name)
+        if tracked is not None:
+            tracked.due = 0.0
+            self._wake.set()
 
     def forget(self, body: dict[str, Any]) -> None:
         with self._lock:
@@ -108,6 +123,7 @@ class Controller:
             metrics.RECONCILES.labels("ok").inc()
             log.info("reconciled %s/%s (generation %d, %s)%s", cluster.namespace, cluster.name, cluster.generation,
                      trigger, _summary(outcome))
+        tracked.due = 0.0
         self._wake.set()
 
     # ---- the status thread --------------------------------------------------------------------
@@ -150,20 +166,23 @@ class Controller:
             self._wake.clear()
             with self._lock:
                 clusters = list(self._clusters.values())
-            ready = 0
             for tracked in clusters:
                 if self._stop.is_set():
                     return
                 try:
-                    ready += self._refresh(tracked)
+                    if time.monotonic() >= tracked.due:
+                        settled = self._refresh(tracked)
+                        tracked.ready = settled
+                        interval = self.idle_status_interval if settled else self.status_interval
+                        tracked.due = time.monotonic() + interval
                     if time.monotonic() - tracked.last_reconcile >= self.resync_interval:
                         self._resync(tracked)
                 except Exception:  # a bug must not stop the status of every other cluster
                     log.exception("status pass of %s/%s failed", *_key(tracked.body))
-            metrics.READY_CLUSTERS.set(ready)
+            metrics.READY_CLUSTERS.set(sum(t.ready for t in clusters))
 
     def _refresh(self, tracked: Tracked) -> bool:
-        """Observe one cluster and write its status if it changed; True when it is Ready."""
+        """Observe one cluster and write its status if it changed; True when it is Ready and not progressing."""
         with self._lock:  # one snapshot: the status must describe the generation it claims
             body, state = tracked.body, tracked.state
         cluster = Cluster.from_body(body)
@@ -184,7 +203,8 @@ class Controller:
             else:
                 log.warning("cannot update the status of %s/%s: %s", cluster.namespace, cluster.name, exc)
             return False
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        return conditions["Ready"] == "True" and conditions["Progressing"] == "False"
 
     def _resync(self, tracked: Tracked) -> None:
         with contextlib.suppress(ReconcileError, Stopping):  # recorded in Degraded; tried again next time

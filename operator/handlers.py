@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from .cluster import GROUP, PLURAL, VERSION
+from .cluster import GROUP, MANAGER, PLURAL, VERSION
 from .controller import Controller, Stopping
 from .reconcile import ReconcileError
 
@@ -52,6 +52,14 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
             controller.forget(event["object"])
         else:
             controller.track(event["object"])
+
+    @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": MANAGER,
+                                             "app.kubernetes.io/component": "mn"}, registry=registry)
+    def mn_pod_changed(event: dict[str, Any], **_: Any) -> None:
+        pod = event["object"]["metadata"]
+        cluster = (pod.get("labels") or {}).get("zstack.io/cluster")
+        if cluster:
+            controller.poke(pod["namespace"], cluster)
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)

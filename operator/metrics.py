@@ -11,7 +11,7 @@ RECONCILE_SECONDS = Histogram("zstack_operator_reconcile_duration_seconds", "Tim
 RECONCILE_ERRORS = Counter("zstack_operator_reconcile_errors", "Failed reconciles, by the kind of child that failed",
                            ["kind"])
 CLUSTERS = Gauge("zstack_operator_clusters", "ZStackClusters this operator manages")
-READY_CLUSTERS = Gauge("zstack_operator_clusters_ready", "Managed ZStackClusters whose Ready condition is True")
+READY_CLUSTERS = Gauge("zstack_operator_clusters_ready", "Managed ZStackClusters that are Ready and not progressing")
 LEADER = Gauge("zstack_operator_leader", "1 while this replica leads (reconciles), 0 on standby")
 STATUS_UPDATES = Counter("zstack_operator_status_updates", "Status patches written (only on change)")
 
