@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import yaml
 from devcluster.layout import Layout
 from devcluster.ports import free_port
 from tests.fixtures.kube import KubeCluster
-from tests.k8s.conftest import get_json, get_text, metric, wait_for
+from tests.k8s.conftest import TcpProxy, get_json, get_text, metric, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "zstackcluster.yaml"
@@ -37,12 +38,18 @@ MN_SELECTOR = f"app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component
 PAUSE = "zstack.io/pause-reconciliation"
 TIMEOUT = 120.0
 
+MANAGER = "zstack-operator"  # the fieldManager of the operator's server-side applies
+LEADER_LEASE = "zstack-operator"  # the operator's leader Lease in OPERATOR_NS
+
 # The children of an external-mode ZStackCluster `demo`, as "Kind/name".
 CHILDREN = [
     "StatefulSet/demo-mn", "Service/demo-mn", "Service/demo-api", "ConfigMap/demo-mn-config",
     "Secret/demo-api-token", "ServiceAccount/demo-mn", "Role/demo-mn", "RoleBinding/demo-mn",
     "PodDisruptionBudget/demo-mn",
 ]
+# Children whose status a Kubernetes controller writes (the StatefulSet and disruption controllers): their
+# resourceVersion moves without the operator, so its own writes show in their generation and managedFields.
+STATUS_WRITTEN = ("StatefulSet/demo-mn", "PodDisruptionBudget/demo-mn")
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +99,30 @@ def operator_rbac(devcluster: KubeCluster, crd: None, tmp_path_factory: pytest.T
     return path
 
 
+def kubeconfig_via(kubeconfig: Path, proxy: TcpProxy, dest: Path) -> Path:
+    """A copy of `kubeconfig` that reaches the API server through `proxy`. TLS verification stays on: the
+    devcluster's serving certificate names IP 127.0.0.1, the proxy's address (the port is not checked)."""
+    doc = yaml.safe_load(kubeconfig.read_text())
+    host, port = proxy.address
+    for entry in doc["clusters"]:
+        entry["cluster"]["server"] = f"https://{host}:{port}"
+    dest.write_text(yaml.safe_dump(doc))
+    dest.chmod(0o600)
+    return dest
+
+
+@pytest.fixture
+def api_proxy(devcluster: KubeCluster) -> Iterator[TcpProxy]:
+    """A TcpProxy in front of the devcluster's API server, to cut one operator off like a partition."""
+    server = yaml.safe_load(devcluster.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = re.fullmatch(r"https://([^:/]+):(\d+)/?", server).groups()
+    proxy = TcpProxy((host, int(port)))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 # ---- operator processes -----------------------------------------------------------------------------
 
 
@@ -101,6 +132,7 @@ class OperatorProcess:
 
     kubeconfig: Path
     log_path: Path
+    args: tuple[str, ...] = ()  # extra command-line options (later ones win)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -108,7 +140,7 @@ class OperatorProcess:
         argv = [sys.executable, "-m", "zstack_operator", "--all-namespaces",
                 "--http-bind", "127.0.0.1", "--http-port", str(self.port),
                 "--leader-election-namespace", OPERATOR_NS,
-                "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5"]
+                "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5", *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
         env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:
@@ -125,6 +157,19 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logged_at(self, text: str) -> datetime | None:
+        """The local time of the first log line containing `text` (logging's asctime, host clock), or None."""
+        for line in self.log().splitlines():
+            if text in line:
+                return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        return None
+
+    def identity(self) -> str:
+        """The leader-election identity this process logged on taking the Lease."""
+        found = re.search(r"leading as (\S+)", self.log())
+        assert found, f"the operator never logged 'leading as':\n{self.log()[-3000:]}"
+        return found.group(1)
 
     def metrics(self) -> str:
         return get_text(self.url + "/metrics")
@@ -178,8 +223,11 @@ class OperatorFactory:
     tmp_path: Path
     started: list[OperatorProcess] = field(default_factory=list, repr=False)
 
-    def __call__(self) -> OperatorProcess:
-        op = OperatorProcess(self.kubeconfig, self.tmp_path / f"operator-{len(self.started)}.log")
+    def __call__(self, *args: str, kubeconfig: Path | None = None) -> OperatorProcess:
+        """Start one more operator with the extra options `args`, as the operator's ServiceAccount (through
+        `kubeconfig` when given)."""
+        op = OperatorProcess(kubeconfig or self.kubeconfig, self.tmp_path / f"operator-{len(self.started)}.log",
+                             args)
         self.started.append(op)
         return op.start()
 
@@ -314,22 +362,29 @@ class Zsc:
         items = json.loads(out)["items"] if out.strip() else []
         return {f"{item['kind']}/{item['metadata']['name']}": item for item in items}
 
-    def resource_versions(self, names: list[str] | None = None) -> dict[str, str]:
-        return {key: obj["metadata"]["resourceVersion"] for key, obj in self.children(names).items()}
+    def writes(self, names: list[str] | None = None,
+               status_written: tuple[str, ...] = STATUS_WRITTEN) -> dict[str, Any]:
+        """What changes when the operator writes a child, by "Kind/name": its resourceVersion, or for the
+        children in `status_written` its generation and the operator's managedFields entries."""
+        marks: dict[str, Any] = {}
+        for key, obj in self.children(names).items():
+            meta = obj["metadata"]
+            marks[key] = ((meta.get("generation"), operator_fields(obj)) if key in status_written
+                          else meta["resourceVersion"])
+        return marks
 
-    def stable_resource_versions(self, names: list[str] | None = None, quiet: float = 3.0) -> dict[str, str]:
-        """The children's resourceVersions once they stayed the same for `quiet` seconds."""
-        last: dict[str, Any] = {"rvs": None, "since": 0.0}
+    def settled(self, what: str, read: Callable[[], Any], quiet: float = 3.0) -> Any:
+        """`read()` once it returned the same value for `quiet` seconds."""
+        last: dict[str, Any] = {"value": None, "since": 0.0}
 
-        def settled() -> dict[str, str] | None:
-            rvs, now = self.resource_versions(names), time.monotonic()
-            if rvs != last["rvs"]:
-                last.update(rvs=rvs, since=now)
+        def check() -> Any:
+            value, now = read(), time.monotonic()
+            if value != last["value"]:
+                last.update(value=value, since=now)
                 return None
-            return rvs if now - last["since"] >= quiet else None
+            return value if now - last["since"] >= quiet else None
 
-        return wait_for("the children's resourceVersions to settle", settled, TIMEOUT, interval=0.5,
-                        info=self.describe)
+        return wait_for(f"{what} to settle", check, TIMEOUT, interval=0.5, info=self.describe)
 
     def statefulset(self) -> dict[str, Any] | None:
         return self.get("statefulset", f"{self.name}-mn")
@@ -402,6 +457,13 @@ class Zsc:
         mns = "\n".join(f"--- {p['metadata']['name']} log (tail)\n{self.log(p['metadata']['name'])[-1500:]}"
                         for p in self.pods())
         return f"--- ZStackCluster\n{cr}\n{objects}\n--- events\n{events[-3000:]}\n{mns}\n{self.operators.logs()}"
+
+
+def operator_fields(obj: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The managedFields entries of the operator's field manager: (operation, subresource, time, fieldsV1)."""
+    return sorted((entry.get("operation", ""), entry.get("subresource", ""), entry.get("time", ""),
+                   json.dumps(entry.get("fieldsV1"), sort_keys=True))
+                  for entry in obj["metadata"].get("managedFields") or [] if entry.get("manager") == MANAGER)
 
 
 def printer_columns(table: str) -> list[dict[str, str]]:

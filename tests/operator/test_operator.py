@@ -1,6 +1,7 @@
 """The operator end to end on the devcluster: a ZStackCluster becomes MN pods that form one ring, scales
-both ways with graceful leaves, survives pod deletion, pauses, and is deleted with all its children; the
-operator restarts without rewriting anything and hands over leadership to a standby.
+both ways with graceful leaves, survives pod deletion, pauses, and is deleted with all its children; a steady
+cluster causes no writes; the operator restarts without rewriting anything, and a leader cut off from the API
+server exits before a standby takes over.
 
 The MN pods run under the process kubelet in external mode against the session's RabbitMQ and PostgreSQL.
 """
@@ -8,23 +9,29 @@ The MN pods run under the process kubelet in external mode against the session's
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-from tests.k8s.conftest import metric, wait_for
+from tests.k8s.conftest import TcpProxy, wait_for
 from tests.operator.conftest import (
     CHILDREN,
     CLUSTER,
+    LEADER_LEASE,
     MN_SELECTOR,
+    OPERATOR_NS,
     PAUSE,
     TIMEOUT,
     OperatorFactory,
     OperatorProcess,
     Zsc,
+    kubeconfig_via,
     printer_columns,
 )
 
@@ -32,6 +39,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 STATUS_INTERVAL = 1.0  # the operator's --status-interval default
 QUIET = 4 * STATUS_INTERVAL  # how long "nothing happens" is watched for
+MN_LEASE_DURATION = 5.0  # spec.node.leaseDurationSeconds default; MN Leases renew every heartbeat (1 s)
 
 
 def assert_owned(key: str, obj: dict[str, Any], cr: dict[str, Any]) -> None:
@@ -181,7 +189,7 @@ def test_deleting_the_cluster_deletes_every_child(operator: OperatorProcess, zsc
 def test_pause_freezes_every_child_until_resumed(operator: OperatorProcess, zsc: Zsc) -> None:
     zsc.apply(replicas=2)
     zsc.wait_condition("Ready")
-    before = zsc.stable_resource_versions()
+    before = zsc.settled("the children", zsc.writes)
 
     zsc.patch({"metadata": {"annotations": {PAUSE: "true"}}})
     zsc.wait_condition("ReconciliationPaused", "True")
@@ -194,7 +202,7 @@ def test_pause_freezes_every_child_until_resumed(operator: OperatorProcess, zsc:
     assert zsc.statefulset()["spec"]["replicas"] == 2, "a paused cluster was scaled"
     assert not zsc.exists("configmap", "demo-mn-config"), "a paused cluster's ConfigMap was recreated"
     kept = [name for name in CHILDREN if name != "ConfigMap/demo-mn-config"]
-    assert zsc.resource_versions(kept) == {k: v for k, v in before.items() if k in kept}, "a paused child changed"
+    assert zsc.writes(kept) == {k: v for k, v in before.items() if k in kept}, "a paused child was written"
     assert zsc.condition("ReconciliationPaused")["status"] == "True"
 
     zsc.patch({"metadata": {"annotations": {PAUSE: None}}})
@@ -210,7 +218,7 @@ def test_an_operator_restart_rewrites_no_child(operator: OperatorProcess, operat
     zsc.apply(replicas=2)
     zsc.wait_condition("Ready")
     zsc.wait_summary("2/2")
-    before = zsc.stable_resource_versions()
+    before = zsc.settled("the children", zsc.writes)
     assert sorted(before) == sorted(CHILDREN)
 
     assert operator.stop() == 0, f"SIGTERM: the operator exited uncleanly:\n{operator.log()[-3000:]}"
@@ -220,14 +228,66 @@ def test_an_operator_restart_rewrites_no_child(operator: OperatorProcess, operat
              interval=0.2, info=zsc.describe)
     assert f"reconciled {zsc.ns}/{CLUSTER}" in successor.log()
     time.sleep(QUIET)
-    assert zsc.resource_versions() == before, "the restarted operator rewrote children"
+    after = zsc.writes()
+    changed = {key: (before[key], after.get(key)) for key in before if after.get(key) != before[key]}
+    assert not changed, f"the restarted operator rewrote children (before, after): {changed}"
     assert zsc.condition("Ready")["status"] == "True"
     assert successor.reconciles("error") == 0
 
 
-def test_a_standby_never_reconciles_and_takes_over_when_the_leader_dies(operator_factory: OperatorFactory,
-                                                                        zsc: Zsc) -> None:
-    leader = operator_factory()
+def test_steady_state_writes_nothing_while_resyncs_and_mn_lease_renewals_run(
+        operator_factory: OperatorFactory, zsc: Zsc) -> None:
+    """MN Lease renewals (every second) and periodic resyncs must not turn into writes: over three MN Lease
+    durations the ZStackCluster and its children stay exactly as they are."""
+    operator = operator_factory("--resync-interval", "5")
+    operator.wait_leading()
+    zsc.apply()
+    zsc.wait_rings(3)
+    zsc.wait_summary("3/3")
+    zsc.wait_condition("Ready")
+    only_sts = ("StatefulSet/demo-mn",)
+
+    def snapshot() -> tuple[str, dict[str, Any]]:
+        return zsc.cr()["metadata"]["resourceVersion"], zsc.writes(status_written=only_sts)
+
+    cr_version, children = zsc.settled("the ZStackCluster and its children", snapshot, quiet=QUIET)
+    assert sorted(children) == sorted(CHILDREN)
+    updates, resyncs = operator.metric("zstack_operator_status_updates_total"), operator.reconciles("ok")
+    renewed = {pod: zsc.get("lease", pod)["spec"]["renewTime"] for pod in zsc.pod_names(3)}
+
+    window = 3 * MN_LEASE_DURATION
+    started = time.monotonic()
+    wait_for(f"{window:g} s and two periodic reconciles to pass",
+             lambda: time.monotonic() - started >= window and operator.reconciles("ok") >= resyncs + 2,
+             window + TIMEOUT, interval=0.5, info=zsc.describe)
+
+    assert {pod: zsc.get("lease", pod)["spec"]["renewTime"] for pod in renewed} != renewed, \
+        "the MN Leases were not renewed during the window"
+    assert operator.reconciles("error") == 0
+    assert operator.metric("zstack_operator_status_updates_total") == updates, "the status was patched"
+    assert zsc.cr()["metadata"]["resourceVersion"] == cr_version, \
+        f"the ZStackCluster was written:\n{zsc.kubectl('get', 'zsc', CLUSTER, '-o', 'yaml')}"
+    after = zsc.writes(status_written=only_sts)
+    changed = {key: (children[key], after.get(key)) for key in children if after.get(key) != children[key]}
+    assert not changed, f"children were written in the steady state (before, after): {changed}"
+
+
+def leader_lease(zsc: Zsc) -> dict[str, Any]:
+    """The operator's leader Lease."""
+    return json.loads(zsc.cluster.kubectl("-n", OPERATOR_NS, "get", "lease", LEADER_LEASE, "-o", "json").stdout)
+
+
+def lease_time(value: str) -> datetime:
+    """A Kubernetes MicroTime (UTC) as an aware datetime."""
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def test_a_leader_cut_off_from_the_api_server_exits_before_the_standby_leads(
+        operator_factory: OperatorFactory, operator_rbac: Path, api_proxy: TcpProxy, zsc: Zsc, tmp_path: Path) -> None:
+    """The leader reaches the API server through a proxy that is then black-holed. It must give up its
+    leadership by exiting (status 1) before the standby's takeover, so that two operators never write at
+    once; the standby then reconciles."""
+    leader = operator_factory(kubeconfig=kubeconfig_via(operator_rbac, api_proxy, tmp_path / "proxied-kubeconfig"))
     leader.wait_leading()
     standby = operator_factory()
     standby.wait_healthy()
@@ -235,33 +295,37 @@ def test_a_standby_never_reconciles_and_takes_over_when_the_leader_dies(operator
              interval=0.2, info=lambda: standby.log()[-3000:])
 
     zsc.apply(replicas=1)
-    zsc.wait_sts_replicas(1)
-    zsc.scale(2)
-    zsc.wait_sts_replicas(2)
-    wait_for("the leader to count its reconciles", lambda: leader.reconciles("ok") >= 2, TIMEOUT, interval=0.2)
-    assert (leader.metric("zstack_operator_leader"), standby.metric("zstack_operator_leader")) == (1, 0)
-    assert standby.reconciles() == 0, "the standby reconciled"
+    zsc.wait_condition("Ready")
+    lease = leader_lease(zsc)
+    assert lease["spec"]["holderIdentity"] == leader.identity(), f"the first operator does not hold {lease}"
+    assert standby.metric("zstack_operator_leader") == 0
     assert not standby.leading(), f"both operators lead:\n{standby.log()[-3000:]}"
 
-    leader.kill()
-    seen: list[tuple[float, float]] = []  # (leader gauge, reconciles) of every scrape of the standby
+    api_proxy.cut()
+    wait_for("the cut-off leader to exit", lambda: not leader.running(), 60, interval=0.02,
+             info=lambda: leader.log()[-3000:])
+    exited_at = datetime.now(UTC)  # at most one poll after the exit
+    assert leader.proc.returncode == 1, f"exit status {leader.proc.returncode}:\n{leader.log()[-3000:]}"
+    assert "lost the leader Lease" in leader.log(), leader.log()[-3000:]
 
-    def leads() -> bool:
-        text = standby.metrics()
-        seen.append((metric(text, "zstack_operator_leader"), metric(text, "zstack_operator_reconciles_total")))
-        return seen[-1][0] == 1
-
-    wait_for("the standby to lead after the leader was killed", leads, 60, interval=0.1,
-             info=lambda: standby.log()[-3000:])
-    standby_samples = [reconciles for gauge, reconciles in seen if gauge == 0]
-    assert standby_samples, "the standby led before the killed leader's Lease could expire"
-    assert set(standby_samples) == {0}, f"the standby reconciled before it led: {seen}"
     standby.wait_leading()
+    new_identity = standby.identity()
 
-    zsc.scale(3)
-    zsc.wait_sts_replicas(3)
-    wait_for("the new leader to count its reconciles", lambda: standby.reconciles("ok") >= 1, TIMEOUT,
-             interval=0.2)
+    def taken_over() -> dict[str, Any] | None:
+        lease = leader_lease(zsc)
+        return lease if lease["spec"].get("holderIdentity") == new_identity else None
+
+    lease = wait_for("the standby to hold the leader Lease", taken_over, 60, interval=0.2)
+    acquired = lease_time(lease["spec"]["acquireTime"])
+    assert acquired > exited_at, f"the standby took the Lease at {acquired}, the leader exited at {exited_at}"
+    lost, led = leader.logged_at("lost the leader Lease"), standby.logged_at("leading as")
+    assert lost < led, f"the standby led at {led}, before the leader gave up at {lost}"
+
+    zsc.scale(2)
+    zsc.wait_sts_replicas(2)
+    zsc.wait_summary("2/2")
+    assert standby.reconciles("ok") >= 1
+    assert f"reconciled {zsc.ns}/{CLUSTER}" in standby.log()
 
 
 # ---- managed mode, spec changes ---------------------------------------------------------------------
@@ -299,6 +363,8 @@ def test_managed_mode_makes_complete_broker_and_database_manifests(operator: Ope
     assert mn["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for key, size in (("StatefulSet/demo-rabbitmq", "2Gi"), ("StatefulSet/demo-postgresql", "3Gi")):
         sts = children[key]
+        retention = sts["spec"].get("persistentVolumeClaimRetentionPolicy") or {}
+        assert retention.get("whenDeleted") == "Delete", f"{key}: the volumes outlive the cluster: {retention}"
         cont = container(sts)
         assert cont.get("readinessProbe") and cont.get("livenessProbe"), f"{key}: probes missing"
         claims = sts["spec"].get("volumeClaimTemplates") or []
