@@ -65,6 +65,13 @@ def get_text(url: str, timeout: float = 2.0) -> str:
         return response.read().decode()
 
 
+def pod_ip(pod: dict[str, Any] | None, name: str) -> str:
+    """The pod's IP; KeyError (which `wait_for` retries) while the pod or its IP does not exist yet."""
+    if pod is None:
+        raise KeyError(f"pod {name} does not exist (yet)")
+    return pod["status"]["podIP"]
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`, from Prometheus text."""
     total = 0.0
@@ -79,11 +86,26 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @dataclass
-class MnPods:
-    """The StatefulSet `demo-mn` in one namespace, and ways to look at its MNs."""
+class InNamespace:
+    """kubectl and `get` in one test's namespace of the devcluster."""
 
     cluster: KubeCluster
     ns: str
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return self.cluster.kubectl("-n", self.ns, *args, check=check, input=input).stdout
+
+    def get(self, kind: str, name: str = "", selector: str = "") -> Any:
+        """The object (or list) as JSON, None when it does not exist."""
+        args = ["get", kind, *([name] if name else []), "-o", "json", *(["-l", selector] if selector else [])]
+        out = self.cluster.kubectl("-n", self.ns, *args, check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+@dataclass
+class MnPods(InNamespace):
+    """The StatefulSet `demo-mn` in one namespace, and ways to look at its MNs."""
+
     port: int
     broker_url: str
     database_url: str
@@ -92,15 +114,7 @@ class MnPods:
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "zstack_node"])
     _api: Any = field(default=None, repr=False)
 
-    # ---- kubectl and the API ---------------------------------------------------------------
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
-        return self.cluster.kubectl("-n", self.ns, *args, check=check, input=input).stdout
-
-    def get(self, kind: str, name: str = "", selector: str = "") -> Any:
-        args = ["get", kind, *([name] if name else []), "-o", "json", *(["-l", selector] if selector else [])]
-        out = self.cluster.kubectl("-n", self.ns, *args, check=False)
-        return json.loads(out.stdout) if out.returncode == 0 else None
+    # ---- the API ---------------------------------------------------------------------------
 
     @property
     def core(self) -> Any:
@@ -158,11 +172,7 @@ class MnPods:
         return self.get("pod", name)
 
     def ip(self, name: str) -> str:
-        """The pod's IP; KeyError (which `wait_for` retries) while the pod or its IP does not exist yet."""
-        pod = self.pod(name)
-        if pod is None:
-            raise KeyError(f"pod {name} does not exist (yet)")
-        return pod["status"]["podIP"]
+        return pod_ip(self.pod(name), name)
 
     def url(self, name: str, ip: str | None = None) -> str:
         return f"http://{ip or self.ip(name)}:{self.port}"

@@ -26,7 +26,16 @@ import yaml
 from devcluster.layout import Layout
 from devcluster.ports import free_port
 from tests.fixtures.kube import KubeCluster
-from tests.k8s.conftest import TcpProxy, get_json, get_text, metric, wait_for
+from tests.k8s.conftest import (
+    InNamespace,
+    TcpProxy,
+    api_proxy,  # noqa: F401 - the fixture, shared with the Lease tests
+    get_json,
+    get_text,
+    metric,
+    pod_ip,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "zstackcluster.yaml"
@@ -109,18 +118,6 @@ def kubeconfig_via(kubeconfig: Path, proxy: TcpProxy, dest: Path) -> Path:
     dest.write_text(yaml.safe_dump(doc))
     dest.chmod(0o600)
     return dest
-
-
-@pytest.fixture
-def api_proxy(devcluster: KubeCluster) -> Iterator[TcpProxy]:
-    """A TcpProxy in front of the devcluster's API server, to cut one operator off like a partition."""
-    server = yaml.safe_load(devcluster.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-    host, port = re.fullmatch(r"https://([^:/]+):(\d+)/?", server).groups()
-    proxy = TcpProxy((host, int(port)))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 # ---- operator processes -----------------------------------------------------------------------------
@@ -267,25 +264,12 @@ def operator(operator_factory: OperatorFactory) -> OperatorProcess:
 
 
 @dataclass
-class Zsc:
+class Zsc(InNamespace):
     """The namespace of one test, its ZStackCluster `demo` and ways to look at what the operator made."""
 
-    cluster: KubeCluster
-    ns: str
     port: int
     operators: OperatorFactory = field(repr=False)
     name: str = CLUSTER
-
-    # ---- kubectl -----------------------------------------------------------------------------
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
-        return self.cluster.kubectl("-n", self.ns, *args, check=check, input=input).stdout
-
-    def get(self, kind: str, name: str = "", selector: str = "") -> Any:
-        """The object (or list) as JSON, None when it does not exist."""
-        args = ["get", kind, *([name] if name else []), "-o", "json", *(["-l", selector] if selector else [])]
-        out = self.cluster.kubectl("-n", self.ns, *args, check=False)
-        return json.loads(out.stdout) if out.returncode == 0 else None
 
     def exists(self, kind: str, name: str) -> bool:
         out = self.kubectl("get", kind, name, "--ignore-not-found", "-o", "name")
@@ -409,11 +393,7 @@ class Zsc:
         return self.get("pod", name)
 
     def ip(self, name: str) -> str:
-        """The pod's IP; KeyError (which `wait_for` retries) while the pod or its IP does not exist yet."""
-        pod = self.pod(name)
-        if pod is None:
-            raise KeyError(f"pod {name} does not exist (yet)")
-        return pod["status"]["podIP"]
+        return pod_ip(self.pod(name), name)
 
     def ring(self, name: str) -> dict[str, Any]:
         """The MN's GET /v1/cluster/ring: self, epoch, members, state."""
