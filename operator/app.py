@@ -9,11 +9,13 @@ in flight and only then releases the Lease, so a standby takes over at once and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 
 import kopf
 
@@ -89,9 +91,7 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
             if not elector_stop.is_set():
                 # A lost Lease: writes in flight in kopf's threads cannot be recalled, so end the
                 # process now, before the standby may take over (renew deadline < lease duration).
-                log.error("lost the leader Lease: exiting so that this replica starts again as a standby")
-                logging.shutdown()
-                os._exit(1)
+                _exit_now("lost the leader Lease: exiting so that this replica starts again as a standby")
 
         elector_thread = threading.Thread(
             target=elector.run, name="leader-election",
@@ -123,8 +123,8 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
         drained = await asyncio.to_thread(controller.stop, options.renew_deadline)
         metrics.LEADER.set(0)
         if elector is not None and not drained:
-            log.warning("a write was still in flight: keeping the Lease until it expires")
-            elector.release_on_cancel = False
+            # A write may still land; keep the Lease (a successor waits for it to expire) and end now.
+            _exit_now("a write was still in flight after kopf stopped: exiting without releasing the Lease")
         elector_stop.set()  # releases the Lease only now: kopf and every write have stopped
         if elector_thread is not None:
             await asyncio.to_thread(elector_thread.join, options.renew_deadline + 5)
@@ -141,3 +141,11 @@ async def _first(*waitables: asyncio.Event | asyncio.Task[None]) -> object:
         if task not in done and not isinstance(tasks[task], asyncio.Task):
             task.cancel()
     return tasks[next(iter(done))]
+
+
+def _exit_now(reason: str) -> None:
+    """End the process at once, threads and writes in flight included; one line says why."""
+    with contextlib.suppress(OSError):
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:23]  # logging's asctime
+        os.write(2, f"{stamp} ERROR zstack_operator: {reason}\n".encode())
+    os._exit(1)

@@ -23,10 +23,11 @@ from .cluster import Cluster
 from .events import EventRecorder
 from .kubeapi import ApiError, Kube
 from .observe import observe
-from .reconcile import Outcome, ReconcileError, reconcile
+from .reconcile import Outcome, ReconcileError, Stopping, reconcile
 from .status import ReconcileState, build_status, same_status
 
 log = logging.getLogger(__name__)
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 @dataclass
@@ -40,12 +41,10 @@ class Tracked:
     notes: list[str] = field(default_factory=list)
     last_reconcile: float = 0.0
     due: float = 0.0  # monotonic time of the next status refresh
+    changes: int = 0  # bumped by every change that calls for a refresh, so none is lost during one
+    quiet: int = 0  # refreshes in a row that found nothing to write
     ready: bool = False
     reconcile_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class Stopping(Exception):
-    """This replica no longer leads (or is shutting down): the next leader reconciles."""
 
 
 class Controller:
@@ -75,22 +74,32 @@ class Controller:
                 self._clusters[key] = Tracked(body)
                 self._wake.set()
             elif _generation(body) >= _generation(tracked.body):  # never step back to an older spec
-                tracked.body = body
-                tracked.due = 0.0  # spec, annotations or status changed: look again at the next pass
-                self._wake.set()
+                old, tracked.body = tracked.body, body
+                if _essence(old) != _essence(body):  # not just a status or bookkeeping write
+                    self._changed(tracked)
+                    if _generation(body) > (tracked.state.observed_generation or 0) or \
+                            Cluster.from_body(body).paused != Cluster.from_body(old).paused:
+                        # Reconcile at the next pass even if kopf holds its handler back after a failure.
+                        tracked.last_reconcile = 0.0
             metrics.CLUSTERS.set(len(self._clusters))
 
     def poke(self, namespace: str, name: str) -> None:
         """Something of this cluster changed (an MN pod): refresh its status at the next pass."""
         tracked = self._get(namespace, name)
         if tracked is not None:
-            tracked.due = 0.0
-            self._wake.set()
+            self._changed(tracked)
 
     def forget(self, body: dict[str, Any]) -> None:
         with self._lock:
-            self._clusters.pop(_key(body), None)
+            tracked = self._clusters.get(_key(body))
+            if tracked is not None and tracked.body["metadata"]["uid"] == body["metadata"]["uid"]:
+                del self._clusters[_key(body)]
             metrics.CLUSTERS.set(len(self._clusters))
+
+    def _changed(self, tracked: Tracked) -> None:
+        tracked.changes += 1
+        tracked.due = 0.0
+        self._wake.set()
 
     def reconcile(self, body: dict[str, Any], trigger: str) -> None:
         """Reconcile one cluster now (unless paused). Raises ReconcileError for kopf to retry, and Stopping
@@ -112,7 +121,7 @@ class Controller:
                 return
             started = time.monotonic()
             try:
-                outcome = reconcile(self.kube, cluster, self.events)
+                outcome = reconcile(self.kube, cluster, self.events, should_stop=self._stop.is_set)
             except ReconcileError as exc:
                 self._failed(cluster, tracked, exc)
                 raise
@@ -123,8 +132,7 @@ class Controller:
             metrics.RECONCILES.labels("ok").inc()
             log.info("reconciled %s/%s (generation %d, %s)%s", cluster.namespace, cluster.name, cluster.generation,
                      trigger, _summary(outcome))
-        tracked.due = 0.0
-        self._wake.set()
+        self._changed(tracked)
 
     # ---- the status thread --------------------------------------------------------------------
 
@@ -171,10 +179,13 @@ class Controller:
                     return
                 try:
                     if time.monotonic() >= tracked.due:
-                        settled = self._refresh(tracked)
-                        tracked.ready = settled
-                        interval = self.idle_status_interval if settled else self.status_interval
-                        tracked.due = time.monotonic() + interval
+                        changes = tracked.changes
+                        tracked.ready = self._refresh(tracked)
+                        # Idle once settled, or once nothing changed for a while (a stopped or failing
+                        # cluster); MN pod and ZStackCluster events bring it back at once.
+                        idle = tracked.ready or tracked.quiet >= 3
+                        interval = self.idle_status_interval if idle else self.status_interval
+                        tracked.due = 0.0 if tracked.changes != changes else time.monotonic() + interval
                     if time.monotonic() - tracked.last_reconcile >= self.resync_interval:
                         self._resync(tracked)
                 except Exception:  # a bug must not stop the status of every other cluster
@@ -192,19 +203,23 @@ class Controller:
         try:
             seen = observe(self.kube, cluster, self._pool)
             status = build_status(cluster, seen, state, previous)
-            if not same_status(status, previous):
+            if same_status(status, previous):
+                tracked.quiet += 1
+            else:
                 self.kube.patch_status("ZStackCluster", cluster.namespace, cluster.name, status, uid=cluster.uid)
                 metrics.STATUS_UPDATES.inc()
                 self._log_ring_change(cluster, previous, status)
+                tracked.quiet = 0
             tracked.written = status
         except ApiError as exc:
-            if exc.status in (404, 409):  # gone, or replaced by a new object of the same name
+            if exc.status in (404, 422):  # gone, or replaced by a new object of the same name
                 self.forget(body)
             else:
                 log.warning("cannot update the status of %s/%s: %s", cluster.namespace, cluster.name, exc)
             return False
         conditions = {c["type"]: c["status"] for c in status["conditions"]}
-        return conditions["Ready"] == "True" and conditions["Progressing"] == "False"
+        return (conditions["Ready"] == "True" and conditions["Progressing"] == "False"
+                and status["replicas"] == cluster.replicas)  # no terminating pod left either
 
     def _resync(self, tracked: Tracked) -> None:
         with contextlib.suppress(ReconcileError, Stopping):  # recorded in Degraded; tried again next time
@@ -275,3 +290,11 @@ def _generation(body: dict[str, Any]) -> int:
 
 def _key(body: dict[str, Any]) -> tuple[str, str]:
     return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What a user changes: spec, generation, labels, annotations (kopf's own excluded), deletion."""
+    meta = body["metadata"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if not k.startswith("operator.zstack.io/") and k != LAST_APPLIED}
+    return (meta.get("generation"), meta.get("labels"), annotations, meta.get("deletionTimestamp"), body.get("spec"))

@@ -14,10 +14,11 @@ from typing import Any
 import kopf
 
 from .cluster import GROUP, MANAGER, PLURAL, VERSION
-from .controller import Controller, Stopping
-from .reconcile import ReconcileError
+from .controller import Controller
+from .reconcile import ReconcileError, Stopping
 
 RETRY_DELAY = 5.0
+MN_POD_SELECTOR = f"app.kubernetes.io/managed-by={MANAGER},app.kubernetes.io/component=mn"
 MAX_RETRY_DELAY = 300.0
 
 
@@ -45,6 +46,8 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         settings.execution.max_workers = 8
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 30
+        # Watch only MN pods, filtered by the API server, not every pod in the cluster.
+        settings.watching.label_selectors["pods"] = MN_POD_SELECTOR
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def track(event: dict[str, Any], **_: Any) -> None:
@@ -53,8 +56,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         else:
             controller.track(event["object"])
 
-    @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": MANAGER,
-                                             "app.kubernetes.io/component": "mn"}, registry=registry)
+    @kopf.on.event("", "v1", "pods", registry=registry)
     def mn_pod_changed(event: dict[str, Any], **_: Any) -> None:
         pod = event["object"]["metadata"]
         cluster = (pod.get("labels") or {}).get("zstack.io/cluster")

@@ -14,6 +14,7 @@ from .cluster import MANAGER
 
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 TIMEOUT = 10.0
 
 # kind -> (apiVersion, plural) of everything the operator creates or reads.
@@ -121,9 +122,10 @@ class Kube:
         return True
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any], uid: str) -> dict[str, Any]:
-        """Merge-patch the status subresource of the object with this uid (409 if the name now holds another)."""
-        return self.request("PATCH", path(kind, namespace, name, "status"),
-                            body={"metadata": {"uid": uid}, "status": status}, content_type=MERGE_PATCH)
+        """Replace the status of the object with this uid; 422 when the name now holds another object."""
+        patch = [{"op": "test", "path": "/metadata/uid", "value": uid},
+                 {"op": "add", "path": "/status", "value": status}]
+        return self.request("PATCH", path(kind, namespace, name, "status"), body=patch, content_type=JSON_PATCH)
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

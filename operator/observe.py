@@ -56,15 +56,24 @@ def observe(kube: Kube, cluster: Cluster, pool: ThreadPoolExecutor) -> Observati
 
 
 def fetch_ring(pod: dict[str, Any], port: int) -> dict[str, Any] | None:
-    """The MN's view of the ring, or None when it does not answer (not started, gone, or unreachable)."""
+    """The MN's view of the ring, or None when it does not answer (not started, gone, or unreachable).
+
+    A ready MN gets a second try, so one slow answer on a busy node does not flap the status."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/v1/cluster/ring", timeout=RING_TIMEOUT) as response:
-            return json.load(response)
-    except (OSError, ValueError):
-        return None
+    for _ in range(2 if _ready(pod) else 1):
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{port}/v1/cluster/ring", timeout=RING_TIMEOUT) as response:
+                return json.load(response)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def agreed_ring(pods: list[MnPod]) -> tuple[list[dict[str, str]], bool, int]:
@@ -86,7 +95,7 @@ def agreed_ring(pods: list[MnPod]) -> tuple[list[dict[str, str]], bool, int]:
 
 def _mn_pod(pod: dict[str, Any], ring: dict[str, Any] | None) -> MnPod:
     status = pod.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ready = _ready(pod)
     failure = None
     for container in status.get("containerStatuses") or []:
         waiting = (container.get("state") or {}).get("waiting") or {}

@@ -10,6 +10,7 @@ the ZStackCluster lets the garbage collector remove them all (PVCs of managed da
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from .kubeapi import ApiError, Kube
 
 log = logging.getLogger(__name__)
 MONITORING = "monitoring.coreos.com/v1"
+
+
+class Stopping(Exception):
+    """This replica no longer leads (or is shutting down): the next leader reconciles."""
 
 
 class ReconcileError(Exception):
@@ -68,15 +73,19 @@ def optional_children(cluster: Cluster) -> list[tuple[str, str]]:
             ("StatefulSet", cluster.child("postgresql")), ("Service", cluster.child("postgresql"))]
 
 
-def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder) -> Outcome:
+def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder,
+              should_stop: Callable[[], bool] = lambda: False) -> Outcome:
     """Apply the desired children, create missing Secrets, prune what the spec turned off.
 
     A child that fails does not stop the others (a broken managed database must not block `kubectl scale`);
-    the failures are raised together at the end."""
+    the failures are raised together at the end. `should_stop` is asked before every write: once this
+    replica stops leading, not one more child is written."""
     outcome = Outcome()
     failures: list[tuple[str, str, ApiError]] = []
 
     def attempt(kind: str, name: str, call: Any, *args: Any) -> Any:
+        if should_stop():
+            raise Stopping
         try:
             return call(*args)
         except ApiError as exc:
@@ -88,13 +97,13 @@ def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder) -> Outcome:
         if attempt("Secret", secret["metadata"]["name"], kube.create_once, secret):
             outcome.created.append(f"Secret {secret['metadata']['name']}")
 
-    before = _get(kube, "StatefulSet", cluster, cluster.mn)
+    before = attempt("StatefulSet", cluster.mn, kube.get, "StatefulSet", cluster.namespace, cluster.mn)
     wanted = desired_children(cluster, monitoring)
     for obj in wanted:
         attempt(obj["kind"], obj["metadata"]["name"], kube.apply, obj)
-    if before is None:
+    if before is None and not failures:
         outcome.created.append(f"StatefulSet {cluster.mn} with its ConfigMap, Services and RBAC")
-    elif (old := int(before["spec"].get("replicas", 1))) != cluster.replicas:
+    elif before is not None and (old := int(before["spec"].get("replicas", 1))) != cluster.replicas:
         outcome.scaled = (old, cluster.replicas)
 
     keep = {(o["kind"], o["metadata"]["name"]) for o in wanted}
@@ -140,10 +149,3 @@ def _monitoring_apis(kube: Kube, cluster: Cluster, outcome: Outcome) -> dict[str
 
 def _owned(obj: dict[str, Any], cluster: Cluster) -> bool:
     return any(ref.get("uid") == cluster.uid for ref in obj["metadata"].get("ownerReferences") or [])
-
-
-def _get(kube: Kube, kind: str, cluster: Cluster, name: str) -> dict[str, Any] | None:
-    try:
-        return kube.get(kind, cluster.namespace, name)
-    except ApiError as exc:
-        raise ReconcileError([(kind, name, exc)]) from None

@@ -291,6 +291,17 @@ def test_managed_storage_cannot_change_once_created(ns: Namespace) -> None:
     expect_accepted(ns, {"replicas": 5, "database": {"managed": {"storage": {"size": "1Gi"}}}})
 
 
+@pytest.mark.parametrize("backend", ["broker", "database"])
+def test_a_managed_backend_cannot_become_external_in_place(ns: Namespace, backend: str) -> None:
+    expect_accepted(ns, {})
+    switch = [{"op": "remove", "path": f"/spec/{backend}/managed"},
+              {"op": "add", "path": f"/spec/{backend}/external", "value": {"secretRef": {"name": "mine"}}}]
+    proc = ns.kubectl("patch", "zsc", "demo", "--type=json", "-p", json.dumps(switch), check=False)
+    assert proc.returncode != 0
+    assert f"spec.{backend}: a managed" in proc.stderr and "Back up its data" in proc.stderr
+    assert "managed" in ns.get()["spec"][backend]
+
+
 def test_scale_subresource_sets_spec_replicas(ns: Namespace) -> None:
     expect_accepted(ns, {})
     out = ns.kubectl("scale", "zsc/demo", "--replicas=5").stdout
