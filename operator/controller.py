@@ -205,6 +205,8 @@ class Controller:
             status = build_status(cluster, seen, state, previous)
             if same_status(status, previous):
                 tracked.quiet += 1
+            elif self._stop.is_set():
+                return False  # no longer leading: observing took a while, do not write now
             else:
                 self.kube.patch_status("ZStackCluster", cluster.namespace, cluster.name, status, uid=cluster.uid)
                 metrics.STATUS_UPDATES.inc()
