@@ -59,6 +59,9 @@ CHILDREN = [
 # Children whose status a Kubernetes controller writes (the StatefulSet and disruption controllers): their
 # resourceVersion moves without the operator, so its own writes show in their generation and managedFields.
 STATUS_WRITTEN = ("StatefulSet/demo-mn", "PodDisruptionBudget/demo-mn")
+# Leader election of every operator here: room for a few slow Lease calls on a busy host, since a leader that
+# misses its renew deadline exits (nothing restarts it in a test). Tests may pass tighter values (later win).
+LEASE_ARGS = ("--lease-duration", "8", "--renew-deadline", "5", "--retry-period", "1")
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +140,7 @@ class OperatorProcess:
         argv = [sys.executable, "-m", "zstack_operator", "--all-namespaces",
                 "--http-bind", "127.0.0.1", "--http-port", str(self.port),
                 "--leader-election-namespace", OPERATOR_NS,
-                "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5", *self.args]
+                *LEASE_ARGS, *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
         env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:
@@ -263,6 +266,21 @@ def operator(operator_factory: OperatorFactory) -> OperatorProcess:
 # ---- one ZStackCluster per test ---------------------------------------------------------------------
 
 
+class KubectlFailed(KeyError):
+    """A kubectl read failed, e.g. an API server timeout on a busy host. A KeyError, so `wait_for` retries it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def kubectl_read(cluster: KubeCluster, *args: str) -> str:
+    """The output of `kubectl args`; KubectlFailed (with kubectl's error) when it fails."""
+    proc = cluster.kubectl(*args, check=False)
+    if proc.returncode != 0:
+        raise KubectlFailed(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}")
+    return proc.stdout
+
+
 @dataclass
 class Zsc(InNamespace):
     """The namespace of one test, its ZStackCluster `demo` and ways to look at what the operator made."""
@@ -271,9 +289,20 @@ class Zsc(InNamespace):
     operators: OperatorFactory = field(repr=False)
     name: str = CLUSTER
 
+    def read(self, *args: str) -> str:
+        """The output of `kubectl -n NS args`; KubectlFailed when it fails (`wait_for` retries that)."""
+        return kubectl_read(self.cluster, "-n", self.ns, *args)
+
+    def get(self, kind: str, name: str = "", selector: str = "") -> Any:
+        """The object (or list) as JSON; None only when the named object does not exist (KubectlFailed when
+        kubectl fails, so a failed read inside `wait_for` is retried, never taken for "absent")."""
+        args = ["get", kind, *([name, "--ignore-not-found"] if name else []), "-o", "json",
+                *(["-l", selector] if selector else [])]
+        out = self.read(*args)
+        return json.loads(out) if out.strip() else None
+
     def exists(self, kind: str, name: str) -> bool:
-        out = self.kubectl("get", kind, name, "--ignore-not-found", "-o", "name")
-        return bool(out.strip())
+        return bool(self.read("get", kind, name, "--ignore-not-found", "-o", "name").strip())
 
     # ---- the ZStackCluster -------------------------------------------------------------------
 
@@ -342,7 +371,7 @@ class Zsc(InNamespace):
     def children(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """The existing ones of `names` ("Kind/name", default CHILDREN) by "Kind/name"."""
         wanted = names or CHILDREN
-        out = self.kubectl("get", *[n.lower() for n in wanted], "--ignore-not-found", "-o", "json")
+        out = self.read("get", *[n.lower() for n in wanted], "--ignore-not-found", "-o", "json")
         items = json.loads(out)["items"] if out.strip() else []
         return {f"{item['kind']}/{item['metadata']['name']}": item for item in items}
 
@@ -434,8 +463,9 @@ class Zsc(InNamespace):
         cr = self.kubectl("get", "zsc", self.name, "-o", "yaml", check=False)
         objects = self.kubectl("get", "statefulsets,pods,leases", "-o", "wide", check=False)
         events = self.kubectl("get", "events", "--sort-by=.lastTimestamp", check=False)
+        pods = (super().get("pods", selector=MN_SELECTOR) or {}).get("items") or []  # None if kubectl fails
         mns = "\n".join(f"--- {p['metadata']['name']} log (tail)\n{self.log(p['metadata']['name'])[-1500:]}"
-                        for p in self.pods())
+                        for p in pods)
         return f"--- ZStackCluster\n{cr}\n{objects}\n--- events\n{events[-3000:]}\n{mns}\n{self.operators.logs()}"
 
 

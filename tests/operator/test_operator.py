@@ -12,7 +12,7 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -32,6 +32,7 @@ from tests.operator.conftest import (
     OperatorProcess,
     Zsc,
     kubeconfig_via,
+    kubectl_read,
     printer_columns,
 )
 
@@ -40,6 +41,8 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 STATUS_INTERVAL = 1.0  # the operator's --status-interval default
 QUIET = 4 * STATUS_INTERVAL  # how long "nothing happens" is watched for
 MN_LEASE_DURATION = 5.0  # spec.node.leaseDurationSeconds default; MN Leases renew every heartbeat (1 s)
+# The cut-off leader of the HA test gives up 3 s after its last renewal (the standby keeps the roomy defaults).
+TIGHT_LEASE = ("--lease-duration", "6", "--renew-deadline", "3", "--retry-period", "0.5")
 
 
 def assert_owned(key: str, obj: dict[str, Any], cr: dict[str, Any]) -> None:
@@ -179,8 +182,8 @@ def test_deleting_the_cluster_deletes_every_child(operator: OperatorProcess, zsc
     wait_children_gone(zsc, CHILDREN)
     zsc.wait_pods_gone()
     assert not zsc.exists("zsc", CLUSTER)
-    wait_for("the MN Leases to go", lambda: not zsc.kubectl("get", "leases", "-l", f"zstack.io/cluster={CLUSTER}",
-                                                             "-o", "name").strip(), TIMEOUT, interval=0.5)
+    wait_for("the MN Leases to go", lambda: not zsc.read("get", "leases", "-l", f"zstack.io/cluster={CLUSTER}",
+                                                          "-o", "name").strip(), TIMEOUT, interval=0.5)
 
 
 # ---- pause, restart, HA -----------------------------------------------------------------------------
@@ -191,13 +194,17 @@ def test_pause_freezes_every_child_until_resumed(operator: OperatorProcess, zsc:
     zsc.wait_condition("Ready")
     before = zsc.settled("the children", zsc.writes)
 
-    zsc.patch({"metadata": {"annotations": {PAUSE: "true"}}})
-    zsc.wait_condition("ReconciliationPaused", "True")
+    # The status thread may show ReconciliationPaused before a reconcile saw the annotation: the skipped
+    # reconciles (reconciles_total{result="paused"}) tell when the operator itself acted on it.
     paused = operator.reconciles("paused")
-    zsc.scale(4)
+    zsc.patch({"metadata": {"annotations": {PAUSE: "true"}}})
+    wait_skipped(operator, paused, "the annotation", zsc)
+    paused = zsc.settled('reconciles_total{result="paused"}', lambda: operator.reconciles("paused"))
+    zsc.wait_condition("ReconciliationPaused", "True")
+    # The ConfigMap goes first, so the reconcile that the scale triggers would recreate it if not paused.
     zsc.kubectl("delete", "configmap", "demo-mn-config")
-    wait_for("the operator to see the change and skip it (reconciles_total{result=paused} to grow)",
-             lambda: operator.reconciles("paused") > paused, TIMEOUT, interval=0.2, info=zsc.describe)
+    zsc.scale(4)
+    wait_skipped(operator, paused, "the scale", zsc)
     time.sleep(QUIET)
     assert zsc.statefulset()["spec"]["replicas"] == 2, "a paused cluster was scaled"
     assert not zsc.exists("configmap", "demo-mn-config"), "a paused cluster's ConfigMap was recreated"
@@ -211,6 +218,12 @@ def test_pause_freezes_every_child_until_resumed(operator: OperatorProcess, zsc:
              interval=0.2, info=zsc.describe)
     assert_owned("ConfigMap/demo-mn-config", zsc.get("configmap", "demo-mn-config"), zsc.cr())
     zsc.wait_condition("ReconciliationPaused", "False")
+
+
+def wait_skipped(operator: OperatorProcess, paused: float, change: str, zsc: Zsc) -> None:
+    """Wait until the operator skipped a reconcile of `change` (reconciles_total{result="paused"} > `paused`)."""
+    wait_for(f'the operator to see {change} and skip it (reconciles_total{{result="paused"}} > {paused:g})',
+             lambda: operator.reconciles("paused") > paused, TIMEOUT, interval=0.2, info=zsc.describe)
 
 
 def test_an_operator_restart_rewrites_no_child(operator: OperatorProcess, operator_factory: OperatorFactory,
@@ -273,8 +286,8 @@ def test_steady_state_writes_nothing_while_resyncs_and_mn_lease_renewals_run(
 
 
 def leader_lease(zsc: Zsc) -> dict[str, Any]:
-    """The operator's leader Lease."""
-    return json.loads(zsc.cluster.kubectl("-n", OPERATOR_NS, "get", "lease", LEADER_LEASE, "-o", "json").stdout)
+    """The operator's leader Lease (KubectlFailed, which `wait_for` retries, when it cannot be read)."""
+    return json.loads(kubectl_read(zsc.cluster, "-n", OPERATOR_NS, "get", "lease", LEADER_LEASE, "-o", "json"))
 
 
 def lease_time(value: str) -> datetime:
@@ -286,8 +299,10 @@ def test_a_leader_cut_off_from_the_api_server_exits_before_the_standby_leads(
         operator_factory: OperatorFactory, operator_rbac: Path, api_proxy: TcpProxy, zsc: Zsc, tmp_path: Path) -> None:
     """The leader reaches the API server through a proxy that is then black-holed. It must give up its
     leadership by exiting (status 1) before the standby's takeover, so that two operators never write at
-    once; the standby then reconciles."""
-    leader = operator_factory(kubeconfig=kubeconfig_via(operator_rbac, api_proxy, tmp_path / "proxied-kubeconfig"))
+    once; the standby then reconciles. Both times compared come from the processes themselves (the leader's
+    last log line, the standby's acquireTime), so a stall of this test cannot bend the order."""
+    proxied = kubeconfig_via(operator_rbac, api_proxy, tmp_path / "proxied-kubeconfig")
+    leader = operator_factory(*TIGHT_LEASE, kubeconfig=proxied)
     leader.wait_leading()
     standby = operator_factory()
     standby.wait_healthy()
@@ -302,11 +317,11 @@ def test_a_leader_cut_off_from_the_api_server_exits_before_the_standby_leads(
     assert not standby.leading(), f"both operators lead:\n{standby.log()[-3000:]}"
 
     api_proxy.cut()
-    wait_for("the cut-off leader to exit", lambda: not leader.running(), 60, interval=0.02,
+    wait_for("the cut-off leader to exit", lambda: not leader.running(), 60, interval=0.2,
              info=lambda: leader.log()[-3000:])
-    exited_at = datetime.now(UTC)  # at most one poll after the exit
     assert leader.proc.returncode == 1, f"exit status {leader.proc.returncode}:\n{leader.log()[-3000:]}"
-    assert "lost the leader Lease" in leader.log(), leader.log()[-3000:]
+    lost = leader.logged_at("lost the leader Lease")  # written by the leader just before it exits
+    assert lost is not None, f"the leader did not log 'lost the leader Lease':\n{leader.log()[-3000:]}"
 
     standby.wait_leading()
     new_identity = standby.identity()
@@ -317,8 +332,9 @@ def test_a_leader_cut_off_from_the_api_server_exits_before_the_standby_leads(
 
     lease = wait_for("the standby to hold the leader Lease", taken_over, 60, interval=0.2)
     acquired = lease_time(lease["spec"]["acquireTime"])
-    assert acquired > exited_at, f"the standby took the Lease at {acquired}, the leader exited at {exited_at}"
-    lost, led = leader.logged_at("lost the leader Lease"), standby.logged_at("leading as")
+    gave_up = lost.astimezone(UTC) + timedelta(milliseconds=1)  # local asctime, cut to the millisecond
+    assert acquired > gave_up, f"the standby took the Lease at {acquired}, before the leader gave up at {gave_up}"
+    led = standby.logged_at("leading as")
     assert lost < led, f"the standby led at {led}, before the leader gave up at {lost}"
 
     zsc.scale(2)
@@ -380,19 +396,21 @@ def test_managed_mode_makes_complete_broker_and_database_manifests(operator: Ope
 def test_a_node_setting_change_reaches_the_configmap_and_rolls_the_pods(operator: OperatorProcess,
                                                                           zsc: Zsc) -> None:
     zsc.apply(replicas=1)
-    wait_for("the ConfigMap and StatefulSet", lambda: len(zsc.children(["ConfigMap/demo-mn-config",
-                                                                         "StatefulSet/demo-mn"])) == 2,
-             TIMEOUT, interval=0.2, info=zsc.describe)
-    config = zsc.get("configmap", "demo-mn-config")["data"]
-    template = zsc.statefulset()["spec"]["template"]
+    children = wait_for("the ConfigMap and StatefulSet",
+                        lambda: all_children(zsc, ["ConfigMap/demo-mn-config", "StatefulSet/demo-mn"]),
+                        TIMEOUT, interval=0.2, info=zsc.describe)
+    config = children["ConfigMap/demo-mn-config"]["data"]
+    template = children["StatefulSet/demo-mn"]["spec"]["template"]
 
     zsc.patch({"spec": {"node": {"heartbeatTimeoutSeconds": 6}}})
-    new_config = wait_changed("the ConfigMap", lambda: zsc.get("configmap", "demo-mn-config")["data"], config, zsc)
+    new_config = wait_changed("the ConfigMap", lambda: (zsc.get("configmap", "demo-mn-config") or {})["data"],
+                              config, zsc)
     changed = {k: (config.get(k), new_config.get(k)) for k in config.keys() | new_config.keys()
                if config.get(k) != new_config.get(k)}
     assert changed == {"ZSTACK_HEARTBEAT_TIMEOUT": ("4", "6")}
 
-    new_template = wait_changed("the pod template", lambda: zsc.statefulset()["spec"]["template"], template, zsc)
+    new_template = wait_changed("the pod template", lambda: (zsc.statefulset() or {})["spec"]["template"],
+                                template, zsc)
     old_notes, new_notes = (t["metadata"].get("annotations") or {} for t in (template, new_template))
     assert old_notes != new_notes, "the pod template's annotations (the config hash) did not change"
     cr = wait_for("status.observedGeneration to catch up", lambda: observed(zsc), TIMEOUT, interval=0.2,
