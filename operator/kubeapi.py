@@ -102,9 +102,8 @@ class Kube:
 
     def create_once(self, obj: dict[str, Any]) -> bool:
         """Create `obj` unless it exists (never overwrite: it may hold generated secrets). True if created."""
-        meta = obj["metadata"]
         try:
-            self.request("POST", path(obj["kind"], meta["namespace"]), body=obj, query={"fieldManager": MANAGER})
+            self.create(obj)
         except ApiError as exc:
             if exc.status == 409:
                 return False
@@ -128,8 +127,8 @@ class Kube:
         return self.request("PATCH", path(kind, namespace, name, "status"), body=patch, content_type=JSON_PATCH)
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        meta = obj["metadata"]
-        return self.request("POST", path(obj["kind"], meta["namespace"]), body=obj)
+        return self.request("POST", path(obj["kind"], obj["metadata"]["namespace"]), body=obj,
+                            query={"fieldManager": MANAGER})
 
     def has_api(self, api_version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in `api_version` (e.g. a CRD such as ServiceMonitor)."""

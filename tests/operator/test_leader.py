@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -217,41 +216,38 @@ def test_a_leader_that_stops_renewing_is_replaced_only_after_the_lease_duration(
 
 @pytest.mark.k8s
 def test_a_leader_cut_off_from_the_api_server_steps_down_before_the_standby_takes_over(
-        devcluster: KubeCluster, namespace: str, replicas: list[Replica], caplog: pytest.LogCaptureFixture) -> None:
+        devcluster: KubeCluster, namespace: str, replicas: list[Replica], api_proxy: TcpProxy,
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    upstream = re.fullmatch(r"https://([^:/]+):(\d+)/?", devcluster.api_client().configuration.host).groups()
-    proxy = TcpProxy((upstream[0], int(upstream[1])))
-    try:
-        via_proxy = devcluster.api_client()
-        via_proxy.configuration.host = f"https://{proxy.address[0]}:{proxy.address[1]}"
-        a = Replica(elector(via_proxy, namespace, "replica-a"))
-        b = Replica(elector(devcluster.api_client(), namespace, "replica-b"))
-        replicas += [a, b]
-        with Sampler(a, b) as sampler:
-            a.start()
-            wait_for("replica-a to lead", lambda: a.elector.is_leader, 30)
-            b.start()
-            wait_for("replica-b to see replica-a holding the Lease", lambda: b.elector.holder() == a.identity, 30)
-            proxy.cut()  # replica-a's renewals now hang until their timeout
-            wait_for("replica-b to take over", lambda: b.elector.is_leader, 30)
-            wait_for("replica-a to report the loss", lambda: a.stopped, 30)
-        assert not sampler.overlaps(), f"both led at once: {sampler.overlaps()[:3]}"
-        last_a = max(t for t, a_leads, _ in sampler.samples if a_leads)
-        first_b = min(t for t, _, b_leads in sampler.samples if b_leads)
-        assert last_a < first_b
-        assert a.stopped[0] < b.started[0], "replica-a reported its loss only after replica-b started leading"
-        assert f"lost the Lease {namespace}/{DEFAULT_NAME}: no renewal succeeded within {RENEW:g} s" \
-            in messages(caplog)
-        errors = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING
-                  and "retrying" in r.getMessage()]
-        assert errors and all(r.exc_info is None and "\n" not in r.getMessage() for r in errors)
-        assert lease(devcluster, namespace)["holderIdentity"] == b.identity
-        # Reconnected, the old leader waits as a standby.
-        proxy.heal()
-        wait_for("replica-a to see replica-b holding the Lease", lambda: a.elector.holder() == b.identity, 30)
-        assert not a.elector.is_leader and len(a.started) == 1
-    finally:
-        proxy.close()
+    proxy = api_proxy
+    via_proxy = devcluster.api_client()
+    via_proxy.configuration.host = f"https://{proxy.address[0]}:{proxy.address[1]}"
+    a = Replica(elector(via_proxy, namespace, "replica-a"))
+    b = Replica(elector(devcluster.api_client(), namespace, "replica-b"))
+    replicas += [a, b]
+    with Sampler(a, b) as sampler:
+        a.start()
+        wait_for("replica-a to lead", lambda: a.elector.is_leader, 30)
+        b.start()
+        wait_for("replica-b to see replica-a holding the Lease", lambda: b.elector.holder() == a.identity, 30)
+        proxy.cut()  # replica-a's renewals now hang until their timeout
+        wait_for("replica-b to take over", lambda: b.elector.is_leader, 30)
+        wait_for("replica-a to report the loss", lambda: a.stopped, 30)
+    assert not sampler.overlaps(), f"both led at once: {sampler.overlaps()[:3]}"
+    last_a = max(t for t, a_leads, _ in sampler.samples if a_leads)
+    first_b = min(t for t, _, b_leads in sampler.samples if b_leads)
+    assert last_a < first_b
+    assert a.stopped[0] < b.started[0], "replica-a reported its loss only after replica-b started leading"
+    assert f"lost the Lease {namespace}/{DEFAULT_NAME}: no renewal succeeded within {RENEW:g} s" \
+        in messages(caplog)
+    errors = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING
+              and "retrying" in r.getMessage()]
+    assert errors and all(r.exc_info is None and "\n" not in r.getMessage() for r in errors)
+    assert lease(devcluster, namespace)["holderIdentity"] == b.identity
+    # Reconnected, the old leader waits as a standby.
+    proxy.heal()
+    wait_for("replica-a to see replica-b holding the Lease", lambda: a.elector.holder() == b.identity, 30)
+    assert not a.elector.is_leader and len(a.started) == 1
 
 
 @pytest.mark.k8s
