@@ -1,5 +1,5 @@
 """The operator on the devcluster: the ZStackCluster CRD, the operator running as its own ServiceAccount
-(proving operator/manifests/rbac.yaml is enough), and one ZStackCluster `demo` per test in external mode
+(proving the Helm chart's RBAC is enough), and one ZStackCluster `demo` per test in external mode
 against the session's RabbitMQ and PostgreSQL.
 """
 
@@ -25,6 +25,7 @@ import yaml
 
 from devcluster.layout import Layout
 from devcluster.ports import free_port
+from tests.fixtures.chart import render
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import (
     InNamespace,
@@ -39,9 +40,10 @@ from tests.k8s.conftest import (
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "zstackcluster.yaml"
-RBAC = REPO / "operator" / "manifests" / "rbac.yaml"
 OPERATOR_NS = "zstack-system"
-OPERATOR_SA = "zstack-operator"
+# The chart's ServiceAccount and RBAC, rendered for a release of this name (a `make demo` release on the same
+# devcluster is called zstack-operator: distinct names keep the two apart).
+OPERATOR_RELEASE = OPERATOR_SA = "zstack-operator-e2e"
 CLUSTER = "demo"
 MN_SELECTOR = f"app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component=mn"
 PAUSE = "zstack.io/pause-reconciliation"
@@ -90,10 +92,12 @@ def crd(devcluster: KubeCluster) -> None:
 
 @pytest.fixture(scope="session")
 def operator_rbac(devcluster: KubeCluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A kubeconfig of the ServiceAccount zstack-system/zstack-operator, bound by operator/manifests/rbac.yaml."""
+    """A kubeconfig of the chart's ServiceAccount in zstack-system, bound by the chart's RBAC (cluster-wide)."""
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}
     devcluster.kubectl("apply", "-f", "-", input=json.dumps(namespace))
-    devcluster.kubectl("apply", "-f", str(RBAC))
+    rbac = render(OPERATOR_RELEASE, OPERATOR_NS,
+                  show_only=("templates/serviceaccount.yaml", "templates/rbac.yaml"))
+    devcluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     token = devcluster.kubectl("create", "token", OPERATOR_SA, "-n", OPERATOR_NS,
                                "--duration=2h").stdout.strip()
     admin = yaml.safe_load(devcluster.kubeconfig.read_text())

@@ -1,0 +1,111 @@
+{{/* The release's full name: the release name, or "<release>-zstack-operator" when it lacks the chart name. */}}
+{{- define "zstack-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels that select the operator's pods (immutable once installed). */}}
+{{- define "zstack-operator.selectorLabels" -}}
+app.kubernetes.io/name: zstack-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "zstack-operator.labels" -}}
+{{ include "zstack-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "zstack-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "zstack-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "zstack-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The rights the operator needs in every namespace it watches, and nothing more: one list, used by the
+ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's e2e tests run it with these.
+  - ZStackClusters: watch them, write their status; kopf keeps its progress in their annotations (patch).
+  - Children it creates and owns: StatefulSets, Services, ConfigMaps, ServiceAccounts, Roles, RoleBindings,
+    PodDisruptionBudgets, ServiceMonitors/PodMonitors. Server-side apply is a patch; pruning a child that a
+    spec turned off is get + delete.
+  - Secrets: create (generated credentials) only. It never reads, lists or updates a Secret: MN pods take
+    URLs and tokens from them by secretKeyRef.
+  - Pods: list and watch (status: readiness and the MNs' rings; a pod event refreshes it); Events: create.
+  - Leases: the MN Role grants Lease access, which RBAC lets the operator grant only if it holds that access
+    itself (no "escalate" verb). Same for "get" on pods.
+*/}}
+{{- define "zstack-operator.namespacedRules" -}}
+- apiGroups: ["zstack.io"]
+  resources: ["zstackclusters"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["zstack.io"]
+  resources: ["zstackclusters/status"]
+  verbs: ["patch"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors", "podmonitors"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps", "serviceaccounts"]
+  verbs: ["create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
+{{- end -}}
+
+{{/* kopf lists and watches CRDs to notice resources appearing and going: cluster-scoped in both modes. */}}
+{{- define "zstack-operator.crdRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end -}}
+
+{{/* Values the schema cannot check (relations between fields): fail with a message naming them. */}}
+{{- define "zstack-operator.validate" -}}
+{{- $le := .Values.leaderElection -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not $le.enabled) -}}
+{{- fail (printf "replicaCount is %d but leaderElection.enabled is false: several replicas would reconcile at once; enable leader election or set replicaCount to 1" (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- if $le.enabled -}}
+{{- if not (lt (float64 $le.renewDeadline) (float64 $le.leaseDuration)) -}}
+{{- fail (printf "leaderElection.renewDeadline (%v) must be less than leaderElection.leaseDuration (%v)" $le.renewDeadline $le.leaseDuration) -}}
+{{- end -}}
+{{- if not (lt (float64 $le.retryPeriod) (float64 $le.renewDeadline)) -}}
+{{- fail (printf "leaderElection.retryPeriod (%v) must be less than leaderElection.renewDeadline (%v)" $le.retryPeriod $le.renewDeadline) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- fail "podDisruptionBudget.enabled needs replicaCount of 2 or more: with one replica a PDB would block every node drain" -}}
+{{- end -}}
+{{- end -}}

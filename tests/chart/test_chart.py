@@ -1,0 +1,196 @@
+"""charts/zstack-operator without a cluster: helm lint, helm template for every toggle, the values schema, and
+the files it shares with the rest of the tree (CRDs, dashboards)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.chart import CHART, REPO, helm, render, values_args
+
+# Every optional template turned on (a PDB needs two replicas).
+ALL_TOGGLES: dict[str, Any] = {
+    "replicaCount": 2,
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "podMonitor": {"enabled": True}},
+    "dashboards": {"enabled": True, "namespace": "monitoring"},
+    "podDisruptionBudget": {"enabled": True},
+    "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+}
+NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples granted by a list of RBAC rules."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(docs)["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+# ---- one source of truth -----------------------------------------------------------------------------
+
+
+def test_chart_crds_are_the_top_level_crds() -> None:
+    top = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert chart == top, "charts/zstack-operator/crds/ must hold exactly crds/*.yaml: run `make chart-files`"
+    for name in top:
+        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
+            f"charts/zstack-operator/crds/{name} differs from crds/{name}: run `make chart-files`")
+
+
+def test_chart_dashboards_are_the_top_level_dashboards() -> None:
+    top = sorted(p.name for p in (REPO / "dashboards").glob("*.json"))
+    assert top, "dashboards/*.json is empty"
+    chart = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert chart == top, "charts/zstack-operator/dashboards/ must equal dashboards/*.json: run `make chart-files`"
+    for name in top:
+        assert (CHART / "dashboards" / name).read_bytes() == (REPO / "dashboards" / name).read_bytes(), (
+            f"charts/zstack-operator/dashboards/{name} differs from dashboards/{name}: run `make chart-files`")
+
+
+def test_chart_version_follows_the_project() -> None:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == version
+
+
+# ---- lint and template ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [{}, ALL_TOGGLES, NAMESPACED], ids=["defaults", "all-toggles", "namespaced"])
+def test_helm_lint_is_clean(values: dict[str, Any]) -> None:
+    proc = helm("lint", "--strict", str(CHART), *values_args(values), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def test_defaults_render_a_locked_down_operator_watching_every_namespace() -> None:
+    docs = render()
+    kinds = by_kind(docs)
+    assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                          "Deployment", "Service"}
+    container = operator_container(docs)
+    assert container["command"] == ["zstack-operator"]
+    assert "--all-namespaces" in container["args"] and "--leader-election" in container["args"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    pod = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["serviceAccountName"] == "zstack-operator"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    (service,) = kinds["Service"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert service["spec"]["selector"] == kinds["Deployment"][0]["spec"]["selector"]["matchLabels"]
+
+
+def test_every_toggle_renders_its_object() -> None:
+    kinds = by_kind(render(values=ALL_TOGGLES))
+    for kind in ("ServiceMonitor", "PodMonitor", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"):
+        assert kind in kinds, f"{kind} missing with every toggle on"
+    (monitor,) = kinds["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    (dashboards,) = kinds["ConfigMap"]
+    assert dashboards["metadata"]["namespace"] == "monitoring"
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    files = sorted(p.name for p in (REPO / "dashboards").glob("*.json"))
+    assert sorted(dashboards["data"]) == files
+    for name, text in dashboards["data"].items():
+        assert json.loads(text) == json.loads((REPO / "dashboards" / name).read_text())
+    (policy,) = kinds["NetworkPolicy"]
+    assert policy["spec"]["ingress"][0]["from"] == ALL_TOGGLES["networkPolicy"]["metricsFrom"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 443, 6443, 8080} <= egress_ports
+
+
+def test_dashboards_label_is_configurable() -> None:
+    values = {"dashboards": {"enabled": True, "labels": {"grafana_dashboard": "zstack"}}}
+    (configmap,) = by_kind(render(values=values))["ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "zstack"
+    assert configmap["metadata"]["namespace"] == "zstack-system"
+
+
+def test_namespaced_watching_grants_the_same_rights_only_in_the_named_namespaces() -> None:
+    cluster_wide = by_kind(render())
+    namespaced = by_kind(render(values=NAMESPACED))
+    (cluster_role,) = cluster_wide["ClusterRole"]
+    everything = rule_set(cluster_role["rules"])
+    crd_only = {r["metadata"]["name"]: rule_set(r["rules"]) for r in namespaced["ClusterRole"]}
+    assert crd_only == {"zstack-operator-crds": {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+                                                 ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}}
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): rule_set(r["rules"]) for r in namespaced["Role"]}
+    for ns in NAMESPACED["watchNamespaces"]:
+        assert roles[(ns, "zstack-operator")] | crd_only["zstack-operator-crds"] == everything
+        (binding,) = [b for b in namespaced["RoleBinding"] if b["metadata"]["namespace"] == ns]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "zstack-operator",
+                                        "namespace": "zstack-system"}]
+    assert roles[("zstack-system", "zstack-operator-leader-election")] == {
+        ("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
+    args = operator_container(render(values=NAMESPACED))["args"]
+    assert "--all-namespaces" not in args
+    assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def test_operator_secrets_access_is_create_only() -> None:
+    rules = rule_set(by_kind(render())["ClusterRole"][0]["rules"])
+    assert {v for g, r, v in rules if r == "secrets"} == {"create"}, "the operator must never read Secrets"
+
+
+def test_leader_election_settings_reach_the_operator() -> None:
+    values = {"leaderElection": {"leaseDuration": 20, "renewDeadline": 12, "retryPeriod": 3}, "logLevel": "debug"}
+    args = operator_container(render(values=values))["args"]
+    for arg in ("--lease-duration=20", "--renew-deadline=12", "--retry-period=3", "--log-level=debug"):
+        assert arg in args
+    off = operator_container(render(values={"leaderElection": {"enabled": False}}))["args"]
+    assert "--no-leader-election" in off and not any(a.startswith("--lease-duration") for a in off)
+
+
+def test_image_tag_defaults_to_the_app_version() -> None:
+    assert operator_container(render())["image"] == "zstack-operator:0.1.0"
+    custom = {"image": {"repository": "registry.example.com/zstack-operator", "tag": "0.2.0"}}
+    assert operator_container(render(values=custom))["image"] == "registry.example.com/zstack-operator:0.2.0"
+
+
+# ---- bad values fail, naming the field ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"replicaCount": -1}, "replicaCount"),
+    ({"replicas": 2}, "replicas"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+    ({"metrics": {"port": 70000}}, "port"),
+    ({"logLevel": "verbose"}, "logLevel"),
+    ({"leaderElection": {"leaseDuration": "15s"}}, "leaseDuration"),
+    ({"dashboards": {"labels": {"grafana_dashboard": 1}}}, "grafana_dashboard"),
+    ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
+    ({"leaderElection": {"renewDeadline": 15}}, "leaderElection.renewDeadline"),
+    ({"leaderElection": {"retryPeriod": 10}}, "leaderElection.retryPeriod"),
+    ({"replicaCount": 2, "leaderElection": {"enabled": False}}, "leaderElection.enabled"),
+    ({"podDisruptionBudget": {"enabled": True}}, "podDisruptionBudget.enabled"),
+    ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], named: str) -> None:
+    proc = helm("template", "t", str(CHART), *values_args(values), check=False)
+    assert proc.returncode != 0, f"{values} was accepted"
+    assert named in proc.stderr, f"the error does not name {named!r}:\n{proc.stderr}"
