@@ -101,26 +101,26 @@ def env(dir_: Path | None) -> None:
 
 @main.group()
 def demo() -> None:
-    """Private RabbitMQ and PostgreSQL plus a ring of management nodes on this machine."""
+    """The operator (Helm) and a ZStackCluster of MN pods on the devcluster, with private RabbitMQ/PostgreSQL."""
 
 
 @demo.command("up")
 @_dir_option
 @click.option("--replicas", type=click.IntRange(1, 20), default=3, show_default=True, help="How many MNs to run.")
 def demo_up(dir_: Path | None, replicas: int) -> None:
-    """Start the demo (no-op when it runs) and wait until the MNs agree on one ring."""
+    """Start the demo (idempotent) and wait until `kubectl get zsc` shows every MN in one ring."""
     try:
         ready = demo_mod.up(resolve_dir(dir_), replicas)
-    except (demo_mod.DemoError, TimeoutError) as err:
+    except demo_mod.DemoError as err:
         click.secho(f"error: {err}", fg="red", err=True)
         sys.exit(1)
-    demo_mod.print_next_steps(ready)
+    demo_mod.print_next_steps(ready, _dir_arg(dir_))
 
 
 @demo.command("down")
 @_dir_option
 def demo_down(dir_: Path | None) -> None:
-    """Stop the demo: the MNs leave the ring gracefully, then the servers stop."""
+    """Stop the demo: delete the ZStackCluster (MNs leave gracefully), uninstall the operator, stop the servers."""
     stopped = demo_mod.down(resolve_dir(dir_))
     click.echo("demo stopped" if stopped else "demo was not running", err=True)
 

@@ -1,19 +1,21 @@
-"""`zstack-dev demo`: a ring of MN processes with private servers, started and stopped as a unit."""
+"""`zstack-dev demo` (what `make demo` runs after `zstack-dev up`): the chart installed watching every namespace,
+a 3-MN ZStackCluster Ready on private servers, and `demo down` leaving nothing but the CRD."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from devcluster import demo
+from tests.fixtures.kube import KubeCluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 
 def _alive(pid: int) -> bool:
@@ -21,35 +23,56 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[1].split()[0] != "Z"
+    with open(f"/proc/{pid}/stat") as stat_file:
+        return stat_file.read().split(")")[1].split()[0] != "Z"
 
 
-def test_demo_up_forms_one_ring_and_down_leaves_nothing(tmp_path):
-    ready = demo.up(tmp_path, replicas=2, say=lambda _msg: None)
+def _get(cluster: KubeCluster, *args: str) -> dict | None:
+    out = cluster.kubectl("get", *args, "-o", "json", "--ignore-not-found").stdout
+    return json.loads(out) if out.strip() else None
+
+
+def test_demo_up_runs_the_operator_and_a_ring_of_three_and_down_leaves_only_the_crd(devcluster: KubeCluster) -> None:
+    root = devcluster.root
+    ready = demo.up(root, replicas=3, say=lambda _msg: None)
+    supervisor = json.loads((root / "demo" / "supervisor.json").read_text())
     try:
-        assert len(ready["members"]) == 2
-        for node in ready["nodes"]:
-            with urllib.request.urlopen(node["url"] + "/v1/cluster/ring", timeout=5) as response:
-                assert sorted(json.load(response)["members"]) == ready["members"]
+        assert ready["ring"] == "3/3"
+        assert "3/3" in ready["get_zsc"] and "Ready" in ready["get_zsc"], ready["get_zsc"]
+        assert len({mn["uuid"] for mn in ready["mns"]}) == 3
+        for mn in ready["mns"]:
+            with urllib.request.urlopen(mn["url"] + "/v1/cluster/ring", timeout=5) as response:
+                assert sorted(json.load(response)["members"]) == sorted(m["uuid"] for m in ready["mns"])
+        (operator,) = ready["operator"]
+        pod = _get(devcluster, "pod", operator["pod"], "-n", demo.OPERATOR_NS)
+        assert pod["spec"]["containers"][0]["command"] == ["zstack-operator"]
+        assert "--all-namespaces" in pod["spec"]["containers"][0]["args"]
         assert "***" in ready["broker"] and "***" in ready["database"], "passwords must be masked"
-        _check_api_needs_the_demo_token(ready)
-        assert demo.up(tmp_path, replicas=2, say=lambda _msg: None) == ready, "a second up is a no-op"
+        servers = root / "demo" / "servers.json"
+        assert stat.S_IMODE(servers.stat().st_mode) == 0o600, "the servers' URLs hold passwords"
+        _check_api_needs_the_generated_token(devcluster, ready)
+        again = demo.up(root, replicas=3, say=lambda _msg: None)
+        assert [mn["uuid"] for mn in again["mns"]] == [mn["uuid"] for mn in ready["mns"]], "a second up restarted MNs"
     finally:
-        stopped = demo.down(tmp_path)
+        stopped = demo.down(root, say=lambda _msg: None)
     assert stopped
-    assert not [n["pid"] for n in ready["nodes"] if _alive(n["pid"])]
-    assert "left the ring gracefully" in Path(ready["nodes"][0]["log"]).read_text()
-    assert demo.down(tmp_path) is False
+    assert _get(devcluster, "zsc", "demo", "-n", demo.NAMESPACE) is None
+    mn_pods = devcluster.kubectl("get", "pods", "-n", demo.NAMESPACE, "-l", demo.MN_SELECTOR, "-o", "name").stdout
+    assert not mn_pods.strip(), f"MN pods left behind: {mn_pods}"
+    assert _get(devcluster, "deployment", "zstack-operator", "-n", demo.OPERATOR_NS) is None
+    assert _get(devcluster, "crd", "zstackclusters.zstack.io") is not None, "demo down keeps the CRD, as helm does"
+    assert not _alive(supervisor["pid"]), "RabbitMQ and PostgreSQL must stop"
+    logs = list((root / "kubelet" / "pods").glob("default_demo-mn-0_*/logs/*.log"))
+    assert logs and any("left the ring gracefully" in log.read_text() for log in logs)
+    assert demo.down(root, say=lambda _msg: None) is False
 
 
-def _check_api_needs_the_demo_token(ready: dict) -> None:
-    token_file = Path(ready["api_token_file"])
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600, "the API token must be readable by its owner only"
-    url = ready["nodes"][0]["url"] + "/v1/vms"
+def _check_api_needs_the_generated_token(cluster: KubeCluster, ready: dict) -> None:
+    url = ready["mns"][0]["url"] + "/v1/vms"
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=5)
     assert refused.value.code == 401
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+    token = cluster.kubectl("get", "secret", "demo-api-token", "-o", "jsonpath={.data.token}").stdout
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert json.load(response) == {"vms": []}

@@ -1,0 +1,135 @@
+"""`helm install` of charts/zstack-operator on the devcluster, watching one namespace: the process kubelet runs
+the operator pod, the example ZStackCluster becomes Ready, and `helm uninstall` keeps the CRD.
+
+(`make demo`, tested in tests/test_demo.py, installs the same chart watching every namespace.)
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+from devcluster.ports import free_port
+from tests.fixtures.chart import CHART, REPO, helm
+from tests.fixtures.kube import KubeCluster
+from tests.k8s.conftest import wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+EXAMPLE = REPO / "examples" / "zstackcluster-devcluster.yaml"
+MN_SELECTOR = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=mn"
+
+
+@dataclass
+class Release:
+    """A release watching `watched` only; `unwatched` holds a ZStackCluster it must leave alone."""
+
+    cluster: KubeCluster
+    name: str
+    namespace: str
+    watched: str
+    unwatched: str
+    install_output: str
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-zstack-operator"
+
+    def get(self, *args: str) -> Any:
+        proc = self.cluster.kubectl("get", *args, "-o", "json", "--ignore-not-found", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else None
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        pods = self.get("pods", "-n", self.namespace, "-l", f"app.kubernetes.io/instance={self.name}")
+        return pods["items"] if pods else []
+
+
+def _apply_example(cluster: KubeCluster, namespace: str, broker: str, database: str) -> None:
+    secrets = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+                "stringData": {"url": url}}
+               for name, url in (("demo-external-broker", broker), ("demo-external-database", database))]
+    example = yaml.safe_load(EXAMPLE.read_text())
+    example["metadata"]["namespace"] = namespace
+    example["spec"]["api"] = {"port": free_port()}  # pod IPs are host addresses: keep clear of anything on 8080
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([*secrets, example]))
+
+
+@pytest.fixture(scope="module")
+def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[Release]:
+    suffix = uuid.uuid4().hex[:6]
+    rel = Release(devcluster, f"zso-{suffix}", f"zso-{suffix}", f"zsw-{suffix}", f"zsu-{suffix}", "")
+    for ns in (rel.watched, rel.unwatched):
+        devcluster.kubectl("create", "namespace", ns)
+    postgres.start()
+    rabbitmq.start()
+    database = postgres.create_database(f"zsw_{suffix}")
+    vhost = f"zsw-{suffix}"
+    urls = (rabbitmq.add_vhost(vhost), postgres.url_for(database))
+    try:
+        rel.install_output = helm(
+            "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace", "--wait",
+            "--timeout", "3m", "--set-json", f"watchNamespaces={json.dumps([rel.watched])}",
+            kubeconfig=devcluster.kubeconfig).stdout
+        for ns in (rel.watched, rel.unwatched):
+            _apply_example(devcluster, ns, *urls)
+        yield rel
+    finally:
+        helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", kubeconfig=devcluster.kubeconfig,
+             check=False)
+        for ns in (rel.watched, rel.unwatched):
+            devcluster.kubectl("-n", ns, "delete", "zsc,statefulset", "--all", "--wait=false", check=False)
+        devcluster.kubectl("-n", rel.watched, "wait", "--for=delete", "pod", "-l", MN_SELECTOR, "--timeout=90s",
+                           check=False)
+        for ns in (rel.watched, rel.unwatched, rel.namespace):
+            devcluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        postgres.drop_database(database)
+        rabbitmq.delete_vhost(vhost)
+
+
+def test_install_runs_the_operator_pod_under_the_process_kubelet(release: Release) -> None:
+    notes = release.install_output.split("NOTES:", 1)[1]
+    assert "zstack-operator:0.1.0" in notes and release.watched in notes and "kubectl get zsc" in notes
+    (pod,) = release.operator_pods()
+    assert pod["spec"]["serviceAccountName"] == release.fullname
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True", pod["status"]
+    ip = pod["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{ip}:8081/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert "zstack_operator_leader 1.0" in metrics, "the only replica must lead"
+    log = release.cluster.kubectl("-n", release.namespace, "logs", pod["metadata"]["name"]).stdout
+    assert "leading as" in log
+
+
+def test_the_example_becomes_ready_in_the_watched_namespace_only(release: Release) -> None:
+    def ready() -> dict[str, Any] | None:
+        cr = release.get("zsc", "demo", "-n", release.watched) or {}
+        status = cr.get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        return cr if conditions.get("Ready") == "True" and status.get("ring", {}).get("summary") == "3/3" else None
+
+    cr = wait_for("the example ZStackCluster to be Ready with ring 3/3", ready, timeout=180, interval=1)
+    assert cr["status"]["readyReplicas"] == 3
+    table = release.cluster.kubectl("-n", release.watched, "get", "zsc", "demo").stdout
+    assert "3/3" in table and "Ready" in table
+    untouched = release.get("zsc", "demo", "-n", release.unwatched)
+    assert not untouched.get("status"), "the operator wrote the status of a cluster it does not watch"
+    assert release.get("statefulset", "demo-mn", "-n", release.unwatched) is None
+
+
+def test_uninstall_removes_the_operator_and_keeps_the_crd(release: Release) -> None:
+    helm("uninstall", release.name, "--namespace", release.namespace, "--wait", "--timeout", "2m",
+         kubeconfig=release.cluster.kubeconfig)
+    assert release.get("deployment", release.fullname, "-n", release.namespace) is None
+    assert release.get("role", release.fullname, "-n", release.watched) is None
+    assert release.get("clusterrole", f"{release.fullname}-crds") is None
+    wait_for("the operator pod to go", lambda: not release.operator_pods(), timeout=60)
+    assert release.get("crd", "zstackclusters.zstack.io") is not None, "helm uninstall must keep the CRD"
+    assert release.get("zsc", "demo", "-n", release.watched) is not None, "clusters outlive the operator"
