@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -63,6 +64,32 @@ LEASE_TRUSTED = Gauge(
     "1 while this MN's Lease view counts (own renewals succeed and come back on its synced watch)",
 )
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
+
+# The fixed label values the runtime counts with (see the call sites in bus.py, node.py, lease_membership.py).
+REJECT_REASONS = ("malformed", "no_route", "hop_limit", "expired", "unknown_type", "reply_to_gone")
+REROUTE_CAUSES = ("queue_gone", "target_left", "not_owner")
+TAKEOVER_EVENTS = ("node_joined", "node_left")
+EVICTION_CAUSES = ("heartbeat", "lease")
+FENCE_REASONS = ("row gone", "heartbeat timeout", "broker unreachable", "lease lost", "evicted")
+LEASE_RENEW_FAILURE_REASONS = ("unreachable", "lost")
+LEASE_EFFECTS = ("none", "ring_change")
+
+
+def initialise(services: Iterable[str]) -> None:
+    """Export the bounded label sets at 0 from the start, for the services this MN registers: a counter
+    that did not fire yet then reads 0 (and rates 0) instead of being absent ("No data" on a dashboard)."""
+    for service in services:
+        CALL_SECONDS.labels(service)
+        for reason in REJECT_REASONS:
+            MESSAGES_REJECTED.labels(service, reason)
+        for cause in REROUTE_CAUSES:
+            REROUTES.labels(service, cause)
+        for event in TAKEOVER_EVENTS:
+            TAKEOVERS.labels(service, event)
+    for metric, values in ((EVICTIONS, EVICTION_CAUSES), (FENCES, FENCE_REASONS),
+                           (LEASE_RENEW_FAILURES, LEASE_RENEW_FAILURE_REASONS), (LEASE_EVENTS, LEASE_EFFECTS)):
+        for value in values:
+            metric.labels(value)
 
 
 @functools.cache

@@ -14,6 +14,11 @@ from .cluster import CONFIG_HASH_ANNOTATION, MN_CONTAINER, Cluster
 from .credentials import api_token_ref, secret_ref
 
 PRE_STOP_SECONDS = 1  # lets Services drop a leaving pod before its MN stops taking API requests
+# Relabelings of every scrape of the MNs (ServiceMonitor, PodMonitor, devcluster's Prometheus): the pod label
+# zstack.io/cluster becomes the target label `zstack_cluster`, which the dashboards' cluster variable reads.
+METRICS_RELABELINGS: list[dict[str, Any]] = [
+    {"sourceLabels": ["__meta_kubernetes_pod_label_zstack_io_cluster"], "targetLabel": "zstack_cluster"},
+]
 
 
 def config_map(cluster: Cluster) -> dict[str, Any]:
@@ -135,17 +140,23 @@ def pod_disruption_budget(cluster: Cluster) -> dict[str, Any]:
 
 
 def service_monitor(cluster: Cluster) -> dict[str, Any]:
+    """Scrapes the MNs through the headless Service. `honorLabels`: the target label `service` (the Kubernetes
+    Service) would otherwise rename the MN's own `service` label (the bus service) to `exported_service`."""
+    endpoint = {"port": "http", "path": "/metrics", "honorLabels": True,
+                "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
             "metadata": cluster.metadata(cluster.mn, "mn"),
             "spec": {"selector": {"matchLabels": {**cluster.selector_labels("mn"), "zstack.io/metrics": "true"}},
-                     "endpoints": [{"port": "http", "path": "/metrics"}]}}
+                     "endpoints": [endpoint]}}
 
 
 def pod_monitor(cluster: Cluster) -> dict[str, Any]:
+    """Scrapes the MN pods directly."""
+    endpoint = {"port": "http", "path": "/metrics", "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
             "metadata": cluster.metadata(cluster.mn, "mn"),
             "spec": {"selector": {"matchLabels": cluster.selector_labels("mn")},
-                     "podMetricsEndpoints": [{"port": "http", "path": "/metrics"}]}}
+                     "podMetricsEndpoints": [endpoint]}}
 
 
 def config_hash(config: dict[str, Any]) -> str:

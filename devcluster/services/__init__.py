@@ -1,4 +1,4 @@
-"""Private RabbitMQ and PostgreSQL servers for tests and local development.
+"""Private RabbitMQ, PostgreSQL and Prometheus servers for tests and local development.
 
 Each server runs from the Debian packages in a directory of its own, on free loopback ports, with
 random credentials, and is stopped by pid (never by name)::
@@ -15,6 +15,8 @@ random credentials, and is stopped by pid (never by name)::
 from devcluster.ports import free_port, free_ports, port_is_free
 from devcluster.services.base import Service, ServiceError
 from devcluster.services.postgres import PostgreSQL
+from devcluster.services.prometheus import Prometheus, QueryError
 from devcluster.services.rabbitmq import RabbitMQ
 
-__all__ = ["PostgreSQL", "RabbitMQ", "Service", "ServiceError", "free_port", "free_ports", "port_is_free"]
+__all__ = ["PostgreSQL", "Prometheus", "QueryError", "RabbitMQ", "Service", "ServiceError", "free_port", "free_ports",
+           "port_is_free"]

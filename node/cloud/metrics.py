@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .repo import TERMINAL
+from .routes import ROUTES
+
 API_REQUESTS = Counter("zstack_api_requests_total", "HTTP API requests, by operation and status code",
                        ["operation", "code"])
 JOB_SECONDS = Histogram(
@@ -24,3 +27,23 @@ TAKEOVERS = Counter("zstack_cloud_takeovers_total", "MNs that left while this MN
 HOSTS_TRACKED = Gauge("zstack_hosts_tracked", "Hosts this MN owns and pings")
 HOST_PINGS = Counter("zstack_host_pings_total", "Host pings by outcome", ["outcome"])
 HOSTS_DISCONNECTED = Counter("zstack_hosts_disconnected_total", "Hosts this MN marked Disconnected")
+
+TAKEOVER_KINDS = ("host", "vm")  # what HostService and VmService count when an MN leaves
+PING_OUTCOMES = ("ok", "failed")
+
+
+def initialise() -> None:
+    """Export the bounded label sets at 0 from the start: a counter that did not fire yet reads 0 instead of being
+    absent, and its first increment shows in rate() (a series born at 1 shows none)."""
+    for route in ROUTES:
+        if route.handler:  # served by the ApiService (the runtime serves the others)
+            API_REQUESTS.labels(route.operation, str(route.success[0]))
+        if route.success[1] == "JobAccepted":
+            JOB_SECONDS.labels(route.operation)
+            for state in TERMINAL:
+                JOBS_FINISHED.labels(route.operation, state)
+    for kind in TAKEOVER_KINDS:
+        TAKEOVERS.labels(kind)
+        TAKEOVER_RESOURCES.labels(kind)
+    for outcome in PING_OUTCOMES:
+        HOST_PINGS.labels(outcome)

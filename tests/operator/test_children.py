@@ -10,7 +10,7 @@ import yaml
 
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import broker_secret, database_secret, generated_secrets
-from zstack_operator.mn import access, config_map, statefulset
+from zstack_operator.mn import METRICS_RELABELINGS, access, config_map, statefulset
 from zstack_operator.reconcile import desired_children
 
 EXTERNAL = {"broker": {"external": {"secretRef": {"name": "my-amqp", "key": "uri"}}},
@@ -111,6 +111,19 @@ def test_optional_children_follow_their_toggles_and_the_monitoring_crds() -> Non
     assert not {"ServiceMonitor", "PodMonitor"} & {k for k, _ in kinds(desired_children(wanted, {}))}
     with_crds = desired_children(wanted, {"servicemonitors": True, "podmonitors": True})
     assert {("ServiceMonitor", "demo-mn"), ("PodMonitor", "demo-mn")} <= kinds(with_crds)
+
+
+def test_both_monitors_label_every_mn_series_with_its_cluster_and_keep_the_bus_service_label() -> None:
+    wanted = cluster(metrics={"serviceMonitor": True, "podMonitor": True}, **EXTERNAL)
+    children = desired_children(wanted, {"servicemonitors": True, "podmonitors": True})
+    monitors = {o["kind"]: o["spec"] for o in children if o["kind"] in ("ServiceMonitor", "PodMonitor")}
+    [service_endpoint] = monitors["ServiceMonitor"]["endpoints"]
+    [pod_endpoint] = monitors["PodMonitor"]["podMetricsEndpoints"]
+    to_cluster = {"sourceLabels": ["__meta_kubernetes_pod_label_zstack_io_cluster"], "targetLabel": "zstack_cluster"}
+    assert service_endpoint["relabelings"] == pod_endpoint["relabelings"] == METRICS_RELABELINGS == [to_cluster]
+    # The ServiceMonitor's own `service` target label must not rename the MN's `service` (bus service) label.
+    assert service_endpoint["honorLabels"] is True
+    assert (service_endpoint["port"], pod_endpoint["port"]) == ("http", "http")
 
 
 def test_mn_access_is_the_lease_rbac_of_the_node_renamed_per_cluster() -> None:
