@@ -2,7 +2,8 @@
 against a private RabbitMQ and PostgreSQL.
 
 `demo up` (idempotent):
-1. a supervisor process runs the servers in `<dir>/demo/` (one SIGTERM stops them all);
+1. a supervisor process runs the servers in `<dir>/demo/` (one SIGTERM stops them all): RabbitMQ, PostgreSQL
+   and a Prometheus that scrapes the MN and operator pods (for the dashboards' queries);
 2. helm installs charts/zstack-operator (release zstack-operator in zstack-system); the process kubelet
    runs the operator pod;
 3. the servers' URLs go into two Secrets (through stdin, never argv) and
@@ -32,7 +33,7 @@ import yaml
 from devcluster import controlplane, procs, tools
 from devcluster.layout import Layout
 from devcluster.progress import Say, Ticker, stderr_say
-from devcluster.services import PostgreSQL, RabbitMQ
+from devcluster.services import PostgreSQL, Prometheus, RabbitMQ
 from devcluster.state import ProcRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,10 +115,10 @@ def start_servers(root: Path, say: Say = stderr_say, timeout: float = 180.0) -> 
                             + "\n".join(log_file.read_text(errors="replace").splitlines()[-20:]))
         if ticker.elapsed() > timeout:
             raise DemoError(f"the demo's servers were not ready within {timeout:.0f}s; see {log_file}")
-        ticker.tick(f"RabbitMQ and PostgreSQL (log {log_file})")
+        ticker.tick(f"RabbitMQ, PostgreSQL and Prometheus (log {log_file})")
         time.sleep(0.2)
     if ticker.elapsed() > 1:
-        ticker.done(f"RabbitMQ and PostgreSQL ready in {ticker.elapsed():.1f}s")
+        ticker.done(f"RabbitMQ, PostgreSQL and Prometheus ready in {ticker.elapsed():.1f}s")
     return json.loads(servers_file.read_text())
 
 
@@ -133,13 +134,15 @@ def stop_servers(root: Path, grace: float = 60.0) -> bool:
 
 
 def supervise(root: Path) -> None:
-    """Run RabbitMQ and PostgreSQL until SIGTERM; publish their URLs in a file only its owner can read."""
+    """Run the servers until SIGTERM; publish their URLs in a file only its owner can read."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     demo_dir = root / "demo"
     with RabbitMQ(demo_dir / "rabbitmq", say=stderr_say) as broker, \
-            PostgreSQL(demo_dir / "postgres", say=stderr_say) as database:
-        servers = {"broker": broker.url, "database": database.url,
+            PostgreSQL(demo_dir / "postgres", say=stderr_say) as database, \
+            Prometheus(demo_dir / "prometheus", kubeconfig=Layout(root).kubeconfig, scrape_interval="5s",
+                       say=stderr_say) as prometheus:
+        servers = {"broker": broker.url, "database": database.url, "prometheus": prometheus.url,
                    "broker_display": broker.display_url, "database_display": database.display_url}
         servers_file = _paths(root)[1]
         tmp = servers_file.with_suffix(".tmp")
@@ -147,7 +150,7 @@ def supervise(root: Path) -> None:
         with os.fdopen(fd, "w") as out:
             json.dump(servers, out)
         tmp.rename(servers_file)  # atomic: a reader never sees half a file
-        stderr_say("RabbitMQ and PostgreSQL running until SIGTERM")
+        stderr_say("RabbitMQ, PostgreSQL and Prometheus running until SIGTERM")
         while not stop.wait(1.0):
             pass
 
@@ -202,7 +205,7 @@ def down(root: Path, say: Say = stderr_say) -> bool:
         kube.kubectl("-n", NAMESPACE, "delete", "secret", *URL_SECRETS.values(), "--ignore-not-found", check=False)
     if stop_servers(root):
         ran = True
-        say("RabbitMQ and PostgreSQL stopped")
+        say("RabbitMQ, PostgreSQL and Prometheus stopped")
     return ran
 
 
@@ -262,6 +265,7 @@ def _summary(kube: Kube, root: Path, cr: dict[str, Any], servers: dict[str, str]
                        for p in pods), key=lambda mn: mn["pod"]),
         "operator": [{"pod": p["metadata"]["name"], "ip": p["status"].get("podIP")} for p in operators],
         "broker": servers["broker_display"], "database": servers["database_display"],
+        "prometheus": servers["prometheus"],
         "kubeconfig": str(Layout(root).kubeconfig),
         "get_zsc": kube.kubectl("get", "zsc", "-n", NAMESPACE, check=False).rstrip(),
     }
@@ -274,7 +278,7 @@ def print_next_steps(ready: dict[str, Any], dir_arg: str = "") -> None:
     echo(f"The operator (Helm release {RELEASE}, namespace {OPERATOR_NS}) runs {len(ready['mns'])} management nodes:")
     for mn in ready["mns"]:
         echo(f"  {mn['pod']}  {mn['uuid']}  {mn['url']}")
-    echo(f"broker {ready['broker']}\ndatabase {ready['database']}")
+    echo(f"broker {ready['broker']}\ndatabase {ready['database']}\nprometheus {ready['prometheus']}")
     first = ready["mns"][0]
     operator_ip = ready["operator"][0]["ip"] if ready["operator"] else "<operator pod IP>"
     echo("\nTry next:")
@@ -289,7 +293,8 @@ def print_next_steps(ready: dict[str, Any], dir_arg: str = "") -> None:
     echo("  zstack-cli vms create vm-1 --cpu 2 --memory 2048 && zstack-cli vms list")
     echo(f"  curl -s {first['url']}/metrics | grep ^zstack_bus_      # an MN's metrics (every MN pod IP)")
     echo(f"  curl -s http://{operator_ip}:8081/metrics | grep ^zstack_operator_   # the operator's")
-    echo("  Grafana: import dashboards/zstack-cluster.json and dashboards/zstack-operator.json")
+    echo(f"  open {ready['prometheus']}/graph and try: sum by (service) (rate(zstack_bus_messages_received_total[1m]))")
+    echo(f"  Grafana: add {ready['prometheus']} as a Prometheus data source, import dashboards/*.json")
     echo("  make demo-down                              # stop it all")
 
 

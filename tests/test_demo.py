@@ -8,12 +8,14 @@ import json
 import os
 import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
 from devcluster import demo
 from tests.fixtures.kube import KubeCluster
+from tests.k8s.conftest import wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -51,6 +53,7 @@ def test_demo_up_runs_the_operator_and_a_ring_of_three_and_down_leaves_only_the_
         servers = root / "demo" / "servers.json"
         assert stat.S_IMODE(servers.stat().st_mode) == 0o600, "the servers' URLs hold passwords"
         _check_api_needs_the_generated_token(devcluster, ready)
+        _check_prometheus_scrapes_the_mns_and_the_operator(ready)
         again = demo.up(root, replicas=3, say=lambda _msg: None)
         assert [mn["uuid"] for mn in again["mns"]] == [mn["uuid"] for mn in ready["mns"]], "a second up restarted MNs"
     finally:
@@ -76,3 +79,15 @@ def _check_api_needs_the_generated_token(cluster: KubeCluster, ready: dict) -> N
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert json.load(response) == {"vms": []}
+
+
+def _check_prometheus_scrapes_the_mns_and_the_operator(ready: dict) -> None:
+    """The printed Prometheus has every MN (labelled with its ZStackCluster) and the operator as healthy targets."""
+    def healthy() -> dict[str, int] | None:
+        query = urllib.parse.quote('count by (job, zstack_cluster) (up == 1)')
+        with urllib.request.urlopen(f"{ready['prometheus']}/api/v1/query?query={query}", timeout=5) as response:
+            result = json.load(response)["data"]["result"]
+        seen = {f"{r['metric']['job']}/{r['metric'].get('zstack_cluster', '')}": int(r["value"][1]) for r in result}
+        return seen if seen == {"zstack-mn/demo": 3, "zstack-operator/": 1} else None
+
+    wait_for("Prometheus to scrape 3 MNs of demo and the operator", healthy, timeout=60, interval=1)
