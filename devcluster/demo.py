@@ -98,6 +98,11 @@ def _supervisor(record_file: Path) -> ProcRecord | None:
     return record if procs.record_alive(record) else None
 
 
+def servers_running(root: Path) -> bool:
+    """Whether the demo's servers (its supervisor) run in this devcluster directory."""
+    return _supervisor(_paths(root)[0]) is not None
+
+
 def start_servers(root: Path, say: Say = stderr_say, timeout: float = 180.0) -> dict[str, str]:
     """Start the supervisor unless it runs; return the servers' URLs (with passwords: keep them off argv)."""
     record_file, servers_file, log_file = _paths(root)
@@ -122,8 +127,9 @@ def start_servers(root: Path, say: Say = stderr_say, timeout: float = 180.0) -> 
     return json.loads(servers_file.read_text())
 
 
-def stop_servers(root: Path, grace: float = 60.0) -> bool:
-    """Stop the supervisor and its servers. False when it was not running."""
+def stop_servers(root: Path, grace: float = 150.0) -> bool:
+    """Stop the supervisor and its servers. False when it was not running. The grace period covers the
+    supervisor stopping its three servers one after another (each may take up to 30 s, then is killed)."""
     record_file, servers_file, _ = _paths(root)
     record = _supervisor(record_file)
     if record is not None:
@@ -167,18 +173,24 @@ def up(root: Path, replicas: int = 3, timeout: float = 300.0, say: Say = stderr_
             raise DemoError(f"{path} is missing: run the demo from a source checkout of the project")
     kube = Kube(Layout(root).kubeconfig)
     started = time.monotonic()
+    existed = _running_parts(root, kube)
     try:
         servers = start_servers(root, say)
         say(f"installing the operator with Helm (release {RELEASE} in namespace {OPERATOR_NS})")
+        # The process kubelet runs pods in the host's network: the operator listens on its own pod IP only.
         kube.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NS, "--create-namespace",
-                  "--wait", "--timeout", "3m")
+                  "--set-string", "metrics.bindAddress=$(POD_IP)", "--wait", "--timeout", "3m")
         say(f"applying ZStackCluster {NAMESPACE}/{CLUSTER} with {replicas} MNs ({EXAMPLE.relative_to(REPO)})")
         kube.kubectl("apply", "-f", "-", input=_url_secrets(servers))
         kube.kubectl("apply", "-f", "-", input=_cluster_manifest(replicas))
         cr = _wait_ring(kube, replicas, timeout, say)
     except BaseException as err:
         diagnosis = _diagnose(kube)
-        down(root, say=lambda _msg: None)  # an interrupted or failed start leaves nothing running
+        if existed:  # an earlier, working demo stays as it was
+            diagnosis += (f"\nthe demo that was running ({', '.join(existed)}) is left as it is; "
+                          "`make demo-down` removes it")
+        else:  # an interrupted or failed first start leaves nothing running
+            down(root, say=lambda _msg: None)
         if isinstance(err, DemoError):
             raise DemoError(f"{err}\n{diagnosis}") from None
         raise
@@ -207,6 +219,18 @@ def down(root: Path, say: Say = stderr_say) -> bool:
         ran = True
         say("RabbitMQ, PostgreSQL and Prometheus stopped")
     return ran
+
+
+def _running_parts(root: Path, kube: Kube) -> list[str]:
+    """What of the demo runs already (empty on a first start)."""
+    parts = []
+    if servers_running(root):
+        parts.append("servers")
+    if kube.helm("status", RELEASE, "--namespace", OPERATOR_NS, check=False):
+        parts.append(f"Helm release {RELEASE}")
+    if kube.get("zsc", CLUSTER, "-n", NAMESPACE) is not None:
+        parts.append(f"ZStackCluster {CLUSTER}")
+    return parts
 
 
 def _url_secrets(servers: dict[str, str]) -> str:

@@ -11,15 +11,15 @@ import yaml
 
 from tests.fixtures.chart import CHART, REPO, helm, render, values_args
 
-# Every optional template turned on (a PDB needs two replicas).
+# Every optional template turned on (a PDB needs two replicas; the two monitors exclude each other).
 ALL_TOGGLES: dict[str, Any] = {
     "replicaCount": 2,
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                "podMonitor": {"enabled": True}},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "dashboards": {"enabled": True, "namespace": "monitoring"},
     "podDisruptionBudget": {"enabled": True},
     "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
 }
+ALL_TOGGLES_POD_MONITOR = {**ALL_TOGGLES, "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
 NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
 
 
@@ -74,7 +74,8 @@ def test_chart_version_follows_the_project() -> None:
 # ---- lint and template ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [{}, ALL_TOGGLES, NAMESPACED], ids=["defaults", "all-toggles", "namespaced"])
+@pytest.mark.parametrize("values", [{}, ALL_TOGGLES, ALL_TOGGLES_POD_MONITOR, NAMESPACED],
+                         ids=["defaults", "all-toggles", "all-toggles-pod-monitor", "namespaced"])
 def test_helm_lint_is_clean(values: dict[str, Any]) -> None:
     proc = helm("lint", "--strict", str(CHART), *values_args(values), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -105,11 +106,15 @@ def test_defaults_render_a_locked_down_operator_watching_every_namespace() -> No
 
 def test_every_toggle_renders_its_object() -> None:
     kinds = by_kind(render(values=ALL_TOGGLES))
-    for kind in ("ServiceMonitor", "PodMonitor", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"):
+    for kind in ("ServiceMonitor", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"):
         assert kind in kinds, f"{kind} missing with every toggle on"
     (monitor,) = kinds["ServiceMonitor"]
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    (pod_monitor,) = by_kind(render(values=ALL_TOGGLES_POD_MONITOR))["PodMonitor"]
+    assert pod_monitor["metadata"]["labels"]["release"] == "prom"
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pod_monitor["spec"]["selector"] == kinds["Deployment"][0]["spec"]["selector"]
     (dashboards,) = kinds["ConfigMap"]
     assert dashboards["metadata"]["namespace"] == "monitoring"
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -137,10 +142,12 @@ def test_namespaced_watching_grants_the_same_rights_only_in_the_named_namespaces
     everything = rule_set(cluster_role["rules"])
     crd_only = {r["metadata"]["name"]: rule_set(r["rules"]) for r in namespaced["ClusterRole"]}
     assert crd_only == {"zstack-operator-crds": {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-                                                 ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}}
+                                                 ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+                                                 ("", "namespaces", "list"), ("", "namespaces", "watch")}}
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): rule_set(r["rules"]) for r in namespaced["Role"]}
     for ns in NAMESPACED["watchNamespaces"]:
-        assert roles[(ns, "zstack-operator")] | crd_only["zstack-operator-crds"] == everything
+        assert roles[(ns, "zstack-operator")] | {t for t in crd_only["zstack-operator-crds"] if t[1] != "namespaces"} \
+            == everything
         (binding,) = [b for b in namespaced["RoleBinding"] if b["metadata"]["namespace"] == ns]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "zstack-operator",
                                         "namespace": "zstack-system"}]
@@ -161,8 +168,19 @@ def test_leader_election_settings_reach_the_operator() -> None:
     args = operator_container(render(values=values))["args"]
     for arg in ("--lease-duration=20", "--renew-deadline=12", "--retry-period=3", "--log-level=debug"):
         assert arg in args
-    off = operator_container(render(values={"leaderElection": {"enabled": False}}))["args"]
-    assert "--no-leader-election" in off and not any(a.startswith("--lease-duration") for a in off)
+    off = render(values={"leaderElection": {"enabled": False}})
+    args = operator_container(off)["args"]
+    assert "--no-leader-election" in args and not any(a.startswith("--lease-duration") for a in args)
+    # No election: an upgrade must stop the old pod before the new one reconciles.
+    assert by_kind(off)["Deployment"][0]["spec"]["strategy"] == {"type": "Recreate"}
+    assert by_kind(render())["Deployment"][0]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_bind_address_defaults_to_every_interface() -> None:
+    assert "--http-bind=0.0.0.0" in operator_container(render())["args"], "kubectl port-forward needs 0.0.0.0"
+    host_network = operator_container(render(values={"metrics": {"bindAddress": "$(POD_IP)"}}))
+    assert "--http-bind=$(POD_IP)" in host_network["args"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in host_network["env"]
 
 
 def test_image_tag_defaults_to_the_app_version() -> None:
@@ -188,6 +206,9 @@ def test_image_tag_defaults_to_the_app_version() -> None:
     ({"leaderElection": {"retryPeriod": 10}}, "leaderElection.retryPeriod"),
     ({"replicaCount": 2, "leaderElection": {"enabled": False}}, "leaderElection.enabled"),
     ({"podDisruptionBudget": {"enabled": True}}, "podDisruptionBudget.enabled"),
+    ({"replicaCount": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
+     "podDisruptionBudget.minAvailable"),
+    ({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}, "pick one"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
 def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], named: str) -> None:

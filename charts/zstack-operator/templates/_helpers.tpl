@@ -91,6 +91,14 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
   verbs: ["list", "watch"]
 {{- end -}}
 
+{{/* Watching named namespaces, kopf also lists and watches namespaces, to notice a watched one being
+deleted or created again (without this it warns and only learns of them at restart). */}}
+{{- define "zstack-operator.namespaceRules" -}}
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end -}}
+
 {{/* Values the schema cannot check (relations between fields): fail with a message naming them. */}}
 {{- define "zstack-operator.validate" -}}
 {{- $le := .Values.leaderElection -}}
@@ -105,7 +113,16 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
 {{- fail (printf "leaderElection.retryPeriod (%v) must be less than leaderElection.renewDeadline (%v)" $le.retryPeriod $le.renewDeadline) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- if .Values.podDisruptionBudget.enabled -}}
+{{- if lt (int .Values.replicaCount) 2 -}}
 {{- fail "podDisruptionBudget.enabled needs replicaCount of 2 or more: with one replica a PDB would block every node drain" -}}
+{{- end -}}
+{{- $min := .Values.podDisruptionBudget.minAvailable -}}
+{{- if and (not (kindIs "string" $min)) (ge (int $min) (int .Values.replicaCount)) -}}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be less than replicaCount (%d): otherwise no replica may ever be evicted and node drains hang" (int $min) (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: Prometheus would scrape the operator twice and double every rate; pick one" -}}
 {{- end -}}
 {{- end -}}
