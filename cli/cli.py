@@ -1,7 +1,8 @@
 """`zstack-cli`: hosts, VMs, jobs and the ring of the ZStack management nodes, over their REST API.
 
-Exit codes: 0 success; 1 the job failed, timed out or the MN could not be reached; 2 bad input (a usage
-error, or the API answered 4xx); 130 interrupted while waiting (the job goes on).
+Exit codes: 0 success; 1 the job failed, timed out, a pinged host did not answer, or the MN could not
+be reached (or answered 5xx); 2 bad input (a usage error, or the API answered 4xx); 130 interrupted while
+waiting (the job goes on).
 """
 
 from __future__ import annotations
@@ -249,6 +250,17 @@ def hosts_delete(state: State, host_uuid: str, wait: bool, wait_timeout: float) 
 def hosts_reconnect(state: State, host_uuid: str, wait: bool, wait_timeout: float) -> None:
     """Reconnect a host."""
     finish(state, state.client.reconnect_host(host_uuid), wait, wait_timeout)
+
+
+@hosts.command("ping")
+@click.argument("host_uuid", type=UUID)
+@pass_state
+def hosts_ping(state: State, host_uuid: str) -> None:
+    """Ping a host now, through the MN that tracks it (exit 1 if it does not answer)."""
+    answer = state.client.ping_host(host_uuid)
+    state.show(answer, "ping")
+    if not answer.get("reachable"):
+        raise CliError(answer.get("error") or f"host {host_uuid} did not answer the ping", 1)
 
 
 # -- VMs ---------------------------------------------------------------------------------------------------

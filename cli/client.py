@@ -208,6 +208,10 @@ class ApiClient:
     def reconnect_host(self, uuid: str) -> Json:
         return self.post(f"/v1/hosts/{uuid}/actions/reconnect")["job"]
 
+    def ping_host(self, uuid: str) -> Json:
+        """Ping a host now through the MN that tracks it: {uuid, reachable, error, tracked_by, seconds}."""
+        return self.post(f"/v1/hosts/{uuid}/actions/ping")
+
     # -- VMs ---------------------------------------------------------------------------------------------
 
     def list_vms(self, state: str | None = None, host_uuid: str | None = None) -> list[Json]:

@@ -107,6 +107,10 @@ def owner_record(doc: Json) -> str:
     return record(doc, ("resource", "owner", "epoch"))
 
 
+def ping_record(doc: Json) -> str:
+    return record(doc, ("uuid", "reachable", "error", "tracked_by", "seconds"))
+
+
 def as_json(data: Any) -> str:
     return json.dumps(data, indent=2)
 
@@ -114,7 +118,7 @@ def as_json(data: Any) -> str:
 def render(data: Any, output: str, kind: str) -> str:
     """Text for `data`: JSON as is, or a table (lists) / record (one object) shaped by `kind`.
 
-    kind is one of hosts, vms, jobs (lists), host, vm, job, ring, owner (single objects).
+    kind is one of hosts, vms, jobs (lists), host, vm, job, ring, owner, ping (single objects).
     """
     if output == "json":
         return as_json({kind: data} if kind in COLUMNS else data)
@@ -126,4 +130,6 @@ def render(data: Any, output: str, kind: str) -> str:
         return ring_record(data)
     if kind == "owner":
         return owner_record(data)
+    if kind == "ping":
+        return ping_record(data)
     return record(data, ("uuid", "name", "state"))

@@ -3,6 +3,7 @@
 Routes, their validation and the OpenAPI document all come from routes.ROUTES. Whichever MN
 takes a published message routes it by the ring to the resource's owner (create has no owner
 yet and runs where it is taken); the result lands in the job row, so any MN answers a poll.
+A host ping is synchronous instead: a bus call to the host's owner, answered with its reply.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.engine import Row
 
-from ..bus import BusError
+from ..bus import BusError, RemoteError
 from ..errors import first_line
 from ..ring import Ring, RingChange
 from ..service import Service
@@ -148,6 +149,34 @@ class ApiService(Service):
         if host is None and not busy:
             raise _not_found("host", host_uuid)
         return await self._accept("host.reconnect", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
+
+    async def ping_host(self, _request: web.Request, params: Params) -> web.Response:
+        """Ping a host now through the MN that tracks it (the ring owner) and answer with its reply.
+
+        The call is idempotent (a ping is a read), so it is re-sent if the owner leaves meanwhile.
+        """
+        host_uuid = params["uuid"]
+        if await self.db(repo.get_host, host_uuid) is None:
+            raise _not_found("host", host_uuid)
+        bus = self.node.bus
+        try:
+            reply = await bus.call(hosts.SERVICE, hosts.PING, {"host": host_uuid}, resource=host_uuid,
+                                   idempotent=True, timeout=bus.call_timeout)
+        except RemoteError as exc:
+            if exc.code == "not_found":  # deleted between our read and the owner's
+                raise _not_found("host", host_uuid) from None
+            raise self._ping_unavailable(host_uuid, exc) from None
+        except BusError as exc:
+            raise self._ping_unavailable(host_uuid, exc) from None
+        return web.json_response(reply)
+
+    def _ping_unavailable(self, host_uuid: str, exc: BusError) -> ApiError:
+        ring = self.node.ring
+        owner = f"MN {ring.owner(host_uuid)}" if ring.members else "its owner MN (this MN has no ring)"
+        log.warning("ping of host %s through %s failed: %s: %s", host_uuid, owner, exc.code, first_line(exc))
+        return ApiError(503, "unavailable", f"the ping of host {host_uuid} through {owner}, the MN that tracks "
+                                            f"it, failed ({exc.code}: {first_line(exc)}); retry in a few seconds "
+                                            "(the ring may be changing)")
 
     # ---- VMs ---------------------------------------------------------------------------------
 

@@ -4,6 +4,10 @@ The tracker pings every host the ring gives this MN, every `ZSTACK_HOST_PING_INT
 (default 1), and marks a host Disconnected after `ZSTACK_HOST_PING_FAILURES` (default 3) failed
 pings in a row. Each round stamps `last_ping_at`/`tracked_by` on the hosts it pinged. When this MN
 joins or gains hosts from an MN that left, it pings at once, as ZStack's host tracker does.
+
+`HostPing` (a bus call, sent by POST /v1/hosts/{uuid}/actions/ping on any MN) reaches the host's owner,
+which pings the host now through the same simulated agent. A manual ping is a read: it changes neither
+the host's state nor the tracker's count of failed pings, so only the tracker disconnects a host.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import text
@@ -20,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..envelope import Envelope
 from ..errors import first_line
 from ..ring import Ring, RingChange
-from ..service import Service, handles
+from ..service import Service, ServiceError, handles
 from . import metrics, repo
 from .jobs import JobDriver, JobFailure
 from .settings import CloudSettings
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "host"
 MESSAGE = "HostJob"
+PING = "HostPing"
 
 
 class HostService(JobDriver, Service):
@@ -52,6 +58,20 @@ class HostService(JobDriver, Service):
     @handles(MESSAGE)
     async def on_job(self, msg: Envelope) -> None:
         self.submit(str(msg.body["job"]), str(msg.body["resource"]))
+
+    @handles(PING)
+    async def on_ping(self, msg: Envelope) -> dict[str, Any]:
+        """Ping one host now; the reply is the body of POST /v1/hosts/{uuid}/actions/ping."""
+        host_uuid = str(msg.body["host"])
+        exists, faulty = await self.db(_ping_target, host_uuid)
+        if not exists:
+            raise ServiceError("not_found", f"host {host_uuid} does not exist")
+        started = time.perf_counter()
+        reachable = (await self.agent.ping([host_uuid], faulty))[host_uuid]
+        seconds = time.perf_counter() - started
+        error = None if reachable else f"host {host_uuid} did not answer the ping: its agent is unreachable"
+        return {"uuid": host_uuid, "reachable": reachable, "error": error, "tracked_by": self.node.uuid,
+                "seconds": round(seconds, 6)}
 
     # ---- takeover ----------------------------------------------------------------------------
 
@@ -184,6 +204,15 @@ def _host_uuids(conn: Connection) -> list[str]:
 
 def _hosts_and_faults(conn: Connection) -> tuple[list[Row], set[str]]:
     return list(conn.execute(text("SELECT uuid, name, state, version FROM hosts"))), faulty_hosts(conn)
+
+
+def _ping_target(conn: Connection, host_uuid: str) -> tuple[bool, set[str]]:
+    """Whether the host exists, and {host_uuid} if a sim_host_faults row says its agent does not answer pings."""
+    row = conn.execute(text(
+        "SELECT EXISTS (SELECT 1 FROM hosts WHERE uuid = :u) AS host,"
+        " EXISTS (SELECT 1 FROM sim_host_faults WHERE host_uuid = :u AND ping_fails) AS fault"),
+        {"u": host_uuid}).one()
+    return row.host, {host_uuid} if row.fault else set()
 
 
 def _stamp_tracked(conn: Connection, hosts: list[str], me: str) -> None:

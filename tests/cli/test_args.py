@@ -34,6 +34,7 @@ def silent_port() -> Iterator[int]:
     ["hosts", "delete", "abc"],
     ["jobs", "wait", "1234"],
     ["ring", "owner", "x" * 32],
+    ["hosts", "ping", "not-a-host"],
 ])
 def test_a_bad_uuid_is_a_usage_error_naming_the_argument(args: list[str]) -> None:
     result = cli(*args)
@@ -63,9 +64,10 @@ def test_bad_options_are_usage_errors_naming_the_option(args: list[str], named: 
     assert named in result.output
 
 
-def test_no_mn_listening_says_what_to_do_and_exits_1() -> None:
+@pytest.mark.parametrize("command", [["hosts", "list"], ["hosts", "ping", "a" * 32]])
+def test_no_mn_listening_says_what_to_do_and_exits_1(command: list[str]) -> None:
     port = free_port()
-    result = cli("--url", f"http://127.0.0.1:{port}", "--token", SECRET, "hosts", "list")
+    result = cli("--url", f"http://127.0.0.1:{port}", "--token", SECRET, *command)
     assert result.exit_code == 1
     assert result.output.startswith(f"error: cannot reach http://127.0.0.1:{port}")
     assert "ZSTACK_API_URL" in result.output

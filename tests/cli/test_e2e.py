@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,9 @@ TOKEN = secrets.token_urlsafe(18)
 class Mns:
     """Three MNs with the API token set, sharing a database and a vhost of their own."""
 
-    def __init__(self, nodes: list[LocalNode]) -> None:
+    def __init__(self, nodes: list[LocalNode], sql: Callable[[str, tuple[Any, ...]], None]) -> None:
         self.nodes = nodes
+        self.sql = sql  # runs one statement on the MNs' database (to inject simulated faults)
 
     def cli(self, *args: str, node: int = 0, token: str | None = TOKEN) -> Result:
         """Run zstack-cli in-process against one MN (stdout and stderr apart)."""
@@ -59,7 +60,16 @@ def mns(rabbitmq: RabbitMQ, postgres: PostgreSQL, tmp_path_factory: pytest.TempP
             node.wait_ready(90)
         expected = frozenset(node.uuid for node in nodes)
         wait_until(lambda: agreed_members(nodes) == expected, 60, "3 MNs to agree on one ring")
-        yield Mns(nodes)
+
+        def sql(statement: str, params: tuple[Any, ...]) -> None:
+            conn = postgres.connect(database)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(statement, params)
+            finally:
+                conn.close()
+
+        yield Mns(nodes, sql)
     finally:
         for node in nodes:
             node.stop(timeout=15)
@@ -138,6 +148,33 @@ def test_the_vm_ran_on_the_mn_the_ring_names(mns: Mns, host: dict[str, Any]) -> 
     assert job["mn"] == mns.ok("ring", "owner", vm["uuid"])["owner"]
 
 
+def test_hosts_ping_through_any_mn_is_answered_by_the_owner(mns: Mns, host: dict[str, Any]) -> None:
+    owner = mns.ok("ring", "owner", host["uuid"])["owner"]
+    for node in range(3):
+        answer = mns.ok("hosts", "ping", host["uuid"], node=node)
+        assert answer == {"uuid": host["uuid"], "reachable": True, "error": None, "tracked_by": owner,
+                          "seconds": answer["seconds"]}
+    table = mns.cli("hosts", "ping", host["uuid"], node=1)
+    assert table.exit_code == 0 and table.stderr == "", table.output
+    assert [line.split() for line in table.stdout.splitlines()][:4] == [
+        ["uuid:", host["uuid"]], ["reachable:", "True"], ["error:", "-"], ["tracked_by:", owner]]
+
+
+def test_hosts_ping_of_a_host_that_does_not_answer_exits_1(mns: Mns) -> None:
+    # Too small for any VM of the other tests; the tracker disconnects it soon, which changes nothing here.
+    down = mns.ok("hosts", "add", "cli-host-down", "--cpu", "1", "--memory", "1")["result"]
+    mns.sql("INSERT INTO sim_host_faults (host_uuid) VALUES (%s)", (down["uuid"],))
+    try:
+        result = mns.cli("-o", "json", "hosts", "ping", down["uuid"], node=2)
+    finally:
+        mns.sql("DELETE FROM sim_host_faults WHERE host_uuid = %s", (down["uuid"],))
+    assert result.exit_code == 1, result.output
+    answer = json.loads(result.stdout)  # the answer still goes to stdout, for scripts
+    assert (answer["uuid"], answer["reachable"]) == (down["uuid"], False), answer
+    assert answer["tracked_by"] == mns.ok("ring", "owner", down["uuid"])["owner"]
+    assert result.stderr == f"error: {answer['error']}\n" and "did not answer" in answer["error"]
+
+
 def test_a_failed_job_exits_1_with_its_error(mns: Mns, host: dict[str, Any]) -> None:
     result = mns.cli("-o", "json", "vms", "create", "cli-vm-huge", "--cpu", "256", "--memory", "1024")
     assert result.exit_code == 1, result.output
@@ -168,6 +205,7 @@ def test_an_invalid_transition_is_an_error_not_a_traceback(mns: Mns, host: dict[
     (["vms", "get", "0" * 32], ("0" * 32,)),  # 404 naming the UUID
     (["vms", "create", "too-big", "--cpu", "100000", "--memory", "1"], ("cpu",)),
     (["hosts", "add", "x" * 200, "--cpu", "1", "--memory", "1"], ("name",)),
+    (["hosts", "ping", "0" * 32], ("0" * 32,)),  # 404 naming the UUID
 ])
 def test_bad_input_answered_4xx_exits_2_with_the_message(mns: Mns, args: list[str],
                                                          status_words: tuple[str, ...]) -> None:

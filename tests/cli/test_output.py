@@ -63,3 +63,12 @@ def test_json_output_is_the_document_and_lists_are_wrapped_by_kind() -> None:
     assert json.loads(render(VM, "json", "vm")) == VM
     assert json.loads(render([HOST], "json", "hosts")) == {"hosts": [HOST]}
     assert json.loads(render(FAILED_JOB, "json", "job")) == FAILED_JOB
+
+
+def test_ping_record_shows_reachability_first_and_the_error_as_text() -> None:
+    answer = {"uuid": "a" * 32, "reachable": False, "error": "host aaa did not answer the ping",
+              "tracked_by": "d" * 32, "seconds": 0.0021}
+    lines = [line.split(None, 1) for line in render(answer, "table", "ping").splitlines()]
+    assert lines == [["uuid:", "a" * 32], ["reachable:", "False"], ["error:", "host aaa did not answer the ping"],
+                     ["tracked_by:", "d" * 32], ["seconds:", "0.0021"]]
+    assert json.loads(render(answer, "json", "ping")) == answer
