@@ -64,8 +64,8 @@ kind-up:
 
 images:
 	$(call need,docker,$(DOCKER_HOW))
-	docker build -f node/Dockerfile --build-arg VERSION=$(VERSION) -t $(NODE_IMAGE) .
-	docker build -f operator/Dockerfile --build-arg VERSION=$(VERSION) -t $(OPERATOR_IMAGE) .
+	docker build --target node --build-arg VERSION=$(VERSION) -t $(NODE_IMAGE) .
+	docker build --target operator --build-arg VERSION=$(VERSION) -t $(OPERATOR_IMAGE) .
 
 kind-load:
 	$(call need,docker,$(DOCKER_HOW))

@@ -1,8 +1,8 @@
 """The container images, the kind cluster and the Makefile targets that tie them together.
 
-Docker and kind do not run here, so the files are checked statically: node/Dockerfile and operator/Dockerfile
-through a small instruction parser, kind-config.yaml against the field names of kind's own config types, the
-Makefile through `make -n` (and through a PATH without the tools), the Helm values it sets through
+Docker and kind do not run here, so the files are checked statically: the Dockerfile's `node` and `operator`
+targets through a small instruction parser, kind-config.yaml against the field names of kind's own config
+types, the Makefile through `make -n` (and through a PATH without the tools), the Helm values it sets through
 `helm template`. examples/zstackcluster-kind.yaml goes to the devcluster's API server (dry run), which
 applies the CRD's rules.
 """
@@ -34,8 +34,9 @@ CRD = REPO / "crds" / "zstackcluster.yaml"
 KIND_CONFIG = REPO / "kind-config.yaml"
 KIND_EXAMPLE = REPO / "examples" / "zstackcluster-kind.yaml"
 CHART = REPO / "charts" / "zstack-operator"
-# Each image: its Dockerfile and the console script it runs.
-IMAGES = {"node": ("node/Dockerfile", "zstack-node"), "operator": ("operator/Dockerfile", "zstack-operator")}
+DOCKERFILE = REPO / "Dockerfile"
+# Each image: its target stage in the Dockerfile and the console script it runs (also its name).
+IMAGES = {"node": "zstack-node", "operator": "zstack-operator"}
 VENV = "/opt/venv"
 
 
@@ -51,16 +52,23 @@ class Instruction:
 
 @dataclass
 class Stage:
-    image: str  # the FROM image, global ARGs substituted
+    image: str  # the base image, global ARGs substituted (for FROM <an earlier stage>: that stage's base image)
     name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
+    parent: Stage | None = None  # the earlier stage this one is FROM, if any
+    instructions: list[Instruction] = field(default_factory=list)  # this stage's own
+
+    @property
+    def chain(self) -> list[Stage]:
+        """The stages this one is built on, the one FROM an image first, then this one."""
+        return [*(self.parent.chain if self.parent else []), self]
 
     def all(self, keyword: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.keyword == keyword]
+        """The `keyword` instructions of the image this stage builds: its own and those of the stages it is FROM."""
+        return [i for stage in self.chain for i in stage.instructions if i.keyword == keyword]
 
     def last(self, keyword: str) -> Instruction:
         found = self.all(keyword)
-        assert found, f"the stage FROM {self.image} has no {keyword} instruction: add one"
+        assert found, f"the stage {self.name or self.image} (and those it is FROM) has no {keyword}: add one"
         return found[-1]
 
 
@@ -70,12 +78,14 @@ class Dockerfile:
     args: dict[str, str]  # global ARGs (before the first FROM) with their defaults
     stages: list[Stage]
 
-    @property
-    def final(self) -> Stage:
-        return self.stages[-1]
-
     def stage_names(self) -> set[str]:
         return {stage.name for stage in self.stages if stage.name}
+
+    def stage(self, name: str) -> Stage:
+        """The stage `docker build --target <name>` builds (its `chain` follows FROM to the base image)."""
+        found = [stage for stage in self.stages if stage.name == name]
+        assert found, f"{self.path.name}: no stage named {name!r} (stages: {sorted(self.stage_names())})"
+        return found[0]
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -109,7 +119,7 @@ def _substitute(value: str, args: dict[str, str], where: str) -> str:
 
 
 def parse_dockerfile(path: Path) -> Dockerfile:
-    """The global ARGs and the stages of a Dockerfile."""
+    """The global ARGs and the stages of a Dockerfile; a FROM naming an earlier stage builds on it."""
     args: dict[str, str] = {}
     stages: list[Stage] = []
     for line, text in _logical_lines(path.read_text()):
@@ -118,7 +128,9 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         if instruction.keyword == "FROM":
             words = [w for w in instruction.args.split() if not w.startswith("--")]
             name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
-            stages.append(Stage(_substitute(words[0], args, f"{path.name}:{line}"), name))
+            base = _substitute(words[0], args, f"{path.name}:{line}")
+            parent = next((s for s in reversed(stages) if s.name and s.name.lower() == base.lower()), None)
+            stages.append(Stage(parent.image if parent else base, name, parent))
         elif not stages:
             assert instruction.keyword == "ARG", f"{path.name}:{line}: only ARG may come before the first FROM"
             arg_name, _, default = instruction.args.partition("=")
@@ -138,7 +150,7 @@ def copy_parts(instruction: Instruction) -> tuple[dict[str, str], list[str], str
 
 
 def env_values(stage: Stage) -> dict[str, str]:
-    """The stage's ENV settings (key=value form)."""
+    """The ENV settings (key=value form) of the image the stage builds."""
     values: dict[str, str] = {}
     for instruction in stage.all("ENV"):
         for word in shlex.split(instruction.args):
@@ -148,30 +160,32 @@ def env_values(stage: Stage) -> dict[str, str]:
     return values
 
 
-def labels(stage: Stage) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for instruction in stage.all("LABEL"):
-        for word in shlex.split(instruction.args):
-            key, _, value = word.partition("=")
-            found[key] = value
+def labels(stage: Stage) -> dict[str, tuple[str, Stage]]:
+    """The image's labels: value and the stage that sets it (a later stage overrides an earlier one)."""
+    found: dict[str, tuple[str, Stage]] = {}
+    for owner in stage.chain:
+        for instruction in owner.instructions:
+            if instruction.keyword == "LABEL":
+                for word in shlex.split(instruction.args):
+                    key, _, value = word.partition("=")
+                    found[key] = (value, owner)
     return found
 
 
 @pytest.fixture(scope="module", params=sorted(IMAGES))
-def image(request: pytest.FixtureRequest) -> tuple[Dockerfile, str]:
-    """(the parsed Dockerfile, the console script the image runs), for each image."""
-    path, script = IMAGES[request.param]
-    return parse_dockerfile(REPO / path), script
+def image(request: pytest.FixtureRequest) -> tuple[Dockerfile, Stage, str]:
+    """(the parsed Dockerfile, the target stage of the image, the console script it runs), for each image."""
+    dockerfile = parse_dockerfile(DOCKERFILE)
+    return dockerfile, dockerfile.stage(request.param), IMAGES[request.param]
 
 
-# ---- the Dockerfiles ---------------------------------------------------------------------------------------
+# ---- the Dockerfile ----------------------------------------------------------------------------------------
 
 PINNED_TAG = re.compile(r"^\d+\.\d+\.\d+(-[\w.-]+)?$")  # an exact patch release, e.g. 3.11.13-slim-bookworm
 
 
-def test_builds_in_stages_from_one_pinned_base(image: tuple[Dockerfile, str]) -> None:
-    dockerfile, _ = image
-    assert len(dockerfile.stages) >= 2, f"{dockerfile.path}: build in a builder stage and copy into a final one"
+def test_builds_in_stages_from_one_pinned_base(image: tuple[Dockerfile, Stage, str]) -> None:
+    dockerfile, target, _ = image
     for stage in dockerfile.stages:
         repository, _, tag = stage.image.partition("@")[0].rpartition(":")
         assert "@sha256:" in stage.image or PINNED_TAG.match(tag), (
@@ -179,63 +193,68 @@ def test_builds_in_stages_from_one_pinned_base(image: tuple[Dockerfile, str]) ->
             "python:3.11.13-slim-bookworm (not latest, not a bare major or minor tag)")
         assert repository, f"{dockerfile.path}: FROM {stage.image} names no tag"
     assert {stage.image for stage in dockerfile.stages} == {dockerfile.args.get("PYTHON_IMAGE")}, (
-        f"{dockerfile.path}: every stage should be FROM ${{PYTHON_IMAGE}}, the one pinned base "
-        f"(found {[s.image for s in dockerfile.stages]})")
+        f"{dockerfile.path}: every stage should be FROM ${{PYTHON_IMAGE}} (the one pinned base) or FROM a stage "
+        f"that is (found {[s.image for s in dockerfile.stages]})")
+    outside = [stage.name for stage in dockerfile.stages if stage not in target.chain]
+    assert outside, (f"{dockerfile.path}: the target {target.name} builds on every stage: build in a builder "
+                     "stage and copy into the image")
 
 
-def test_final_stage_runs_as_numeric_non_root(image: tuple[Dockerfile, str]) -> None:
-    dockerfile, _ = image
-    user = dockerfile.final.last("USER").args
+def test_target_runs_as_numeric_non_root(image: tuple[Dockerfile, Stage, str]) -> None:
+    dockerfile, target, _ = image
+    user = target.last("USER").args
     assert re.fullmatch(r"\d+(:\d+)?", user), (
-        f"{dockerfile.path}: USER {user} must be numeric (uid:gid) so that Kubernetes' runAsNonRoot can check it")
+        f"{dockerfile.path}: the target {target.name} runs as USER {user}: make it numeric (uid:gid) so that "
+        "Kubernetes' runAsNonRoot can check it")
     assert all(int(part) != 0 for part in user.split(":")), f"{dockerfile.path}: USER {user} is root"
 
 
-def test_entrypoint_is_the_console_script_on_path(image: tuple[Dockerfile, str]) -> None:
+def test_entrypoint_is_the_console_script_on_path(image: tuple[Dockerfile, Stage, str]) -> None:
     """The image runs its console script, found on PATH: the operator's MN pods say `command: [zstack-node]`."""
-    dockerfile, script = image
-    entrypoint = dockerfile.final.last("ENTRYPOINT").args
+    dockerfile, target, script = image
+    entrypoint = target.last("ENTRYPOINT").args
     try:  # exec form, so that SIGTERM (graceful leave) reaches the process itself, not a shell
         argv = json.loads(entrypoint)
     except json.JSONDecodeError:
         argv = None
     assert isinstance(argv, list) and argv, (
         f"{dockerfile.path}: ENTRYPOINT {entrypoint}: write it in exec form, [\"{script}\"]")
-    assert argv[0] == script, f"{dockerfile.path}: ENTRYPOINT runs {argv[0]}, not {script}"
+    assert argv[0] == script, f"{dockerfile.path}: the target {target.name} runs {argv[0]}, not {script}"
     assert script in SCRIPTS, f"{script} is not a console script in pyproject.toml [project.scripts]"
-    path = env_values(dockerfile.final).get("PATH", "")
+    path = env_values(target).get("PATH", "")
     assert path.split(":")[0] == f"{VENV}/bin", f"{dockerfile.path}: PATH should start with {VENV}/bin ({path!r})"
 
 
-def test_final_stage_copies_only_the_venv_from_the_builder(image: tuple[Dockerfile, str]) -> None:
-    dockerfile, _ = image
-    builders = {stage.name for stage in dockerfile.stages[:-1]}
-    final = dockerfile.final
-    assert not final.all("ADD"), f"{dockerfile.path}: the final stage must not ADD anything"
-    assert not final.all("RUN"), (
-        f"{dockerfile.path}: the final stage runs nothing (lines {[i.line for i in final.all('RUN')]}): install in "
-        "the builder, so no compiler or package manager cache reaches the image")
-    copies = final.all("COPY")
-    assert copies, f"{dockerfile.path}: the final stage copies nothing from the builder"
+def test_target_copies_only_the_venv_from_the_builder(image: tuple[Dockerfile, Stage, str]) -> None:
+    """From its base image on, the target (and the stages it is FROM) only copies the venv in."""
+    dockerfile, target, _ = image
+    builders = {stage.name for stage in dockerfile.stages if stage not in target.chain}
+    assert not target.all("ADD"), f"{dockerfile.path}: the target {target.name} must not ADD anything"
+    assert not target.all("RUN"), (
+        f"{dockerfile.path}: the target {target.name} runs something (lines {[i.line for i in target.all('RUN')]}): "
+        "install in the builder, so no compiler or package manager cache reaches the image")
+    copies = target.all("COPY")
+    assert copies, f"{dockerfile.path}: the target {target.name} copies nothing from the builder"
     for instruction in copies:
         flags, sources, dest = copy_parts(instruction)
         assert flags.get("from") in builders, (
-            f"{dockerfile.path}:{instruction.line}: the final stage copies from {flags.get('from') or 'the context'}, "
-            f"not from a builder stage {sorted(n for n in builders if n)}")
+            f"{dockerfile.path}:{instruction.line}: the target {target.name} copies from "
+            f"{flags.get('from') or 'the context'}, not from a builder stage {sorted(n for n in builders if n)}")
         assert sources == [VENV] and dest == VENV, f"{dockerfile.path}:{instruction.line}: copy only {VENV}"
-    env = env_values(final)
+    env = env_values(target)
     assert env.get("PYTHONDONTWRITEBYTECODE") == "1" and env.get("PYTHONUNBUFFERED") == "1", (
         f"{dockerfile.path}: set ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 (read-only root, logs at once)")
 
 
-def test_builder_copies_what_the_wheel_needs(image: tuple[Dockerfile, str]) -> None:
-    """The wheel's build reads pyproject.toml, the readme and every package folder: each must be copied into
-    the builder, exist, and not be kept out of the build context by .dockerignore."""
-    dockerfile, _ = image
+def test_builder_copies_what_the_wheel_needs(image: tuple[Dockerfile, Stage, str]) -> None:
+    """The wheel's build reads pyproject.toml, the readme and every package folder: the stages the target copies
+    its venv from must copy each, and each must exist and not be kept out of the build context by .dockerignore."""
+    dockerfile, target, _ = image
     copied: set[str] = set()
-    for stage in dockerfile.stages[:-1]:
-        for instruction in stage.all("COPY"):
-            flags, sources, _ = copy_parts(instruction)
+    builders = sorted({copy_parts(i)[0]["from"] for i in target.all("COPY") if "from" in copy_parts(i)[0]})
+    for builder in map(dockerfile.stage, builders):
+        for builder_copy in builder.all("COPY"):
+            flags, sources, _ = copy_parts(builder_copy)
             if "from" not in flags:
                 copied.update(source.rstrip("/") for source in sources)
     package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
@@ -247,21 +266,28 @@ def test_builder_copies_what_the_wheel_needs(image: tuple[Dockerfile, str]) -> N
         assert not ignore.excludes(source), f".dockerignore keeps {source} (copied by {dockerfile.path}) out"
 
 
-def test_image_metadata(image: tuple[Dockerfile, str]) -> None:
-    """OCI labels name the image, and EXPOSE is the port the process listens on by default."""
+def test_image_metadata(image: tuple[Dockerfile, Stage, str]) -> None:
+    """OCI labels name the image, and the ports it exposes are the one its process listens on by default."""
     from zstack_node.config import Settings
     from zstack_operator.cli import main as operator_main
 
-    dockerfile, script = image
-    found = labels(dockerfile.final)
-    assert found.get("org.opencontainers.image.title") == script
-    assert found.get("org.opencontainers.image.version") == "${VERSION}", (
+    dockerfile, target, script = image
+    found = labels(target)
+    assert found.get("org.opencontainers.image.title", ("",))[0] == script, (
+        f"{dockerfile.path}: the target {target.name} should carry the title label {script}")
+    assert found.get("org.opencontainers.image.licenses", ("",))[0] == PYPROJECT["project"]["license"]["text"]
+    version, owner = found.get("org.opencontainers.image.version", ("", target))
+    assert version == "${VERSION}", (
         f"{dockerfile.path}: the version label should come from the VERSION build argument (make images sets it)")
+    assert any(i.keyword == "ARG" and i.args.partition("=")[0] == "VERSION" for i in owner.instructions), (
+        f"{dockerfile.path}: declare ARG VERSION in the stage {owner.name} that labels the version (a build "
+        "argument is visible only in the stage that declares it)")
     operator_port = next(p.default for p in operator_main.params if p.name == "http_port")
     default_port = {"zstack-node": Settings.__dataclass_fields__["http_port"].default,
                     "zstack-operator": operator_port}[script]
-    assert dockerfile.final.last("EXPOSE").args.split() == [str(default_port)], (
-        f"{dockerfile.path}: EXPOSE {dockerfile.final.last('EXPOSE').args}, but {script} listens on {default_port}")
+    exposed = [port for i in target.all("EXPOSE") for port in i.args.split()]  # EXPOSE adds up along FROM
+    assert exposed == [str(default_port)], (
+        f"{dockerfile.path}: the target {target.name} exposes {exposed}, but {script} listens on {default_port}")
 
 
 # ---- .dockerignore ----------------------------------------------------------------------------------------
@@ -429,8 +455,8 @@ def test_make_dry_run_shows_the_kind_path() -> None:
     expected = [
         "if kind get clusters 2>/dev/null | grep -qx 'zstack'; then",  # an existing cluster is kept
         "kind create cluster --name zstack --config kind-config.yaml;",
-        f"docker build -f node/Dockerfile --build-arg VERSION={VERSION} -t zstack-node:{VERSION} .",
-        f"docker build -f operator/Dockerfile --build-arg VERSION={VERSION} -t zstack-operator:{VERSION} .",
+        f"docker build --target node --build-arg VERSION={VERSION} -t zstack-node:{VERSION} .",
+        f"docker build --target operator --build-arg VERSION={VERSION} -t zstack-operator:{VERSION} .",
         f"kind load docker-image zstack-node:{VERSION} zstack-operator:{VERSION} --name zstack",
         "helm upgrade --install zstack-operator charts/zstack-operator -n zstack-system --create-namespace --wait "
         f"--set image.repository=zstack-operator --set image.tag={VERSION}",
@@ -443,6 +469,24 @@ def test_make_dry_run_shows_the_kind_path() -> None:
     assert found == sorted(found), "the commands run out of order"  # (equal: one shell line)
     assert kind_config()["name"] == "zstack", "kind-config.yaml names another cluster than the Makefile's"
 
+
+
+def test_make_images_builds_each_target_of_the_dockerfile() -> None:
+    """Each `docker build` of `make images` builds one target of the root Dockerfile, tagged with the image
+    name that target's title label gives, and together they build every image."""
+    dockerfile = parse_dockerfile(DOCKERFILE)
+    built: dict[str, str] = {}
+    for command in dry_run("images"):
+        if not command.startswith("docker build "):
+            continue
+        words = shlex.split(command)
+        assert words[-1] == "." and "-f" not in words, f"{command}: build the repository root with ./Dockerfile"
+        target = dockerfile.stage(words[words.index("--target") + 1])
+        repository = words[words.index("-t") + 1].rpartition(":")[0]
+        title = labels(target)["org.opencontainers.image.title"][0]
+        assert repository == title, f"{command}: tags the target {target.name} ({title}) as {repository}"
+        built[target.name or ""] = repository
+    assert built == IMAGES, f"make images builds {built}, not {IMAGES}"
 
 def test_make_image_registry_prefixes_every_image() -> None:
     commands = " ".join(dry_run("images", "kind-load", "deploy", "IMAGE_REGISTRY=registry.example:5000/team/"))
