@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.services import Prometheus, ServiceError
+from devcluster.services import Prometheus
 from tests.fixtures.kube import KubeCluster
+from tests.fixtures.servers import running
 from tests.k8s.conftest import wait_for
 from tests.operator.conftest import TIMEOUT, OperatorProcess, Zsc
 from tests.test_dashboards_format import DASHBOARDS, load, substitute, targets
@@ -43,12 +44,7 @@ def prometheus(devcluster: KubeCluster, operator: OperatorProcess, tmp_path: Pat
     """A private Prometheus scraping the devcluster's MN pods and the test's operator process every second."""
     server = Prometheus(tmp_path / "prometheus", kubeconfig=devcluster.kubeconfig, say=_say,
                         static_targets={"zstack-operator": [f"127.0.0.1:{operator.port}"]})
-    try:
-        server.start()
-    except ServiceError as err:
-        pytest.fail(f"the private Prometheus could not start:\n{err}", pytrace=False)
-    yield server
-    server.stop()
+    yield from running(server, "Prometheus")
 
 
 def api_token(zsc: Zsc) -> str:
