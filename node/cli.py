@@ -11,7 +11,6 @@ import socket
 import click
 
 from .cloud import SERVICES as CLOUD_SERVICES
-from .cloud import metrics as cloud_metrics
 from .cloud.settings import CloudSettings
 from .config import ConfigError, Settings
 from .http import build_app, serve
@@ -93,7 +92,6 @@ async def run(settings: Settings, classes: list[type[Service]]) -> None:
     if hasattr(asyncio, "eager_task_factory"):  # Python 3.12+: a handler that never waits costs no loop pass
         loop.set_task_factory(asyncio.eager_task_factory)
     node = ManagementNode(settings, classes)
-    cloud_metrics.initialise()
     host = settings.advertise_address or settings.hostname
     node.address = f"{host}:{settings.http_port}"
     runner = await serve(build_app(node), settings.http_bind, settings.http_port)

@@ -75,21 +75,28 @@ LEASE_RENEW_FAILURE_REASONS = ("unreachable", "lost")
 LEASE_EFFECTS = ("none", "ring_change")
 
 
-def initialise(services: Iterable[str]) -> None:
+def initialise(services: Iterable[str], leases: bool) -> None:
     """Export the bounded label sets at 0 from the start, for the services this MN registers: a counter
-    that did not fire yet then reads 0 (and rates 0) instead of being absent ("No data" on a dashboard)."""
+    that did not fire yet then reads 0 (and rates 0) instead of being absent ("No data" on a dashboard).
+    Call latency is left to the callers (a histogram without observations is NaN on every quantile panel);
+    the Lease series only exist on MNs that hold Leases ("not in use" is not "0 failures")."""
     for service in services:
-        CALL_SECONDS.labels(service)
         for reason in REJECT_REASONS:
             MESSAGES_REJECTED.labels(service, reason)
         for cause in REROUTE_CAUSES:
             REROUTES.labels(service, cause)
         for event in TAKEOVER_EVENTS:
             TAKEOVERS.labels(service, event)
-    for metric, values in ((EVICTIONS, EVICTION_CAUSES), (FENCES, FENCE_REASONS),
-                           (LEASE_RENEW_FAILURES, LEASE_RENEW_FAILURE_REASONS), (LEASE_EVENTS, LEASE_EFFECTS)):
+    lease_only = (("lease",), ("lease lost",))
+    for metric, values, lease_values in ((EVICTIONS, EVICTION_CAUSES, lease_only[0]),
+                                         (FENCES, FENCE_REASONS, lease_only[1])):
         for value in values:
-            metric.labels(value)
+            if leases or value not in lease_values:
+                metric.labels(value)
+    if leases:
+        for metric, values in ((LEASE_RENEW_FAILURES, LEASE_RENEW_FAILURE_REASONS), (LEASE_EVENTS, LEASE_EFFECTS)):
+            for value in values:
+                metric.labels(value)
 
 
 @functools.cache

@@ -55,7 +55,7 @@ class ManagementNode:
         self.bus = CloudBus(settings.broker_url, ring=lambda: self.ring, may_serve=self.alive,
                             call_timeout=settings.call_timeout)
         self.services: dict[str, Service] = {cls.name: cls(self) for cls in service_classes}
-        metrics.initialise(self.services)
+        metrics.initialise(self.services, leases=settings.leases_enabled)
         self.leases = LeaseMembership(settings) if settings.leases_enabled else None
         self.address: str | None = None
         self.db_ok = False

@@ -149,6 +149,15 @@ def test_every_expression_parses_with_promtool(tmp_path: Path) -> None:
         f"{record}: {expr}" for record, expr in exprs.items())
 
 
+def test_quantile_panels_hide_series_without_observations() -> None:
+    """A quantile of a histogram with no observation in the window is NaN: `>= 0` drops such series (NaN compares
+    false), so a legend never lists, say, a job operation that did not run."""
+    for name in sorted(DASHBOARDS):
+        for panel, target in targets(load(name)):
+            if "histogram_quantile(" in target["expr"]:
+                assert target["expr"].rstrip().endswith(">= 0"), f"{name}: {panel['title']!r}: {target['expr']}"
+
+
 def test_promtool_refuses_a_broken_expression(tmp_path: Path) -> None:
     """The parser check above is real: promtool rejects what Prometheus would reject."""
     result = promtool_check({"broken": "sum by (service) (rate(zstack_bus_messages_sent_total[30s])"}, tmp_path)

@@ -28,7 +28,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -241,7 +243,7 @@ class Prometheus(Service):
             self._spawn("discovery", [
                 sys.executable, "-c", "from devcluster.services.prometheus import discover; discover()",
                 "--kubeconfig", str(self.kubeconfig), "--dir", str(self.base_dir / "sd"),
-                "--interval", str(self.discovery_interval),
+                "--interval", str(self.discovery_interval), "--parent-pid", str(os.getpid()),
             ], self.discovery_log)
         self._spawn("prometheus", [
             find_binary(self._binary),
@@ -271,9 +273,20 @@ def _write_if_changed(path: Path, text: str) -> bool:
             return False
     except FileNotFoundError:
         pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")  # unique: no two writers mix
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
     os.replace(tmp, path)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 
@@ -286,15 +299,18 @@ def discover(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", required=True, type=Path)
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit once this process is gone")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM exits through atexit, which removes the client's temporary certificate and key files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from kubernetes import client, config  # slow to import: only in the helper
 
     api = client.CoreV1Api(config.new_client_from_config(config_file=str(args.kubeconfig)))
     log.info("listing the pods of %s every %gs into %s", ", ".join(f"{job} ({sel})" for job, (sel, _) in
                                                                  POD_JOBS.items()), args.interval, args.dir)
     failing: set[str] = set()
-    while True:
+    while args.parent_pid is None or _alive(args.parent_pid):  # an orphan (its owner was killed) stops
         for job, (selector, _port) in POD_JOBS.items():
             try:
                 response = api.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False,

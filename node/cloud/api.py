@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.engine import Row
 
+from .. import metrics as node_metrics
 from ..bus import BusError, RemoteError
 from ..errors import first_line
 from ..ring import Ring, RingChange
@@ -49,6 +50,8 @@ class ApiService(Service):
         self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
         self._document = openapi_document()
         node.bus.subscribe(JOB_DONE_TOPIC, self._on_job_done)
+        metrics.initialise()
+        node_metrics.child(node_metrics.CALL_SECONDS, hosts.SERVICE)  # the one bus call the API makes: host pings
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -174,6 +177,9 @@ class ApiService(Service):
         ring = self.node.ring
         owner = f"MN {ring.owner(host_uuid)}" if ring.members else "its owner MN (this MN has no ring)"
         log.warning("ping of host %s through %s failed: %s: %s", host_uuid, owner, exc.code, first_line(exc))
+        if isinstance(exc, RemoteError):  # the owner answered with an error: its text stays in its log
+            return ApiError(503, "unavailable", f"the ping of host {host_uuid} failed on {owner}, the MN that "
+                                                f"tracks it ({exc.code}); see that MN's log")
         return ApiError(503, "unavailable", f"the ping of host {host_uuid} through {owner}, the MN that tracks "
                                             f"it, failed ({exc.code}: {first_line(exc)}); retry in a few seconds "
                                             "(the ring may be changing)")
