@@ -4,6 +4,7 @@ the files it shares with the rest of the tree (CRDs, dashboards)."""
 from __future__ import annotations
 
 import json
+import tomllib
 from typing import Any
 
 import pytest
@@ -44,28 +45,18 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- one source of truth -----------------------------------------------------------------------------
 
 
-def test_chart_crds_are_the_top_level_crds() -> None:
-    top = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
-    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert chart == top, "charts/zstack-operator/crds/ must hold exactly crds/*.yaml: run `make chart-files`"
+@pytest.mark.parametrize("folder, pattern", [("crds", "*.yaml"), ("dashboards", "*.json")])
+def test_chart_copies_equal_the_top_level_files(folder: str, pattern: str) -> None:
+    top = sorted(p.name for p in (REPO / folder).glob(pattern))
+    assert top, f"{folder}/{pattern} is empty"
+    chart = sorted(p.name for p in (CHART / folder).glob(pattern))
+    assert chart == top, f"charts/zstack-operator/{folder}/ must equal {folder}/{pattern}: run `make chart-files`"
     for name in top:
-        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
-            f"charts/zstack-operator/crds/{name} differs from crds/{name}: run `make chart-files`")
-
-
-def test_chart_dashboards_are_the_top_level_dashboards() -> None:
-    top = sorted(p.name for p in (REPO / "dashboards").glob("*.json"))
-    assert top, "dashboards/*.json is empty"
-    chart = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
-    assert chart == top, "charts/zstack-operator/dashboards/ must equal dashboards/*.json: run `make chart-files`"
-    for name in top:
-        assert (CHART / "dashboards" / name).read_bytes() == (REPO / "dashboards" / name).read_bytes(), (
-            f"charts/zstack-operator/dashboards/{name} differs from dashboards/{name}: run `make chart-files`")
+        assert (CHART / folder / name).read_bytes() == (REPO / folder / name).read_bytes(), (
+            f"charts/zstack-operator/{folder}/{name} differs from {folder}/{name}: run `make chart-files`")
 
 
 def test_chart_version_follows_the_project() -> None:
-    import tomllib
-
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["version"] == chart["appVersion"] == version
