@@ -12,15 +12,13 @@ ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 # ---- builder: a wheel of the project, installed with its dependencies into /opt/venv ----------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Not the source folder as the working directory: a Python started there would import operator/ in place
-# of the standard library's `operator` module.
 WORKDIR /build
+# Only the product's packages: the dev tools (devcluster/, bench/) are distributions of their own.
 COPY pyproject.toml README.md /src/
 COPY node/ /src/node/
 COPY operator/ /src/operator/
 COPY cli/ /src/cli/
-COPY bench/ /src/bench/
-COPY devcluster/ /src/devcluster/
+COPY kube/ /src/kube/
 # Every dependency ships a manylinux wheel (psycopg2-binary included), so no compiler is needed.
 RUN pip wheel --no-deps --wheel-dir /wheels /src \
     && python -m venv /opt/venv \

@@ -34,8 +34,7 @@ chart-files:
 # `make images VERSION=0.2.0`. These targets need Docker, kind, Helm 3 and kubectl.
 .PHONY: kind-up images kind-load deploy kind-down
 
-# The project version, from pyproject.toml (sed, not Python: a Python started in this folder would import
-# operator/ in place of the standard library's `operator`).
+# The project version, from pyproject.toml.
 VERSION := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1)
 IMAGE_REGISTRY ?=
 IMAGE_PREFIX = $(if $(IMAGE_REGISTRY),$(patsubst %/,%,$(IMAGE_REGISTRY))/)

@@ -30,8 +30,8 @@ def assert_worst_and_mean(value: dict[str, float], key: str) -> None:
 
 def test_k8s_scale_small(devcluster: KubeCluster, fresh_vhost: str, fresh_database: str,
                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # Started from the repo root with it on PYTHONPATH, as a developer might: the operator subprocess must still
-    # get the standard library's `operator` module, not the repo's operator/ folder.
+    # Started from the repo root with it on PYTHONPATH, as a developer might: the repo's operator/ folder holds
+    # zstack_operator only, so the operator subprocess still gets the standard library's `operator` module.
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     before = bench_namespaces(devcluster)

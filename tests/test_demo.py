@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from devcluster import demo
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import wait_for
+from zstack_devcluster import demo
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 

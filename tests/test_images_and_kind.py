@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from devcluster import tools
 from tests.fixtures.kube import KubeCluster
+from zstack_devcluster import tools
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -248,7 +248,8 @@ def test_target_copies_only_the_venv_from_the_builder(image: tuple[Dockerfile, S
 
 def test_builder_copies_what_the_wheel_needs(image: tuple[Dockerfile, Stage, str]) -> None:
     """The wheel's build reads pyproject.toml, the readme and every package folder: the stages the target copies
-    its venv from must copy each, and each must exist and not be kept out of the build context by .dockerignore."""
+    its venv from must copy each, and each must exist and not be kept out of the build context by .dockerignore.
+    The dev tools (devcluster/, bench/) are never copied: they are no part of what runs in production."""
     dockerfile, target, _ = image
     copied: set[str] = set()
     builders = sorted({copy_parts(i)[0]["from"] for i in target.all("COPY") if "from" in copy_parts(i)[0]})
@@ -257,9 +258,11 @@ def test_builder_copies_what_the_wheel_needs(image: tuple[Dockerfile, Stage, str
             flags, sources, _ = copy_parts(builder_copy)
             if "from" not in flags:
                 copied.update(source.rstrip("/") for source in sources)
-    package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    package_dirs = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]
     needed = {"pyproject.toml", PYPROJECT["project"]["readme"], *package_dirs}
     assert needed <= copied, f"{dockerfile.path}: the builder does not copy {sorted(needed - copied)}"
+    dev_only = {"devcluster", "bench", "tests"} & copied
+    assert not dev_only, f"{dockerfile.path}: the builder copies the dev-only {sorted(dev_only)} into the image"
     ignore = DockerIgnore.load()
     for source in sorted(copied):
         assert (REPO / source).exists(), f"{dockerfile.path}: COPY {source}: no such file in the repository"
@@ -325,11 +328,14 @@ class DockerIgnore:
 
 def test_dockerignore_keeps_repository_state_out_of_the_context() -> None:
     ignore = DockerIgnore.load()
-    for path in (".git/HEAD", ".dev/logs/mn-0.log", "tests/conftest.py", "node/__pycache__/ring.cpython-311.pyc",
+    for path in (".git/HEAD", ".dev/logs/mn-0.log", "tests/conftest.py",
+                 "node/zstack_node/__pycache__/ring.cpython-311.pyc",
+                 "devcluster/zstack_devcluster/cli.py", "bench/zstack_bench/cli.py",
                  ".pytest_cache/v/cache", ".ruff_cache/CACHEDIR.TAG", "build/lib/x.py", "dist/x.whl",
                  "zstack_k8s.egg-info/PKG-INFO", ".venv/bin/python"):
         assert ignore.excludes(path), f".dockerignore lets {path} into the build context"
-    for path in ("pyproject.toml", "README.md", "node/ring.py", "operator/cli.py", "node/manifests/mn-rbac.yaml"):
+    for path in ("pyproject.toml", "README.md", "node/zstack_node/ring.py", "operator/zstack_operator/cli.py",
+                 "node/zstack_node/manifests/mn-rbac.yaml", "kube/zstack_kube/__init__.py"):
         assert not ignore.excludes(path), f".dockerignore keeps {path} out, but the images need it"
 
 

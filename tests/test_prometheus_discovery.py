@@ -19,7 +19,7 @@ pytestmark = pytest.mark.k8s
 def start_helper(cluster: KubeCluster, workdir: Path, parent_pid: int) -> subprocess.Popen[bytes]:
     (workdir / "sd").mkdir()
     (workdir / "tmp").mkdir()
-    argv = [sys.executable, "-c", "from devcluster.services.prometheus import discover; discover()",
+    argv = [sys.executable, "-c", "from zstack_devcluster.services.prometheus import discover; discover()",
             "--kubeconfig", str(cluster.kubeconfig), "--dir", str(workdir / "sd"), "--interval", "0.2",
             "--parent-pid", str(parent_pid)]
     helper = subprocess.Popen(argv, cwd=workdir, env=dict(os.environ, TMPDIR=str(workdir / "tmp")))

@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from devcluster.procs import all_procs
-from devcluster.services import PostgreSQL, RabbitMQ, ServiceError, free_ports, port_is_free
-from devcluster.services.base import is_alive
+from zstack_devcluster.procs import all_procs
+from zstack_devcluster.services import PostgreSQL, RabbitMQ, ServiceError, free_ports, port_is_free
+from zstack_devcluster.services.base import is_alive
 
 
 def _comm(pid: int) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from devcluster.ports import free_port
 from tests.fixtures.chart import CHART, REPO, helm
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import wait_for
+from zstack_devcluster.ports import free_port
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 

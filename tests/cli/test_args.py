@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner, Result
 
-from devcluster.ports import free_port
 from zstack_cli.cli import UUID, main
 from zstack_cli.client import ApiClient, ApiError, _error_from_body
+from zstack_devcluster.ports import free_port
 
 SECRET = "s3cret-token-value"
 

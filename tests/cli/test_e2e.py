@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from devcluster.localnodes import LocalNode, agreed_members, wait_until
-from devcluster.services import PostgreSQL, RabbitMQ
 from zstack_cli.cli import main
+from zstack_devcluster.localnodes import LocalNode, agreed_members, wait_until
+from zstack_devcluster.services import PostgreSQL, RabbitMQ
 
 pytestmark = pytest.mark.slow
 

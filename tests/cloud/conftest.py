@@ -14,8 +14,8 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from devcluster.localnodes import LocalNode, wait_until
 from tests.fixtures.mn_processes import MnProcesses
+from zstack_devcluster.localnodes import LocalNode, wait_until
 
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 TERMINAL = ("Succeeded", "Failed")

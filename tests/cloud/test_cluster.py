@@ -13,8 +13,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from devcluster.localnodes import wait_until
 from tests.cloud.conftest import TERMINAL, Api, duplicate_changes, host_accounting
+from zstack_devcluster.localnodes import wait_until
 from zstack_node.ring import Ring
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devcluster.localnodes import LocalNode, wait_until
 from tests.cloud.conftest import Api, CloudCluster
+from zstack_devcluster.localnodes import LocalNode, wait_until
 from zstack_node.ring import Ring
 
 pytestmark = pytest.mark.slow

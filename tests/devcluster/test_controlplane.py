@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from devcluster import procs, tools
-from devcluster.layout import NODE_NAME
-from devcluster.state import load
 from tests.fixtures.kube import KubeCluster
+from zstack_devcluster import procs, tools
+from zstack_devcluster.layout import NODE_NAME
+from zstack_devcluster.state import load
 
 pytestmark = pytest.mark.k8s
 
@@ -129,7 +129,7 @@ def test_tools_on_a_warm_cache_never_run_go(tmp_path: Path) -> None:
     (fake_bin / "go").chmod(0o755)
     env = dict(os.environ, PATH=os.pathsep.join([str(fake_bin), os.environ["PATH"]]))
     proc = subprocess.run(
-        [sys.executable, "-m", "devcluster.cli", "tools"], env=env, capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "zstack_devcluster.cli", "tools"], env=env, capture_output=True, text=True, timeout=30,
     )
     assert not mark.exists(), "a warm cache ran go"
     assert proc.returncode == 0, proc.stderr

@@ -23,16 +23,16 @@ from typing import Any
 
 import pytest
 
-from devcluster.kubelet.context import Services, Settings
-from devcluster.kubelet.envvars import expand
-from devcluster.kubelet.ipam import PodIPAM
-from devcluster.kubelet.paths import PodPaths
-from devcluster.kubelet.podnet import bindable
-from devcluster.kubelet.pods import PodWorker
-from devcluster.kubelet.runtime import kill_leftovers
-from devcluster.kubelet.server import KubeletServer, LogNotFound
-from devcluster.kubelet.volumes import VolumeError, link_mounts, setup_volumes
 from tests.fixtures.kube import KubeCluster
+from zstack_devcluster.kubelet.context import Services, Settings
+from zstack_devcluster.kubelet.envvars import expand
+from zstack_devcluster.kubelet.ipam import PodIPAM
+from zstack_devcluster.kubelet.paths import PodPaths
+from zstack_devcluster.kubelet.podnet import bindable
+from zstack_devcluster.kubelet.pods import PodWorker
+from zstack_devcluster.kubelet.runtime import kill_leftovers
+from zstack_devcluster.kubelet.server import KubeletServer, LogNotFound
+from zstack_devcluster.kubelet.volumes import VolumeError, link_mounts, setup_volumes
 
 k8s = pytest.mark.k8s
 
@@ -553,7 +553,7 @@ class SecondKubelet:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "kubelet.log", "a") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "devcluster.kubelet", "--kubeconfig", str(self.kube.cluster.kubeconfig),
+                [sys.executable, "-m", "zstack_devcluster.kubelet", "--kubeconfig", str(self.kube.cluster.kubeconfig),
                  "--root", str(self.root / "kubelet"), "--node-name", self.node,
                  "--register-with-taints", f"{self.TAINT}=true:NoSchedule", *self.extra],
                 stdout=logf, stderr=subprocess.STDOUT,

@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from devcluster.layout import Layout
-from devcluster.ports import free_port
 from tests.fixtures.kube import KubeCluster
+from zstack_devcluster.layout import Layout
+from zstack_devcluster.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-RBAC = REPO / "node" / "manifests" / "mn-rbac.yaml"
+RBAC = REPO / "node" / "zstack_node" / "manifests" / "mn-rbac.yaml"
 CLUSTER = "demo"
 STS = f"{CLUSTER}-mn"
 SA = "zstack-mn"

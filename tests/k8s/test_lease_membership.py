@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from devcluster import controlplane
 from tests.k8s.conftest import (
     CLUSTER,
     HEARTBEAT_INTERVAL,
@@ -28,6 +27,7 @@ from tests.k8s.conftest import (
     metric,
     wait_for,
 )
+from zstack_devcluster import controlplane
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zstack_node.bus import BusError
-from zstack_node.envelope import Envelope
+from zstack_node.bus.cloudbus import BusError
+from zstack_node.bus.envelope import Envelope
 from zstack_node.ring import Ring, RingChange
 from zstack_node.service import Service, ServiceError, handles
 

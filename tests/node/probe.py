@@ -7,8 +7,8 @@ import uuid
 
 import pika
 
-from zstack_node.envelope import Envelope
-from zstack_node.topology import (
+from zstack_node.bus.envelope import Envelope
+from zstack_node.bus.topology import (
     API_QUEUE,
     DEAD_LETTER_QUEUE,
     P2P_EXCHANGE,

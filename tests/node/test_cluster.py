@@ -9,9 +9,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devcluster.localnodes import wait_until
+from zstack_devcluster.localnodes import wait_until
+from zstack_node.bus.topology import API_QUEUE, service_queue
 from zstack_node.ring import Ring
-from zstack_node.topology import API_QUEUE, service_queue
 
 pytestmark = pytest.mark.slow
 
@@ -161,8 +161,8 @@ def test_every_mn_recovers_after_a_broker_restart(cluster, rabbitmq, probe_facto
 
 
 def test_an_unreachable_broker_is_waited_for_and_named_in_the_log(cluster, fresh_database, tmp_path):
-    from devcluster.localnodes import LocalNode
-    from devcluster.ports import free_port
+    from zstack_devcluster.localnodes import LocalNode
+    from zstack_devcluster.ports import free_port
 
     closed = free_port()
     node = LocalNode("lonely", f"amqp://u:secret@127.0.0.1:{closed}/%2F", fresh_database, tmp_path).start()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from zstack_node.envelope import Envelope, MalformedMessage
+from zstack_node.bus.envelope import Envelope, MalformedMessage
 
 
 def test_round_trip_keeps_every_field():

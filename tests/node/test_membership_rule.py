@@ -5,10 +5,10 @@ import threading
 import time
 from types import SimpleNamespace
 
-from zstack_node.lease_membership import LeaseMembership
-from zstack_node.leases import LeaseEvent, Outcome, Result
-from zstack_node.membership import LEAVING, RUNNING, MemberRow
-from zstack_node.membership_rule import LeaseTable, OwnLease, decide, fresh_rows
+from zstack_node.membership.lease_api import LeaseEvent, Outcome, Result
+from zstack_node.membership.leases import LeaseMembership
+from zstack_node.membership.rule import LeaseTable, OwnLease, decide, fresh_rows
+from zstack_node.membership.table import LEAVING, RUNNING, MemberRow
 
 ME, A, B = "me", "a", "b"
 

@@ -23,8 +23,6 @@ from typing import Any
 import pytest
 import yaml
 
-from devcluster.layout import Layout
-from devcluster.ports import free_port
 from tests.fixtures.chart import render
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import (
@@ -37,6 +35,8 @@ from tests.k8s.conftest import (
     pod_ip,
     wait_for,
 )
+from zstack_devcluster.layout import Layout
+from zstack_devcluster.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "zstackcluster.yaml"

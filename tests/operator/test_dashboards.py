@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.services import Prometheus
 from tests.fixtures.kube import KubeCluster
 from tests.fixtures.servers import running
 from tests.k8s.conftest import wait_for
 from tests.operator.conftest import TIMEOUT, OperatorProcess, Zsc
 from tests.test_dashboards_format import DASHBOARDS, load, substitute, targets
 from zstack_cli.client import ApiClient
+from zstack_devcluster.services import Prometheus
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 

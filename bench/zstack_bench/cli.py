@@ -1,0 +1,141 @@
+"""`zstack-bench`: benchmarks that print one JSON object each (progress goes to stderr)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from zstack_node.ring import DEFAULT_VNODES
+
+
+def progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, indent=2))
+
+
+def pick(value: Any, small: bool, small_value: Any, full_value: Any) -> Any:
+    """An explicit option wins; otherwise the small or the full size."""
+    if value is not None:
+        return value
+    return small_value if small else full_value
+
+
+@click.group(context_settings={"max_content_width": 110})
+def main() -> None:
+    """Benchmarks of the management node runtime, as ratios to baselines measured in the same run."""
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 20k keys, 2 seeds")
+@click.option("--mns", type=click.IntRange(2), default=10, show_default=True, help="MNs in the ring")
+@click.option("--keys", type=click.IntRange(1), default=None, help="Random resource UUIDs [100000; small 20000]")
+@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds 1..n to repeat over [5; small 2]")
+@click.option("--vnodes", type=click.IntRange(1), default=DEFAULT_VNODES, show_default=True,
+              help="Virtual nodes per MN")
+def ring(small: bool, mns: int, keys: int | None, seeds: int | None, vnodes: int) -> None:
+    """Balance and moves of our Ring against jump consistent hash on the same keys."""
+    from zstack_bench import ring as ring_bench
+
+    keys = pick(keys, small, 20_000, 100_000)
+    seeds = pick(seeds, small, 2, 5)
+    emit(ring_bench.run(mns, keys, range(1, seeds + 1), vnodes, progress=progress))
+
+
+def broker_option(func: Any) -> Any:
+    return click.option("--broker-url", envvar="ZSTACK_BENCH_BROKER_URL", show_envvar=True, default=None,
+                        help="RabbitMQ to use; without it a private one is started for the run")(func)
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 200 calls, 2000 messages, 2 rounds")
+@broker_option
+@click.option("--calls", type=click.IntRange(1), default=None, help="Timed calls per side [5000; small 200]")
+@click.option("--messages", type=click.IntRange(1), default=None,
+              help="Timed one-way messages per side [50000; small 2000]")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Alternating rounds [5; small 2]")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed calls per side first [200; small 50]")
+def bus(small: bool, broker_url: str | None, calls: int | None, messages: int | None, rounds: int | None,
+        warmup: int | None) -> None:
+    """CloudBus call and one-way rate against raw pika on the same broker."""
+    from zstack_bench import bus as bus_bench
+    from zstack_bench.servers import broker
+
+    with broker(broker_url, progress) as url:
+        emit(bus_bench.run(url, calls=pick(calls, small, 200, 5000), messages=pick(messages, small, 2000, 50_000),
+                           rounds=pick(rounds, small, 2, 5), warmup=pick(warmup, small, 50, 200),
+                           progress=progress))
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 1 round")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds, each with 3 fresh MNs [3; small 1]")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
+def failover(small: bool, broker_url: str | None, database_url: str | None, rounds: int | None,
+             log_dir: Path | None) -> None:
+    """Ring convergence of 3 zstack-node processes after kill -9 and after SIGTERM; idle RSS."""
+    from zstack_bench import failover as failover_bench
+    from zstack_bench.servers import broker, database
+
+    with broker(broker_url, progress) as mq, database(database_url, progress) as db:
+        emit(failover_bench.run(mq, db, rounds=pick(rounds, small, 1, 3), log_dir=log_dir, progress=progress))
+
+
+@main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 2 hosts, 6 VMs, 1 cycle, 6 in flight, 1 round")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--hosts", type=click.IntRange(1), default=None, help="Hosts added per configuration [4; small 2]")
+@click.option("--vms", type=click.IntRange(1), default=None, help="VMs created per configuration [64; small 6]")
+@click.option("--cycles", type=click.IntRange(1), default=None, help="Stop/start cycles per VM [4; small 1]")
+@click.option("--concurrency", type=click.IntRange(1), default=None, help="Jobs in flight at most [16; small 6]")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Alternating rounds of 1 MN and 3 MNs, each with fresh MNs [2; small 1]")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
+def api(small: bool, broker_url: str | None, database_url: str | None, hosts: int | None, vms: int | None,
+        cycles: int | None, concurrency: int | None, rounds: int | None, log_dir: Path | None) -> None:
+    """VM start/stop jobs per second through HTTP, api.portal and the owner MN, with 1 and with 3 MNs."""
+    from zstack_bench import api as api_bench
+    from zstack_bench.servers import broker, database
+
+    with broker(broker_url, progress) as mq, database(database_url, progress) as db:
+        emit(api_bench.run(mq, db, hosts=pick(hosts, small, 2, 4), vms=pick(vms, small, 6, 64),
+                           cycles=pick(cycles, small, 1, 4), concurrency=pick(concurrency, small, 6, 16),
+                           rounds=pick(rounds, small, 1, 2), log_dir=log_dir, progress=progress))
+
+
+@main.command("k8s-scale")
+@click.option("--small", is_flag=True, help="CI smoke size: 1 round, 10 spec changes")
+@click.option("--dev-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ZSTACK_DEV_DIR",
+              show_envvar=True, default=None,
+              help="A running devcluster to use; without it a private one is started for the run")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds of scaling 3 -> 5 -> 3 [3; small 1]")
+@click.option("--changes", type=click.IntRange(1), default=None,
+              help="Timed spec changes, and as many baseline StatefulSet patches [30; small 10]")
+def k8s_scale(small: bool, dev_dir: Path | None, broker_url: str | None, database_url: str | None,
+              rounds: int | None, changes: int | None) -> None:
+    """The operator on the devcluster: ring convergence after kubectl scale 3 -> 5 -> 3, spec-change latency."""
+    from zstack_bench import k8s_scale as k8s_bench
+    from zstack_bench.servers import broker, database
+
+    try:
+        with k8s_bench.devcluster(dev_dir, progress) as kubeconfig, broker(broker_url, progress) as mq, \
+                database(database_url, progress) as db:
+            emit(k8s_bench.run(kubeconfig, mq, db, rounds=pick(rounds, small, 1, 3),
+                               changes=pick(changes, small, 10, 30), progress=progress))
+    except k8s_bench.BenchError as err:
+        raise click.ClickException(str(err)) from None

@@ -1,0 +1,111 @@
+"""`zstack-node`: run one management node."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import socket
+
+import click
+
+from zstack_kube.login import KubeError, namespace
+from zstack_node.cloud import SERVICES as CLOUD_SERVICES
+from zstack_node.cloud.settings import CloudSettings
+from zstack_node.config import ConfigError, Settings
+from zstack_node.http import build_app, serve
+from zstack_node.node import ManagementNode
+from zstack_node.ring import DEFAULT_VNODES
+from zstack_node.service import Service
+
+log = logging.getLogger("zstack_node")
+
+
+def load_service(spec: str) -> type[Service]:
+    """Import `package.module:ClassName` and check that it is a Service."""
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise click.BadParameter(f"{spec!r} must look like package.module:ClassName", param_hint="--service")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"cannot load {spec!r}: {exc}", param_hint="--service") from None
+    if not (isinstance(cls, type) and issubclass(cls, Service) and getattr(cls, "name", None)):
+        raise click.BadParameter(f"{spec!r} is not a Service subclass with a name", param_hint="--service")
+    return cls
+
+
+def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN202 - a click decorator
+    env = env or "ZSTACK_" + name.upper().replace("-", "_")
+    return click.option(f"--{name}", *dest, envvar=env, show_envvar=True, show_default=True, **kwargs)
+
+
+@click.command(context_settings={"max_content_width": 110})
+@_opt("broker-url", required=True, help="RabbitMQ URL, amqp://user:pass@host:5672/%2F")
+@_opt("database-url", required=True, help="PostgreSQL URL, postgresql://user:pass@host:5432/zstack")
+@_opt("http-bind", default="0.0.0.0", help="Address of the HTTP port (API, health, metrics)")
+@_opt("http-port", type=click.IntRange(0, 65535), default=8080, help="The HTTP port")
+@_opt("heartbeat-interval", type=float, default=1.0, help="Seconds between heartbeats")
+@_opt("heartbeat-timeout", type=float, default=4.0, help="Seconds without a heartbeat before eviction")
+@_opt("lease-duration", type=float, default=5.0, help="Kubernetes Lease duration in seconds")
+@_opt("ring-vnodes", type=int, default=DEFAULT_VNODES, help="Virtual nodes per MN on the hash ring")
+@_opt("call-timeout", type=float, default=10.0, help="Default deadline of a bus call, seconds")
+@_opt("cluster", default="default", help="Name of the ZStackCluster this MN belongs to")
+@_opt("hostname", default=None, help="Name recorded beside the MN UUID (default: the host or pod name)")
+@_opt("advertise-address", default=None, help="Address other MNs and clients use to reach this MN's HTTP port")
+@_opt("service", "services", env="ZSTACK_SERVICES", multiple=True,
+      help="Extra service to host, as package.module:ClassName")
+@_opt("log-level", default="INFO",
+      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@_opt("api-token", default=None, help="Bearer token the HTTP API requires")
+@_opt("kubernetes", default="auto", type=click.Choice(["auto", "on", "off"]),
+      help="Lease membership: auto is on when POD_NAME is set")
+@_opt("pod-name", env="POD_NAME", default=None, help="This MN's pod (downward API): the name of its Lease")
+@_opt("pod-namespace", env="POD_NAMESPACE", default=None,
+      help="Namespace of the pod and its Lease (default: the ServiceAccount's namespace)")
+def main(services: tuple[str, ...], log_level: str, hostname: str | None, **options: object) -> None:
+    """Run one ZStack management node: every service, one copy of the hash ring."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    hostname = hostname or options.get("pod_name") or socket.gethostname()  # type: ignore[assignment]
+    try:
+        settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
+        CloudSettings.from_env()  # the cloud services read their tuning later; refuse a bad value now
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if settings.leases_enabled:
+        try:
+            namespace(settings.pod_namespace)  # fail now, not after the database answers
+        except KubeError as exc:
+            raise click.UsageError(str(exc)) from None
+    classes = [*CLOUD_SERVICES, *(load_service(spec) for spec in services)]
+    try:
+        asyncio.run(run(settings, classes))
+    except KubeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def run(settings: Settings, classes: list[type[Service]]) -> None:
+    """Start the node and its HTTP port; leave gracefully on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    if hasattr(asyncio, "eager_task_factory"):  # Python 3.12+: a handler that never waits costs no loop pass
+        loop.set_task_factory(asyncio.eager_task_factory)
+    node = ManagementNode(settings, classes)
+    host = settings.advertise_address or settings.hostname
+    node.address = f"{host}:{settings.http_port}"
+    runner = await serve(build_app(node), settings.http_bind, settings.http_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("HTTP on %s:%d; starting", settings.http_bind, settings.http_port)
+    starting = asyncio.create_task(node.start())
+    await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()
+        await stop.wait()
+    else:
+        starting.cancel()
+    log.info("received a stop signal")
+    await node.leave()
+    await runner.cleanup()

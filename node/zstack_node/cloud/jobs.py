@@ -1,0 +1,249 @@
+"""Durable jobs: claimed by one MN at a time, run in order per resource, finished exactly once.
+
+- A job row is written before its message is published, so an accepted job is never lost.
+- The MN that runs a job claims it (compare-and-set on `jobs.mn`); every later write of the
+  job, and each resource change it makes, is fenced in one transaction, so a stale runner fails
+  its attempt instead of applying anything.
+- A job's resource change and the job's own terminal state commit together: a re-driven job
+  finds either its change applied and itself finished, or neither.
+- A job that fails, for whatever reason, undoes its partial change with its terminal write, so it
+  never leaves its resource in a transitional state (`abort`).
+- Jobs on one resource run in acceptance order: a chain stops at the first job it cannot finish,
+  and the sweeper drives the rest later, older ones first.
+- The sweeper (on each resource's owner) drives jobs whose MN is gone or whose message was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import SQLAlchemyError
+
+from zstack_node.cloud import metrics, repo
+from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL, StaleWrite
+from zstack_node.cloud.syncqueue import SyncQueues
+from zstack_node.errors import first_line
+
+if TYPE_CHECKING:
+    from zstack_node.node import ManagementNode
+    from zstack_node.ring import RingChange
+
+log = logging.getLogger(__name__)
+
+JOB_DONE_TOPIC = "cloud.job.done"
+_ATTEMPTS = 6
+_WAIT_FOR_OTHER = 30.0  # seconds a job waits for an older one still run by another live MN
+_DB_THREADS = 4  # with the runtime's threads, within the engine's pool of 10 connections
+_EXECUTORS: weakref.WeakKeyDictionary[Any, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+T = TypeVar("T")
+
+
+class JobFailure(Exception):
+    """The job cannot be done (bad state, no capacity ...): it ends Failed with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": str(self)}
+
+
+class Database:
+    """Runs a function in one transaction on the cloud's own worker threads.
+
+    Not the loop's default executor: a backlog of job queries there would delay the membership
+    heartbeat, and a late heartbeat fences the MN.
+    """
+
+    def __init__(self, node: ManagementNode) -> None:
+        self.node = node
+        executor = _EXECUTORS.get(node)
+        if executor is None:
+            executor = _EXECUTORS[node] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
+        self._executor = executor
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(self._in_transaction, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.node.engine.begin() as conn:
+            return fn(conn, *args, **kwargs)
+
+
+class JobDriver:
+    """Runs the jobs of one kind of resource on this MN. Subclasses implement `apply`."""
+
+    operations: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, node: ManagementNode) -> None:
+        self.node = node
+        self.db = Database(node)
+        self.queues = SyncQueues()
+        self.active: set[str] = set()  # jobs being run by this MN now
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def submit(self, job_id: str, resource_uuid: str) -> asyncio.Future[Any]:
+        """Queue a job behind the other work on its resource; it runs with the older open jobs first."""
+        future = self.queues.submit(resource_uuid, lambda: self._drive(job_id))
+        future.add_done_callback(_consume)
+        return future
+
+    async def _drive(self, job_id: str) -> None:
+        try:
+            jobs = await self.db(repo.open_jobs_up_to, job_id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
+            return
+        for job in jobs:
+            if job.operation not in self.operations:
+                continue
+            await self.run(job)
+            if not await self._ended(job.id):
+                # Running a newer job now would reorder the resource's operations (stop then start
+                # applied as start then stop): leave it, and the rest, to the sweeper.
+                log.info("job %s (%s) is not finished; the newer jobs on %s wait for the sweeper", job.id,
+                         job.operation, job.resource_uuid)
+                return
+
+    async def _ended(self, job_id: str) -> bool:
+        """Whether the job is terminal now; False if the database cannot say."""
+        try:
+            row = await self.db(repo.get_job, job_id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s (%s)", job_id, first_line(exc))
+            return False
+        return row is None or row.state in TERMINAL
+
+    async def run(self, job: Row) -> None:
+        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
+        me = self.node.uuid
+        if me is None or self.node.state not in ("running", "leaving"):
+            return  # fenced: the new owner's sweeper drives it
+        metrics.JOBS_IN_FLIGHT.inc()
+        self.active.add(job.id)
+        try:
+            await self._run(job, me)
+        finally:
+            self.active.discard(job.id)
+            metrics.JOBS_IN_FLIGHT.dec()
+
+    async def _run(self, job: Row | None, me: str) -> None:
+        for attempt in range(_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.05 * attempt)
+                job = await self._reread(job)  # type: ignore[arg-type]
+            if job is None or job.state in TERMINAL:
+                return
+            if job.mn not in (None, me) and job.mn in self.node.ring.members:
+                job = await self._wait_for_other(job)
+                if job is None or job.state in TERMINAL or job.mn in self.node.ring.members:
+                    return  # finished there, or still run by a live MN: not ours to touch
+            try:
+                if job.mn != me:
+                    claimed = await self.db(repo.claim_job, job.id, me, job.mn)
+                    if claimed is None:
+                        raise StaleWrite("another MN claimed the job first, or it ended")
+                    job = claimed
+                try:
+                    self._finished(await self.apply(job, me))
+                except JobFailure as failure:
+                    self._finished(await self.db(self.abort, job, me, failure))
+                return
+            except StaleWrite as exc:
+                metrics.STALE_WRITES.labels(job.operation).inc()
+                log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
+            except DB_UNAVAILABLE as exc:
+                log.warning("job %s (%s): database error %s; trying again", job.id, job.operation, first_line(exc))
+                await asyncio.sleep(0.5)
+            except Exception as exc:
+                log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
+                failure = JobFailure("internal_error", f"{type(exc).__name__}: {first_line(exc)}")
+                try:
+                    self._finished(await self.db(self.abort, job, me, failure))
+                except (StaleWrite, SQLAlchemyError) as again:
+                    log.warning("job %s (%s): could not record the failure (%s); the sweeper will drive it", job.id,
+                                job.operation, first_line(again))
+                return
+        with contextlib.suppress(SQLAlchemyError):
+            await self.db(repo.release_job, job.id, me)
+        log.warning("job %s (%s): gave up after %d attempts; the sweeper will drive it", job.id, job.operation,
+                    _ATTEMPTS)
+
+    async def _reread(self, job: Row) -> Row | None:
+        """The job's row now; the row we had if the database does not answer (the next write fails anyway)."""
+        try:
+            return await self.db(repo.get_job, job.id)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read job %s: %s", job.id, first_line(exc))
+            await asyncio.sleep(0.5)
+            return job
+
+    async def _wait_for_other(self, job: Row) -> Row | None:
+        """An older job run by another live MN (the ring just changed): let it finish first."""
+        deadline = time.monotonic() + _WAIT_FOR_OTHER
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            job = await self._reread(job)
+            if job is None or job.state in TERMINAL or job.mn not in self.node.ring.members:
+                return job
+        return job
+
+    def count_gained(self, change: RingChange, kind: str, read_uuids: Callable[[Connection], list[str]]) -> None:
+        """Count the resources this MN gained in `change`, in the background: takeover hooks run one
+        service after another, so none of them may wait for the database."""
+        me = self.node.uuid
+        if me is None:
+            return
+
+        async def count() -> None:
+            try:
+                gained = change.gained_by(me, await self.db(read_uuids))
+            except SQLAlchemyError as exc:
+                log.warning("could not count the %ss taken over: %s", kind, first_line(exc))
+                return
+            metrics.TAKEOVERS.labels(kind).inc()
+            if gained:
+                metrics.TAKEOVER_RESOURCES.labels(kind).inc(len(gained))
+                log.info("took over %d %s(s) from %s", len(gained), kind, ",".join(sorted(u[:8] for u in change.left)))
+
+        task = asyncio.get_running_loop().create_task(count(), name=f"count-{kind}-takeover")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def apply(self, job: Row, me: str) -> Row:
+        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""
+        raise NotImplementedError
+
+    def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
+        """Fail the job in one transaction with the undo of any partial change it left on its resource."""
+        return repo.finish_job(conn, job.id, me, error=failure.as_dict())
+
+    def _finished(self, row: Row) -> None:
+        metrics.JOBS_FINISHED.labels(row.operation, row.state).inc()
+        if row.finished_at is not None:
+            metrics.JOB_SECONDS.labels(row.operation).observe((row.finished_at - row.created_at).total_seconds())
+        with contextlib.suppress(Exception):
+            self.node.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop running jobs; when leaving gracefully, let the running ones finish first (up to `grace`)."""
+        if self.node.state == "leaving":
+            await self.queues.drain(grace)
+        await self.queues.close()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("job chain failed: %r", future.exception())
+

@@ -1,0 +1,142 @@
+"""Management node settings: one validated, immutable object built from flags and env vars."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from zstack_node.membership.lease_api import call_timeout
+from zstack_node.ring import DEFAULT_VNODES
+
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the flag and env var and says what to do."""
+
+
+def _where(name: str) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} / ZSTACK_{name.upper()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one MN needs to run. Build it with `Settings(...)` and call `validate()`."""
+
+    broker_url: str
+    database_url: str
+    http_bind: str = "0.0.0.0"
+    http_port: int = 8080
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 4.0
+    lease_duration: float = 5.0
+    ring_vnodes: int = DEFAULT_VNODES
+    api_token: str | None = None
+    cluster: str = "default"
+    hostname: str = field(default_factory=socket.gethostname)
+    services: tuple[str, ...] = ()
+    advertise_address: str | None = None
+    call_timeout: float = 10.0
+    kubernetes: str = "auto"  # Lease membership: auto (on when pod_name is set), on, off
+    pod_name: str | None = None  # the downward API's metadata.name: also the Lease name
+    pod_namespace: str | None = None
+
+    @property
+    def leases_enabled(self) -> bool:
+        """Lease membership is on in a pod (POD_NAME set) unless forced on or off."""
+        return self.kubernetes == "on" or (self.kubernetes == "auto" and bool(self.pod_name))
+
+    @property
+    def lease_name(self) -> str:
+        return self.pod_name or self.hostname
+
+    def validate(self) -> Settings:
+        """Raise ConfigError naming the first bad setting; return self when all are good."""
+        _check_url("broker_url", self.broker_url, ("amqp", "amqps"), "amqp://user:pass@host:5672/%2F")
+        _check_url(
+            "database_url",
+            self.database_url,
+            ("postgresql", "postgresql+psycopg2", "postgres"),
+            "postgresql://user:pass@host:5432/zstack",
+        )
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"{_where('http_port')}: {self.http_port} is not a TCP port (0-65535)")
+        for name in ("heartbeat_interval", "heartbeat_timeout", "lease_duration", "call_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{_where(name)}: must be a positive number of seconds, got {value!r}")
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"{_where('heartbeat_timeout')}: {self.heartbeat_timeout}s must be at least twice "
+                f"{_where('heartbeat_interval')} ({self.heartbeat_interval}s), or one late heartbeat "
+                "evicts a healthy MN"
+            )
+        if not 1 <= self.ring_vnodes <= 100_000:
+            raise ConfigError(f"{_where('ring_vnodes')}: must be between 1 and 100000, got {self.ring_vnodes}")
+        if not self.cluster:
+            raise ConfigError(f"{_where('cluster')}: must not be empty")
+        if self.kubernetes not in ("auto", "on", "off"):
+            raise ConfigError(f"{_where('kubernetes')}: must be auto, on or off, got {self.kubernetes!r}")
+        if self.leases_enabled:
+            self._validate_lease()
+        return self
+
+    def _validate_lease(self) -> None:
+        # A renewal that times out once and succeeds on its retry commits up to interval + 2 call
+        # timeouts after the previous one; a healthy MN's Lease must outlast that.
+        slowest = self.heartbeat_interval + 2 * call_timeout(self.lease_duration)
+        if self.lease_duration < 2 * self.heartbeat_interval or self.lease_duration <= slowest:
+            raise ConfigError(
+                f"{_where('lease_duration')}: {self.lease_duration}s must be at least twice "
+                f"{_where('heartbeat_interval')} ({self.heartbeat_interval}s), the renewal interval, and longer "
+                f"than {slowest:g}s (the interval plus a renewal's timeout and retry), or one late renewal "
+                "expires a healthy MN's Lease"
+            )
+        if not _DNS_SUBDOMAIN.fullmatch(self.lease_name):
+            raise ConfigError(
+                f"--pod-name / POD_NAME: {self.lease_name!r} is not a valid Lease name (lower-case letters, "
+                "digits, '-' and '.', at most 253 characters)"
+            )
+        if not _LABEL_VALUE.fullmatch(self.cluster):
+            raise ConfigError(f"{_where('cluster')}: {self.cluster!r} is not a valid Kubernetes label value")
+
+    @property
+    def database_url_for_sqlalchemy(self) -> str:
+        """SQLAlchemy wants the driver spelled out; users may write postgres:// or postgresql://."""
+        scheme, rest = self.database_url.split("://", 1)
+        return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else self.database_url
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...], example: str) -> None:
+    if not url:
+        raise ConfigError(f"{_where(name)}: is required, for example {example}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{_where(name)}: {redact(url)} is not a valid URL ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{_where(name)}: scheme {parts.scheme!r} in {redact(url)} is not one of {', '.join(schemes)}; "
+            f"for example {example}"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{_where(name)}: {redact(url)} has no host; for example {example}")
+    if port == 0:
+        raise ConfigError(f"{_where(name)}: {redact(url)} has port 0")
+
+
+def redact(url: str) -> str:
+    """Hide the password of a URL so that it can be logged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

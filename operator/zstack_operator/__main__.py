@@ -1,0 +1,3 @@
+from zstack_operator.cli import main
+
+main()

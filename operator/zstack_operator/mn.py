@@ -1,0 +1,169 @@
+"""The desired objects of the management nodes: settings, access, Services, the StatefulSet and its PDB."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from zstack_operator.cluster import CONFIG_HASH_ANNOTATION, MN_CONTAINER, Cluster
+from zstack_operator.credentials import api_token_ref, secret_ref
+
+PRE_STOP_SECONDS = 1  # lets Services drop a leaving pod before its MN stops taking API requests
+# Relabelings of every scrape of the MNs (ServiceMonitor, PodMonitor, devcluster's Prometheus): the pod label
+# zstack.io/cluster becomes the target label `zstack_cluster`, which the dashboards' cluster variable reads.
+METRICS_RELABELINGS: list[dict[str, Any]] = [
+    {"sourceLabels": ["__meta_kubernetes_pod_label_zstack_io_cluster"], "targetLabel": "zstack_cluster"},
+]
+
+
+def config_map(cluster: Cluster) -> dict[str, Any]:
+    """`<cluster>-mn-config`: the MN settings from spec.node, as zstack-node's env vars."""
+    node = cluster.section("node")
+    data = {
+        "ZSTACK_CLUSTER": cluster.name,
+        "ZSTACK_HTTP_PORT": str(cluster.api_port),
+        "ZSTACK_HEARTBEAT_INTERVAL": _number(node.get("heartbeatIntervalSeconds", 1)),
+        "ZSTACK_HEARTBEAT_TIMEOUT": _number(node.get("heartbeatTimeoutSeconds", 4)),
+        "ZSTACK_LEASE_DURATION": _number(node.get("leaseDurationSeconds", 5)),
+        "ZSTACK_RING_VNODES": str(int(node.get("ringVirtualNodes", 4000))),
+    }
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": cluster.metadata(cluster.child("mn-config"), "mn"),
+            "data": data}
+
+
+def access(cluster: Cluster) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding `<cluster>-mn`, from zstack_node's mn-rbac.yaml (Leases, own Pod)."""
+    text = resources.files("zstack_node").joinpath("manifests/mn-rbac.yaml").read_text()
+    objects = []
+    for doc in yaml.safe_load_all(text):
+        obj = copy.deepcopy(doc)
+        obj["metadata"] = cluster.metadata(cluster.mn, "mn")
+        if obj["kind"] == "RoleBinding":
+            obj["roleRef"]["name"] = cluster.mn
+            obj["subjects"] = [{"kind": "ServiceAccount", "name": cluster.mn, "namespace": cluster.namespace}]
+        objects.append(obj)
+    return objects
+
+
+def services(cluster: Cluster) -> list[dict[str, Any]]:
+    """The headless Service of the StatefulSet (also scraped for metrics) and the API Service."""
+    api = cluster.section("api")
+    port = {"name": "http", "port": cluster.api_port, "targetPort": "http", "protocol": "TCP"}
+    headless_meta = cluster.metadata(cluster.mn, "mn")
+    headless_meta["labels"]["zstack.io/metrics"] = "true"
+    headless = {"apiVersion": "v1", "kind": "Service", "metadata": headless_meta,
+                "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "ports": [port],
+                         "selector": cluster.selector_labels("mn")}}
+    api_port = dict(port, **({"nodePort": api["nodePort"]} if api.get("nodePort") else {}))
+    api_service = {"apiVersion": "v1", "kind": "Service", "metadata": cluster.metadata(cluster.child("api"), "mn"),
+                   "spec": {"type": api.get("serviceType", "ClusterIP"), "ports": [api_port],
+                            "selector": cluster.selector_labels("mn")}}
+    return [headless, api_service]
+
+
+def statefulset(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
+    """`<cluster>-mn`: Parallel pods running zstack-node, rolled when the settings ConfigMap changes."""
+    pod = cluster.section("pod")
+    template_meta = {
+        "labels": {**pod.get("labels", {}), **cluster.labels("mn")},
+        "annotations": {**pod.get("annotations", {}), CONFIG_HASH_ANNOTATION: config_hash(config)},
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": cluster.mn,
+        "terminationGracePeriodSeconds": int(cluster.spec.get("terminationGracePeriodSeconds", 30)),
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [_container(cluster, config)],
+    }
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        if pod.get(key):
+            pod_spec[key] = pod[key]
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": cluster.metadata(cluster.mn, "mn"),
+        "spec": {
+            "replicas": cluster.replicas,
+            "serviceName": cluster.mn,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": cluster.selector_labels("mn")},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }
+
+
+def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
+    def field_ref(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    def secret_env(name: str, ref: tuple[str, str]) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref[0], "key": ref[1]}}}
+
+    env = [
+        field_ref("POD_NAME", "metadata.name"),
+        field_ref("POD_NAMESPACE", "metadata.namespace"),
+        field_ref("POD_IP", "status.podIP"),
+        {"name": "ZSTACK_HTTP_BIND", "value": "$(POD_IP)"},
+        {"name": "ZSTACK_ADVERTISE_ADDRESS", "value": "$(POD_IP)"},
+        secret_env("ZSTACK_BROKER_URL", secret_ref(cluster, "broker")),
+        secret_env("ZSTACK_DATABASE_URL", secret_ref(cluster, "database")),
+        secret_env("ZSTACK_API_TOKEN", api_token_ref(cluster)),
+    ]
+    container: dict[str, Any] = {
+        "name": MN_CONTAINER,
+        "image": cluster.spec.get("image", "zstack-node:0.1.0"),
+        "imagePullPolicy": cluster.spec.get("imagePullPolicy", "IfNotPresent"),
+        "command": ["zstack-node"],
+        "ports": [{"name": "http", "containerPort": cluster.api_port, "protocol": "TCP"}],
+        "envFrom": [{"configMapRef": {"name": config["metadata"]["name"]}}],
+        "env": env,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1,
+                           "timeoutSeconds": 1, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if cluster.spec.get("resources"):
+        container["resources"] = cluster.spec["resources"]
+    return container
+
+
+def pod_disruption_budget(cluster: Cluster) -> dict[str, Any]:
+    """`<cluster>-mn`: at most one MN down at a time through voluntary disruptions (drains)."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": cluster.metadata(cluster.mn, "mn"),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": cluster.selector_labels("mn")}}}
+
+
+def service_monitor(cluster: Cluster) -> dict[str, Any]:
+    """Scrapes the MNs through the headless Service. `honorLabels`: the target label `service` (the Kubernetes
+    Service) would otherwise rename the MN's own `service` label (the bus service) to `exported_service`."""
+    endpoint = {"port": "http", "path": "/metrics", "honorLabels": True,
+                "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+            "metadata": cluster.metadata(cluster.mn, "mn"),
+            "spec": {"selector": {"matchLabels": {**cluster.selector_labels("mn"), "zstack.io/metrics": "true"}},
+                     "endpoints": [endpoint]}}
+
+
+def pod_monitor(cluster: Cluster) -> dict[str, Any]:
+    """Scrapes the MN pods directly."""
+    endpoint = {"port": "http", "path": "/metrics", "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": cluster.metadata(cluster.mn, "mn"),
+            "spec": {"selector": {"matchLabels": cluster.selector_labels("mn")},
+                     "podMetricsEndpoints": [endpoint]}}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short digest of the settings: a change rolls the MN pods, which read them only at start."""
+    return hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _number(value: Any) -> str:
+    """Seconds as zstack-node reads them: "1", "0.5"."""
+    return f"{float(value):g}"
