@@ -71,10 +71,6 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def is_uuid(value: str) -> bool:
-    return bool(UUID_RE.match(value))
-
-
 def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
     """Turn an error response into an ApiError, whatever shape its body has."""
     code = field = None

@@ -147,4 +147,3 @@ COMPONENTS: tuple[Component, ...] = (
         lambda lay, p, ctx: health.node_ready(p["apiserver"], NODE_NAME, ctx), f"Node {NODE_NAME} Ready",
     ),
 )
-COMPONENT_NAMES = tuple(c.name for c in COMPONENTS)

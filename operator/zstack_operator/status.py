@@ -12,8 +12,6 @@ from typing import Any
 from zstack_operator.cluster import Cluster
 from zstack_operator.observe import Observation, ordinal
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "BrokerReady", "DatabaseReady", "ReconciliationPaused")
-
 
 @dataclass(frozen=True)
 class Condition:

@@ -19,7 +19,6 @@ import yaml
 from kubernetes import client, config
 
 MERGE_PATCH = "application/merge-patch+json"
-STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 
 
 class ApiError(Exception):

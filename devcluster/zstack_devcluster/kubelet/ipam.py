@@ -111,7 +111,3 @@ class PodIPAM:
                 if fd is not None:
                     os.close(fd)
 
-    def in_use(self) -> dict[str, str]:
-        """owner -> address, for diagnostics."""
-        with self._lock:
-            return {o: str(ipaddress.IPv4Address(n)) for o, n in self._by_owner.items()}

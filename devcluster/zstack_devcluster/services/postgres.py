@@ -109,12 +109,6 @@ class PostgreSQL(Service):
         return (f"postgresql+psycopg2://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
                 f"@{self.host}:{self.port}/{quote(database, safe='')}")
 
-    @property
-    def admin_url(self) -> str:
-        """SQLAlchemy URL of the ``postgres`` database as the superuser."""
-        return (f"postgresql+psycopg2://{self.admin_username}:{self._state['admin_password']}"
-                f"@{self.host}:{self.port}/postgres")
-
 
     @property
     def data_dir(self) -> Path:

@@ -81,9 +81,6 @@ class Channel:
     async def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
         await self._await(self.raw.queue_unbind, queue, exchange, routing_key=routing_key)
 
-    async def delete_queue(self, name: str) -> None:
-        await self._await(self.raw.queue_delete, name)
-
     async def qos(self, prefetch: int) -> None:
         await self._await(self.raw.basic_qos, prefetch_count=prefetch)
 

@@ -13,7 +13,6 @@ from sqlalchemy.engine import Connection
 HOST_STATES = ("Connected", "Disconnected")
 VM_STATES = ("Created", "Starting", "Running", "Stopping", "Stopped", "Migrating", "Destroyed")
 JOB_STATES = ("Pending", "Running", "Succeeded", "Failed")
-OPEN_JOB_STATES = ("Pending", "Running")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS hosts (

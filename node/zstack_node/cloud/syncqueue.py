@@ -43,10 +43,6 @@ class SyncQueues:
         """Keys with work queued or running."""
         return len(self._chains)
 
-    def depth(self, key: str) -> int:
-        chain = self._chains.get(key)
-        return len(chain) if chain else 0
-
     async def _drain(self, key: str, chain: deque[tuple[Work, asyncio.Future[Any]]]) -> None:
         try:
             while chain:

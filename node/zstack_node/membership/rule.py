@@ -138,10 +138,6 @@ class LeaseTable:
         """Held Leases by holder UUID."""
         return {f.holder: f for f in self._by_name.values() if f.holder}
 
-    def holder_of(self, name: str) -> str | None:
-        fact = self._by_name.get(name)
-        return fact.holder if fact else None
-
 
 class OwnLease:
     """The state of my own renewals: whether my Lease view can be trusted, and whether I lost my Lease.
