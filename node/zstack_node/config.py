@@ -7,7 +7,6 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from zstack_node.membership.lease_api import call_timeout
 from zstack_node.ring import DEFAULT_VNODES
 
 _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -109,6 +108,17 @@ class Settings:
         """SQLAlchemy wants the driver spelled out; users may write postgres:// or postgresql://."""
         scheme, rest = self.database_url.split("://", 1)
         return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else self.database_url
+
+
+def call_timeout(lease_duration: float) -> float:
+    """Per-call deadline: short enough that a hung call is noticed well within one Lease duration."""
+    return min(2.0, max(0.5, lease_duration / 4))
+
+
+def call_limit(timeout: float) -> float:
+    """The longest one renewal attempt takes while the process runs: a hung call and its one retry
+    (kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
+    return 2 * timeout + 1.0
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...], example: str) -> None:

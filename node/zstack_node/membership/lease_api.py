@@ -320,13 +320,3 @@ class LeaseWatcher(threading.Thread):
             response.release_conn()
         return version
 
-
-def call_timeout(lease_duration: float) -> float:
-    """Per-call deadline: short enough that a hung call is noticed well within one Lease duration."""
-    return min(2.0, max(0.5, lease_duration / 4))
-
-
-def call_limit(timeout: float) -> float:
-    """The longest one renewal attempt takes while the process runs: a hung call and its one retry
-    (kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
-    return 2 * timeout + 1.0

@@ -13,16 +13,8 @@ from typing import Any
 
 from zstack_kube import login as kube
 from zstack_node import metrics
-from zstack_node.config import Settings
-from zstack_node.membership.lease_api import (
-    LeaseApi,
-    LeaseEvent,
-    LeaseWatcher,
-    Outcome,
-    Result,
-    call_limit,
-    call_timeout,
-)
+from zstack_node.config import Settings, call_limit, call_timeout
+from zstack_node.membership.lease_api import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result
 from zstack_node.membership.rule import LeaseFact, LeaseTable, OwnLease
 
 log = logging.getLogger(__name__)
