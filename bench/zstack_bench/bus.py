@@ -20,7 +20,7 @@ from typing import Any
 import pika
 from pika.spec import Basic, BasicProperties
 
-from zstack_bench.bus_peers import BENCH_SERVICE, DONE, bench_ring
+from zstack_bench.bus_peers import BENCH_SERVICE, DONE, bench_ring, without_pika_writes
 from zstack_bench.peers import cpu_seconds, peer
 from zstack_bench.ring import random_uuid
 from zstack_bench.stats import latency_summary, percentile
@@ -170,9 +170,12 @@ def ring_lookup_us(mns: int = 10, keys: int = 20_000) -> float:
 
 
 def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, warmup: int = 200,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The benchmark's JSON object. `calls` and `messages` are per side, over all rounds."""
+        progress: Callable[[str], None] | None = None, pika_writes: bool = True) -> dict[str, Any]:
+    """The benchmark's JSON object. `calls` and `messages` are per side, over all rounds.
+    `pika_writes=False` measures the bus without its batched socket writes (zstack_node.bus.pika_writes)."""
     say = progress or (lambda _m: None)
+    if not pika_writes:
+        without_pika_writes()
     tag = uuid.uuid4().hex[:12]
     echo_q, sink_q = f"zstack.bench.echo.{tag}", f"zstack.bench.sink.{tag}"
     server_uuid, client_uuid = uuid.uuid4().hex, uuid.uuid4().hex
@@ -187,7 +190,8 @@ def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, wa
         raw_peer = stack.enter_context(peer("zstack_bench.bus_peers", [
             "raw", "--url", url, "--echo-queue", echo_q, "--sink-queue", sink_q, "--count", str(per_round_msgs)]))
         bus_peer = stack.enter_context(peer("zstack_bench.bus_peers", [
-            "cloudbus", "--url", url, "--server-uuid", server_uuid, "--client-uuid", client_uuid]))
+            "cloudbus", "--url", url, "--server-uuid", server_uuid, "--client-uuid", client_uuid,
+            "--pika-writes" if pika_writes else "--no-pika-writes"]))
         raw_cpu, bus_cpu = CpuMeter(raw_peer.pid), CpuMeter(bus_peer.pid)
         raw = RawClient(url, echo_q, sink_q)
         stack.callback(raw.close)
@@ -234,7 +238,7 @@ def run(url: str, calls: int = 5000, messages: int = 50_000, rounds: int = 5, wa
     return {
         "benchmark": "bus",
         "params": {"calls": per_round_calls * rounds, "messages": total, "rounds": rounds, "warmup": warmup,
-                   "payload_bytes": len(raw_body)},
+                   "payload_bytes": len(raw_body), "pika_writes": pika_writes},
         "raw_call": latency_summary(raw_lat),
         "bus_call": latency_summary(bus_lat),
         **results,

@@ -1,7 +1,7 @@
 """The server side of `zstack-bench bus`, each run as its own process.
 
     python -m zstack_bench.bus_peers raw --url URL --echo-queue Q --sink-queue S --count N
-    python -m zstack_bench.bus_peers cloudbus --url URL --server-uuid S --client-uuid C
+    python -m zstack_bench.bus_peers cloudbus --url URL --server-uuid S --client-uuid C [--no-pika-writes]
 
 Each prints `ready` on stdout once it consumes, and exits when its stdin closes, so a peer
 never outlives the benchmark that started it.
@@ -20,6 +20,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from zstack_node.bus import pika_writes
 from zstack_node.bus.cloudbus import CloudBus
 from zstack_node.bus.envelope import Envelope
 from zstack_node.ring import Ring
@@ -97,6 +98,11 @@ class EchoService(Service):
         return {"count": sunk}
 
 
+def without_pika_writes() -> None:
+    """Keep pika's own write path in this process (the bus's batched writes off), for a with/without figure."""
+    pika_writes.install = lambda _connection: None
+
+
 def bench_ring(server_uuid: str, client_uuid: str) -> Ring:
     """The fixed two-member ring both sides of the CloudBus benchmark route by."""
     return Ring.of((server_uuid, client_uuid))
@@ -115,9 +121,12 @@ async def _serve_cloudbus(url: str, server_uuid: str, client_uuid: str) -> None:
 @click.option("--url", required=True)
 @click.option("--server-uuid", required=True)
 @click.option("--client-uuid", required=True)
-def cloudbus(url: str, server_uuid: str, client_uuid: str) -> None:
+@click.option("--pika-writes/--no-pika-writes", default=True, help="The bus's batched socket writes")
+def cloudbus(url: str, server_uuid: str, client_uuid: str, pika_writes: bool) -> None:
     """Our CloudBus hosting EchoService as `server_uuid` in the ring {server, client}."""
     _exit_when_stdin_closes()
+    if not pika_writes:
+        without_pika_writes()
     asyncio.run(_serve_cloudbus(url, server_uuid, client_uuid))
 
 

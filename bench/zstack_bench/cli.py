@@ -60,8 +60,10 @@ def broker_option(func: Any) -> Any:
               help="Timed one-way messages per side [50000; small 2000]")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Alternating rounds [5; small 2]")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed calls per side first [200; small 50]")
+@click.option("--pika-writes/--no-pika-writes", default=True, show_default=True,
+              help="The bus's batched socket writes (zstack_node.bus.pika_writes); off measures pika's own path")
 def bus(small: bool, broker_url: str | None, calls: int | None, messages: int | None, rounds: int | None,
-        warmup: int | None) -> None:
+        warmup: int | None, pika_writes: bool) -> None:
     """CloudBus call and one-way rate against raw pika on the same broker."""
     from zstack_bench import bus as bus_bench
     from zstack_bench.servers import broker
@@ -69,7 +71,7 @@ def bus(small: bool, broker_url: str | None, calls: int | None, messages: int | 
     with broker(broker_url, progress) as url:
         emit(bus_bench.run(url, calls=pick(calls, small, 200, 5000), messages=pick(messages, small, 2000, 50_000),
                            rounds=pick(rounds, small, 2, 5), warmup=pick(warmup, small, 50, 200),
-                           progress=progress))
+                           progress=progress, pika_writes=pika_writes))
 
 
 @main.command()
