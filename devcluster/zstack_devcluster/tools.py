@@ -1,6 +1,6 @@
 """Pinned Kubernetes tool binaries: build them once from the Go module proxy, then locate them.
 
-The wrapper Go modules live next to this file in ``devcluster/tools/<module>/go.mod``. Binaries are
+The wrapper Go modules live next to this file in ``tools/<module>/go.mod``. Binaries are
 cached in ``${XDG_CACHE_HOME:-~/.cache}/zstack-dev/<versions>/bin`` so a warm cache never runs ``go``.
 """
 
