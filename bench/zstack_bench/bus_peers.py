@@ -112,7 +112,7 @@ async def _serve_cloudbus(url: str, server_uuid: str, client_uuid: str) -> None:
     ring = bench_ring(server_uuid, client_uuid)
     bus = CloudBus(url, ring=lambda: ring, may_serve=lambda: True)
     await bus.start()
-    await bus.serve(server_uuid, {BENCH_SERVICE: EchoService(None)})  # type: ignore[arg-type]  # no node
+    await bus.serve(server_uuid, {BENCH_SERVICE: EchoService(None)})  # type: ignore[arg-type]  # uses no context
     _ready()
     await asyncio.Event().wait()
 

@@ -1,56 +1,26 @@
-"""Database engine and schema migrations.
+"""Database engine and the schema migration runner.
 
 Migrations are numbered SQL steps applied in order under a PostgreSQL advisory lock, so any
-number of MNs may start at once and each step runs exactly once. Later features append steps.
+number of MNs may start at once and each step runs exactly once. The steps themselves belong to
+their packages; schema.py lists them in order.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    func,
-    text,
-)
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, text
 from sqlalchemy.engine import Connection
-
-from zstack_node.cloud.schema import v2_cloud
 
 log = logging.getLogger(__name__)
 
-metadata = MetaData()
-
-management_nodes = Table(
-    "management_nodes",
-    metadata,
-    Column("uuid", String(32), primary_key=True),
-    Column("hostname", String(255), nullable=False),
-    Column("address", String(255)),
-    Column("state", String(16), nullable=False),
-    Column("join_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Column("heartbeat", DateTime(timezone=True), nullable=False, server_default=func.now()),
-)
-
-schema_version = Table("zstack_schema_version", metadata, Column("version", Integer, nullable=False))
+schema_version = Table("zstack_schema_version", MetaData(), Column("version", Integer, nullable=False))
 
 # An arbitrary constant: the advisory lock key that serialises migrations across MNs.
 _MIGRATION_LOCK = 0x7A57AC4
 
-
-def _v1_membership(conn: Connection) -> None:
-    management_nodes.create(conn, checkfirst=True)
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_membership, v2_cloud]
+Migration = Callable[[Connection], None]
 
 
 def make_engine(url: str) -> Engine:
@@ -65,8 +35,8 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to the newest version; return that version."""
+def migrate(engine: Engine, steps: Sequence[Migration]) -> int:
+    """Bring the schema to the newest version (the number of `steps`); return that version."""
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         schema_version.create(conn, checkfirst=True)
@@ -74,8 +44,8 @@ def migrate(engine: Engine) -> int:
         if current is None:
             conn.execute(schema_version.insert().values(version=0))
             current = 0
-        for number, step in enumerate(MIGRATIONS[current:], start=current + 1):
+        for number, step in enumerate(steps[current:], start=current + 1):
             log.info("applying schema migration %d (%s)", number, step.__name__.lstrip("_"))
             step(conn)
             conn.execute(schema_version.update().values(version=number))
-        return len(MIGRATIONS)
+        return len(steps)

@@ -1,6 +1,10 @@
-"""Small helpers for reporting errors in one log line."""
+"""Errors shared across the MN, and a helper for reporting them in one log line."""
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the flag and env var and says what to do."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,6 +1,6 @@
 """One management node: joins the ring, heartbeats, reconciles, evicts, fences, leaves.
 
-Membership follows one rule (DESIGN.md; written out in membership_rule.py): an MN is in the ring while
+Membership follows one rule (docs/ARCHITECTURE.md; written out in membership/rule.py): an MN is in the ring while
 its row is RUNNING and its heartbeat is fresh by the database's clock and, in Kubernetes, its Lease is
 held and unexpired as far as this MN can tell. An expired Lease is acted on through the database (the
 row is deleted), so an MN cut off from the API server alone learns it too. Join, leave and Lease events
@@ -32,7 +32,8 @@ from zstack_node.membership.leases import LeaseMembership
 from zstack_node.membership.rule import Decision, decide, fresh_rows
 from zstack_node.membership.table import LEAVING, RUNNING, Membership
 from zstack_node.ring import Ring, RingChange
-from zstack_node.service import Service
+from zstack_node.schema import MIGRATIONS
+from zstack_node.service import Service, ServiceContext
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class ManagementNode:
         self.membership = Membership(self.engine, settings.heartbeat_timeout)
         self.bus = CloudBus(settings.broker_url, ring=lambda: self.ring, may_serve=self.alive,
                             call_timeout=settings.call_timeout)
-        self.services: dict[str, Service] = {cls.name: cls(self) for cls in service_classes}
+        self.services: dict[str, Service] = {}
+        context = ServiceContext(bus=self.bus, engine=self.engine, settings=settings, uuid=lambda: self.uuid,
+                                 state=lambda: self.state, ring=lambda: self.ring, services=self.services)
+        self.services.update((cls.name, cls(context)) for cls in service_classes)
         metrics.initialise(self.services, leases=settings.leases_enabled)
         self.leases = LeaseMembership(settings) if settings.leases_enabled else None
         self.address: str | None = None
@@ -94,7 +98,7 @@ class ManagementNode:
 
     async def start(self) -> None:
         """Wait for the DB and the broker, join the ring, and start the background loops."""
-        await self._until_done("migrate the schema", lambda: asyncio.to_thread(migrate, self.engine))
+        await self._until_done("migrate the schema", lambda: asyncio.to_thread(migrate, self.engine, MIGRATIONS))
         self.db_ok = True
         if self.leases is not None:
             await self.leases.start()

@@ -2,34 +2,56 @@
 
 A service is a class with a `name` (its queue is `zstack.message.<name>.<mnUuid>`), methods
 marked `@handles("MessageType")`, and any of the hooks below. Handlers return a JSON-able dict
-(the reply body of a call) and raise `ServiceError` for a clean error reply.
+(the reply body of a call) and raise `ServiceError` for a clean error reply. A service is built with a
+`ServiceContext`, its narrow view of the MN: never the ManagementNode itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from zstack_node.bus.envelope import Envelope
+from zstack_node.bus.endpoint import Handler, ServiceError
 from zstack_node.ring import Ring, RingChange
 
 if TYPE_CHECKING:
-    from zstack_node.node import ManagementNode
+    from sqlalchemy.engine import Engine
 
-Handler = Callable[[Envelope], Awaitable[dict[str, Any] | None]]
+    from zstack_node.bus.cloudbus import CloudBus
+    from zstack_node.config import Settings
+
+__all__ = ["Handler", "Service", "ServiceContext", "ServiceError", "handles"]
 
 
-class ServiceError(Exception):
-    """An error a handler reports to its caller, with a stable machine-readable code."""
+class ServiceContext:
+    """What a service may use of the MN that hosts it, and nothing more: the bus, the database, the
+    settings, this MN's identity and state, its current ring, and its sibling services. The values that
+    change (UUID, state, ring) are read live from the MN that built the context."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, *, bus: CloudBus, engine: Engine, settings: Settings, uuid: Callable[[], str | None],
+                 state: Callable[[], str], ring: Callable[[], Ring], services: Mapping[str, Service]) -> None:
+        self.bus, self.engine, self.settings = bus, engine, settings
+        self._uuid, self._state, self._ring = uuid, state, ring
+        self.services = services
 
-    def as_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": str(self)}
+    @property
+    def uuid(self) -> str | None:
+        """This MN's UUID now (None before it joined; a new one after a rejoin)."""
+        return self._uuid()
+
+    @property
+    def state(self) -> str:
+        """starting, joining, running, fenced, leaving or stopped: act on resources only while running."""
+        return self._state()
+
+    @property
+    def ring(self) -> Ring:
+        return self._ring()
+
+    def owner(self, resource_uuid: str) -> str:
+        return self._ring().owner(resource_uuid)
 
 
 def handles(message_type: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -57,8 +79,8 @@ class Service:
             if hasattr(attr, "__zstack_handles__")
         }
 
-    def __init__(self, node: ManagementNode) -> None:
-        self.node = node
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
 
     def handler(self, message_type: str) -> Handler | None:
         name = self._handler_names.get(message_type)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from zstack_node.cloud import repo
 from zstack_node.cloud.api import ApiService
+from zstack_node.cloud.settings import CloudSettings
 
 TOKEN = "t0ken"
 
@@ -29,12 +30,12 @@ class Bus:
         pass
 
 
-class Node:
-    """What the API reads of its ManagementNode (no broker or ring needed for a read)."""
+class Context:
+    """What the API reads of its ServiceContext (no broker or ring needed for a read)."""
 
     def __init__(self) -> None:
         self.engine = create_engine("sqlite://")
-        self.settings = SimpleNamespace(api_token=TOKEN)
+        self.settings = SimpleNamespace(api_token=TOKEN, cloud=CloudSettings())
         self.bus = Bus()
         self.uuid = None
         self.state = "running"
@@ -58,18 +59,18 @@ def test_only_connection_errors_are_503(monkeypatch, caplog, error, status, code
         raise error
 
     monkeypatch.setattr(repo, "list_hosts", fail)
-    node = Node()
+    context = Context()
 
     async def call() -> tuple[int, dict[str, Any]]:
         app = web.Application()
-        ApiService(node).add_routes(app)
+        ApiService(context).add_routes(app)
         async with TestClient(TestServer(app)) as client:
             response = await client.get("/v1/hosts", headers={"Authorization": f"Bearer {TOKEN}"})
             return response.status, await response.json()
 
     with caplog.at_level(logging.WARNING, logger="zstack_node.cloud.api"):
         got_status, body = asyncio.run(call())
-    node.engine.dispose()
+    context.engine.dispose()
     assert (got_status, body["error"]["code"]) == (status, code), body
     if status == 500:
         assert "duplicate key" not in body["error"]["message"], "internals stay in the log"

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine
 from tests.cloud.conftest import duplicate_changes, host_accounting
 from zstack_node.cloud import repo
 from zstack_node.db import migrate
+from zstack_node.schema import MIGRATIONS
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def test_abandoned_jobs_are_finished_by_the_owner_once(cloud):
 def test_fences_stop_a_stale_runner(fresh_database):
     """Ownership moved mid-job: the old runner's writes fail with StaleWrite and change nothing."""
     engine = create_engine(fresh_database)
-    migrate(engine)
+    migrate(engine, MIGRATIONS)
     old, new = uuid.uuid4().hex, uuid.uuid4().hex
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO vm_instances (uuid, name, cpu, memory, state) VALUES ('%s', 'v', 1, 1,"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,10 +14,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from zstack_node.cloud import jobs, repo
+from zstack_node.cloud.settings import CloudSettings
 from zstack_node.cloud.sweeper import Sweeper
 from zstack_node.cloud.vms import VmService
 from zstack_node.db import migrate
 from zstack_node.ring import Ring
+from zstack_node.schema import MIGRATIONS
 
 
 class Bus:
@@ -24,11 +27,12 @@ class Bus:
         pass
 
 
-class Node:
-    """What the job runner reads of its ManagementNode."""
+class Context:
+    """What the job runner reads of its ServiceContext."""
 
     def __init__(self, engine: Engine, me: str, members: set[str]) -> None:
         self.engine = engine
+        self.settings = SimpleNamespace(cloud=CloudSettings())
         self.uuid = me
         self.state = "running"
         self.ring = Ring.of(members)
@@ -52,7 +56,7 @@ class Agent:
 @pytest.fixture
 def engine(fresh_database) -> Engine:
     made = create_engine(fresh_database)
-    migrate(made)
+    migrate(made, MIGRATIONS)
     yield made
     made.dispose()
 
@@ -101,9 +105,9 @@ def cpu_used(engine: Engine, host: str) -> int:
 
 
 def vm_service(engine: Engine, me: str, members: set[str]) -> tuple[VmService, Agent]:
-    service = VmService(Node(engine, me, members))
+    service = VmService(Context(engine, me, members))
     service.agent = agent = Agent()
-    service.node.services["vm"] = service
+    service.ctx.services["vm"] = service
     return service, agent
 
 
@@ -121,8 +125,8 @@ def test_a_chain_stops_at_an_unfinished_job_and_the_sweeper_keeps_the_order(engi
         assert job_row(engine, start).state == "Pending", "the start ran before the older stop ended"
         assert agent.calls == []
 
-        service.node.ring = Ring.of({me})  # the other MN left: the sweeper drives both, oldest first
-        sweeper = Sweeper(service.node)
+        service.ctx.ring = Ring.of({me})  # the other MN left: the sweeper drives both, oldest first
+        sweeper = Sweeper(service.ctx)
         sweeper.dead_grace = sweeper.pending_grace = 0.001
         sweeper.page = 1  # a page of one: the second job is on the next page
         assert await sweeper.sweep() == 2
@@ -196,7 +200,7 @@ def test_a_job_i_claimed_but_another_mn_owns_is_given_back_to_its_owner(engine):
     service, agent = vm_service(engine, me, {me, owner})
 
     async def scenario() -> int:
-        sweeper = Sweeper(service.node)
+        sweeper = Sweeper(service.ctx)
         taken = await sweeper.sweep()
         await service.close()
         return taken

@@ -28,23 +28,23 @@ class DemoService(Service):
         path = os.environ.get("DEMO_RECORD_FILE")
         if path:
             with open(path, "a") as out:
-                out.write(json.dumps({"event": event, "mn": self.node.uuid, **fields}) + "\n")
+                out.write(json.dumps({"event": event, "mn": self.ctx.uuid, **fields}) + "\n")
 
     @handles("Echo")
     async def echo(self, msg: Envelope) -> dict[str, Any]:
-        return {"mn": self.node.uuid, "resource": msg.resource, "body": msg.body}
+        return {"mn": self.ctx.uuid, "resource": msg.resource, "body": msg.body}
 
     @handles("Sleep")
     async def sleep(self, msg: Envelope) -> dict[str, Any]:
         await asyncio.sleep(float(msg.body.get("seconds", 1)))
-        return {"mn": self.node.uuid}
+        return {"mn": self.ctx.uuid}
 
     @handles("Relay")
     async def relay(self, msg: Envelope) -> dict[str, Any]:
         """Call demo/Sleep on the owner of body.resource from this MN, and report how it ended."""
         started = time.monotonic()
         try:
-            reply = await self.node.bus.call(
+            reply = await self.ctx.bus.call(
                 "demo", "Sleep", {"seconds": msg.body["seconds"]}, resource=msg.body["resource"],
                 timeout=msg.body["timeout"], idempotent=msg.body["idempotent"])
             outcome = {"ok": True, "mn": reply["mn"]}
@@ -55,7 +55,7 @@ class DemoService(Service):
     @handles("Submit")
     async def submit(self, msg: Envelope) -> dict[str, Any]:
         """Publish a Note for body.resource on the durable API queue, with a publisher confirm."""
-        await self.node.bus.send_api("demo", "Note", {"tag": msg.body["tag"]}, resource=msg.body["resource"])
+        await self.ctx.bus.send_api("demo", "Note", {"tag": msg.body["tag"]}, resource=msg.body["resource"])
         return {"confirmed": True}
 
     @handles("Fail")
@@ -70,7 +70,7 @@ class DemoService(Service):
         self._record("self_joined", members=sorted(ring.members))
 
     async def on_node_left(self, change: RingChange) -> None:
-        gained = change.gained_by(self.node.uuid, demo_keys())
+        gained = change.gained_by(self.ctx.uuid, demo_keys())
         if gained:
             self._record("takeover", left=sorted(change.left), gained=sorted(gained))
 

@@ -32,6 +32,7 @@ from pika.spec import Basic
 
 from zstack_node import metrics
 from zstack_node.bus.amqp import BrokerUnavailable, Channel, Connection
+from zstack_node.bus.endpoint import Endpoint, ServiceError
 from zstack_node.bus.envelope import MAX_HOPS, Envelope, MalformedMessage
 from zstack_node.bus.topology import (
     API_QUEUE,
@@ -51,7 +52,6 @@ from zstack_node.bus.topology import (
 )
 from zstack_node.config import redact
 from zstack_node.ring import Ring, RingChange
-from zstack_node.service import Service, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class CloudBus:
         self.call_timeout = call_timeout
         self.reroute_wait = reroute_wait
         self.self_uuid: str | None = None
-        self._services: Mapping[str, Service] = {}
+        self._services: Mapping[str, Endpoint] = {}
         self._subscriptions: dict[str, list[EventCallback]] = {}
         self._conn: Connection | None = None
         self._ch: Channel | None = None  # auto-ack consumers and plain publishes
@@ -276,7 +276,7 @@ class CloudBus:
 
     # ---- serving -----------------------------------------------------------------------------
 
-    async def serve(self, mn_uuid: str, services: Mapping[str, Service]) -> None:
+    async def serve(self, mn_uuid: str, services: Mapping[str, Endpoint]) -> None:
         """Become `mn_uuid`: declare its service, reply and event queues and consume them."""
         await self.wait_connected()
         async with self._setup_lock:

@@ -26,10 +26,10 @@ from zstack_node.cloud.jobs import JOB_DONE_TOPIC, Database
 from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL
 from zstack_node.cloud.routes import ROUTES, Route, openapi_document
 from zstack_node.cloud.sweeper import Sweeper
-from zstack_node.cloud.validation import MAX_BODY, ApiError, check_query, check_uuid, parse_json
+from zstack_node.cloud.validation import MAX_BODY, HttpError, check_query, check_uuid, parse_json
 from zstack_node.errors import first_line
 from zstack_node.ring import Ring, RingChange
-from zstack_node.service import Service
+from zstack_node.service import Service, ServiceContext
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ class ApiService(Service):
 
     name = "api"
 
-    def __init__(self, node: Any) -> None:
-        super().__init__(node)
-        self.db = Database(node)
-        self.sweeper = Sweeper(node)
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.db = Database(ctx)
+        self.sweeper = Sweeper(ctx)
         self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
         self._document = openapi_document()
-        node.bus.subscribe(JOB_DONE_TOPIC, self._on_job_done)
+        ctx.bus.subscribe(JOB_DONE_TOPIC, self._on_job_done)
         metrics.initialise()
         node_metrics.child(node_metrics.CALL_SECONDS, hosts.SERVICE)  # the one bus call the API makes: host pings
 
@@ -92,16 +92,16 @@ class ApiService(Service):
                 response = await handler(request, params)
                 status = response.status
                 return response
-            except ApiError as exc:
+            except HttpError as exc:
                 status = exc.status
                 return _error(exc)
             except DB_UNAVAILABLE as exc:
                 status = 503
                 log.warning("%s %s: database unavailable: %s", request.method, request.path, first_line(exc))
-                return _error(ApiError(503, "unavailable", f"the database is unavailable: {first_line(exc)}"))
+                return _error(HttpError(503, "unavailable", f"the database is unavailable: {first_line(exc)}"))
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path)
-                return _error(ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); the MN's log "
+                return _error(HttpError(500, "internal_error", f"internal error ({type(exc).__name__}); the MN's log "
                                                               "has the details"))
             finally:
                 metrics.API_REQUESTS.labels(route.operation, str(status)).inc()
@@ -109,13 +109,13 @@ class ApiService(Service):
         return endpoint
 
     def _authenticate(self, request: web.Request) -> None:
-        token = self.node.settings.api_token
+        token = self.ctx.settings.api_token
         if not token:
-            raise ApiError(401, "no_token_configured",
+            raise HttpError(401, "no_token_configured",
                            "this MN has no API token: set --api-token / ZSTACK_API_TOKEN on the MN")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token in the Authorization header")
+            raise HttpError(401, "unauthorized", "missing or wrong bearer token in the Authorization header")
 
     # ---- hosts -------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class ApiService(Service):
         body = params["body"]
         host_uuid = body.pop("uuid", None) or repo.new_uuid()
         if await self.db(repo.get_host, host_uuid) is not None:
-            raise ApiError(409, "already_exists", f"uuid: host {host_uuid} already exists", "uuid")
+            raise HttpError(409, "already_exists", f"uuid: host {host_uuid} already exists", "uuid")
         return await self._accept("host.add", host_uuid, body, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
     async def delete_host(self, _request: web.Request, params: Params) -> web.Response:
@@ -142,7 +142,7 @@ class ApiService(Service):
         if host is None and not busy:
             raise _not_found("host", host_uuid)
         if host is not None and not busy and host.cpu_used + host.memory_used > 0:
-            raise ApiError(409, "host_has_vms", f"host {host_uuid} has VMs placed on it: destroy or migrate them "
+            raise HttpError(409, "host_has_vms", f"host {host_uuid} has VMs placed on it: destroy or migrate them "
                                                 "first", "uuid")
         return await self._accept("host.delete", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
@@ -161,7 +161,7 @@ class ApiService(Service):
         host_uuid = params["uuid"]
         if await self.db(repo.get_host, host_uuid) is None:
             raise _not_found("host", host_uuid)
-        bus = self.node.bus
+        bus = self.ctx.bus
         try:
             reply = await bus.call(hosts.SERVICE, hosts.PING, {"host": host_uuid}, resource=host_uuid,
                                    idempotent=True, timeout=bus.call_timeout)
@@ -173,14 +173,14 @@ class ApiService(Service):
             raise self._ping_unavailable(host_uuid, exc) from None
         return web.json_response(reply)
 
-    def _ping_unavailable(self, host_uuid: str, exc: BusError) -> ApiError:
-        ring = self.node.ring
+    def _ping_unavailable(self, host_uuid: str, exc: BusError) -> HttpError:
+        ring = self.ctx.ring
         owner = f"MN {ring.owner(host_uuid)}" if ring.members else "its owner MN (this MN has no ring)"
         log.warning("ping of host %s through %s failed: %s: %s", host_uuid, owner, exc.code, first_line(exc))
         if isinstance(exc, RemoteError):  # the owner answered with an error: its text stays in its log
-            return ApiError(503, "unavailable", f"the ping of host {host_uuid} failed on {owner}, the MN that "
+            return HttpError(503, "unavailable", f"the ping of host {host_uuid} failed on {owner}, the MN that "
                                                 f"tracks it ({exc.code}); see that MN's log")
-        return ApiError(503, "unavailable", f"the ping of host {host_uuid} through {owner}, the MN that tracks "
+        return HttpError(503, "unavailable", f"the ping of host {host_uuid} through {owner}, the MN that tracks "
                                             f"it, failed ({exc.code}: {first_line(exc)}); retry in a few seconds "
                                             "(the ring may be changing)")
 
@@ -200,10 +200,10 @@ class ApiService(Service):
         body = params["body"]
         vm_uuid = body.pop("uuid", None) or repo.new_uuid()
         if await self.db(repo.get_vm, vm_uuid) is not None:
-            raise ApiError(409, "already_exists", f"uuid: VM {vm_uuid} already exists", "uuid")
+            raise HttpError(409, "already_exists", f"uuid: VM {vm_uuid} already exists", "uuid")
         pinned = body.get("host_uuid")
         if pinned is not None and await self.db(repo.get_host, pinned) is None:
-            raise ApiError(404, "not_found", f"host_uuid: host {pinned} does not exist", "host_uuid")
+            raise HttpError(404, "not_found", f"host_uuid: host {pinned} does not exist", "host_uuid")
         # No owner yet: the message has no resource, so the MN that takes it allocates and starts.
         return await self._accept("vm.create", vm_uuid, body, vms.SERVICE, vms.MESSAGE, None)
 
@@ -221,13 +221,13 @@ class ApiService(Service):
         if vm is not None and (vm.state == "Destroyed" or not busy):
             reason = vms.invalid_transition(action, vm.state)
             if reason:
-                raise ApiError(409, "invalid_state", reason, None)
+                raise HttpError(409, "invalid_state", reason, None)
         pinned = body.get("host_uuid")
         if pinned is not None:
             if await self.db(repo.get_host, pinned) is None:
-                raise ApiError(404, "not_found", f"host_uuid: host {pinned} does not exist", "host_uuid")
+                raise HttpError(404, "not_found", f"host_uuid: host {pinned} does not exist", "host_uuid")
             if vm is not None and not busy and vm.host_uuid == pinned:
-                raise ApiError(409, "invalid_state", f"host_uuid: VM {vm_uuid} already runs on host {pinned}",
+                raise HttpError(409, "invalid_state", f"host_uuid: VM {vm_uuid} already runs on host {pinned}",
                                "host_uuid")
         return await self._accept(f"vm.{action}", vm_uuid, body, vms.SERVICE, vms.MESSAGE, vm_uuid)
 
@@ -276,12 +276,12 @@ class ApiService(Service):
         """Write the job row, publish its message (persistent, confirmed), and answer 202."""
         job = await self.db(repo.insert_job, operation, resource_uuid, parameters)
         try:
-            await self.node.bus.send_api(service, message, {"job": job.id, "resource": resource_uuid},
+            await self.ctx.bus.send_api(service, message, {"job": job.id, "resource": resource_uuid},
                                          resource=route_by)
         except BusError as exc:
             error = {"code": "unavailable", "message": f"could not publish the job: {exc}"}
             if await self.db(repo.fail_unclaimed, job.id, error):
-                raise ApiError(503, "unavailable", f"the broker did not take job {job.id} ({exc}); the job is "
+                raise HttpError(503, "unavailable", f"the broker did not take job {job.id} ({exc}); the job is "
                                                    "marked Failed, nothing was changed") from None
             job = await self.db(repo.get_job, job.id)  # someone took it after all: it was accepted
         return _accepted(job)
@@ -298,11 +298,11 @@ def _accepted(job: Row) -> web.Response:
     return web.json_response({"job": repo.job_dict(job)}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-def _not_found(kind: str, uuid: str) -> ApiError:
-    return ApiError(404, "not_found", f"{kind} {uuid} does not exist", None)
+def _not_found(kind: str, uuid: str) -> HttpError:
+    return HttpError(404, "not_found", f"{kind} {uuid} does not exist", None)
 
 
-def _error(exc: ApiError) -> web.Response:
+def _error(exc: HttpError) -> web.Response:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
@@ -310,19 +310,19 @@ def _error(exc: ApiError) -> web.Response:
 async def _read_body(request: web.Request, route: Route) -> dict[str, Any]:
     """The checked JSON body: 413 past 64 KiB, 415 if not JSON, 400 naming the bad field."""
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"the body is {request.content_length} bytes; the limit is {MAX_BODY}")
+        raise HttpError(413, "body_too_large", f"the body is {request.content_length} bytes; the limit is {MAX_BODY}")
     raw = bytearray()
     while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):
         raw += chunk
         if len(raw) > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"the body is larger than the limit of {MAX_BODY} bytes")
+            raise HttpError(413, "body_too_large", f"the body is larger than the limit of {MAX_BODY} bytes")
     if raw.strip() and request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type",
+        raise HttpError(415, "unsupported_media_type",
                        f"the body must be application/json, got {request.content_type or 'no Content-Type'}")
     data = parse_json(bytes(raw))
     if data is None:
         if route.body_required:
-            raise ApiError(400, "missing_body", "a JSON body is required", None)
+            raise HttpError(400, "missing_body", "a JSON body is required", None)
         data = {}
     assert route.body is not None
     return route.body.check(data)

@@ -25,11 +25,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from zstack_node.bus.envelope import Envelope
 from zstack_node.cloud import metrics, repo
 from zstack_node.cloud.jobs import JobDriver, JobFailure
-from zstack_node.cloud.settings import CloudSettings
 from zstack_node.cloud.simulator import AgentError, Simulator, faulty_hosts
 from zstack_node.errors import first_line
 from zstack_node.ring import Ring, RingChange
-from zstack_node.service import Service, ServiceError, handles
+from zstack_node.service import Service, ServiceContext, ServiceError, handles
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +43,11 @@ class HostService(JobDriver, Service):
     name = SERVICE
     operations = frozenset({"host.add", "host.delete", "host.reconnect"})
 
-    def __init__(self, node: Any) -> None:
-        Service.__init__(self, node)
-        JobDriver.__init__(self, node)
-        self.agent = Simulator()
-        tuning = CloudSettings.from_env()
+    def __init__(self, ctx: ServiceContext) -> None:
+        Service.__init__(self, ctx)
+        JobDriver.__init__(self, ctx)
+        tuning = ctx.settings.cloud
+        self.agent = Simulator(tuning)
         self.ping_interval = tuning.host_ping_interval
         self.max_failures = tuning.host_ping_failures
         self._failures: dict[str, int] = {}
@@ -70,7 +69,7 @@ class HostService(JobDriver, Service):
         reachable = (await self.agent.ping([host_uuid], faulty))[host_uuid]
         seconds = time.perf_counter() - started
         error = None if reachable else f"host {host_uuid} did not answer the ping: its agent is unreachable"
-        return {"uuid": host_uuid, "reachable": reachable, "error": error, "tracked_by": self.node.uuid,
+        return {"uuid": host_uuid, "reachable": reachable, "error": error, "tracked_by": self.ctx.uuid,
                 "seconds": round(seconds, 6)}
 
     # ---- takeover ----------------------------------------------------------------------------
@@ -104,10 +103,10 @@ class HostService(JobDriver, Service):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.ping_interval)
             self._wake.clear()
-            if self.node.state != "running" or self.node.uuid is None:
+            if self.ctx.state != "running" or self.ctx.uuid is None:
                 continue
             try:
-                await self._ping_round(self.node.uuid)
+                await self._ping_round(self.ctx.uuid)
             except SQLAlchemyError as exc:
                 log.warning("host tracking skipped a round: %s", first_line(exc))
             except Exception:
@@ -115,7 +114,7 @@ class HostService(JobDriver, Service):
 
     async def _ping_round(self, me: str) -> None:
         hosts, faulty = await self.db(_hosts_and_faults)
-        ring = self.node.ring
+        ring = self.ctx.ring
         mine = [h for h in hosts if ring.members and ring.owner(h.uuid) == me]
         metrics.HOSTS_TRACKED.set(len(mine))
         mine_uuids = {h.uuid for h in mine}

@@ -34,8 +34,8 @@ from zstack_node.cloud.syncqueue import SyncQueues
 from zstack_node.errors import first_line
 
 if TYPE_CHECKING:
-    from zstack_node.node import ManagementNode
     from zstack_node.ring import RingChange
+    from zstack_node.service import ServiceContext
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ class Database:
     heartbeat, and a late heartbeat fences the MN.
     """
 
-    def __init__(self, node: ManagementNode) -> None:
-        self.node = node
-        executor = _EXECUTORS.get(node)
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        executor = _EXECUTORS.get(ctx)
         if executor is None:
-            executor = _EXECUTORS[node] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
+            executor = _EXECUTORS[ctx] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
         self._executor = executor
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -77,7 +77,7 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self.node.engine.begin() as conn:
+        with self.ctx.engine.begin() as conn:
             return fn(conn, *args, **kwargs)
 
 
@@ -86,9 +86,9 @@ class JobDriver:
 
     operations: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, node: ManagementNode) -> None:
-        self.node = node
-        self.db = Database(node)
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.db = Database(ctx)
         self.queues = SyncQueues()
         self.active: set[str] = set()  # jobs being run by this MN now
         self._background: set[asyncio.Task[Any]] = set()
@@ -127,8 +127,8 @@ class JobDriver:
 
     async def run(self, job: Row) -> None:
         """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
-        me = self.node.uuid
-        if me is None or self.node.state not in ("running", "leaving"):
+        me = self.ctx.uuid
+        if me is None or self.ctx.state not in ("running", "leaving"):
             return  # fenced: the new owner's sweeper drives it
         metrics.JOBS_IN_FLIGHT.inc()
         self.active.add(job.id)
@@ -145,9 +145,9 @@ class JobDriver:
                 job = await self._reread(job)  # type: ignore[arg-type]
             if job is None or job.state in TERMINAL:
                 return
-            if job.mn not in (None, me) and job.mn in self.node.ring.members:
+            if job.mn not in (None, me) and job.mn in self.ctx.ring.members:
                 job = await self._wait_for_other(job)
-                if job is None or job.state in TERMINAL or job.mn in self.node.ring.members:
+                if job is None or job.state in TERMINAL or job.mn in self.ctx.ring.members:
                     return  # finished there, or still run by a live MN: not ours to touch
             try:
                 if job.mn != me:
@@ -195,14 +195,14 @@ class JobDriver:
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             job = await self._reread(job)
-            if job is None or job.state in TERMINAL or job.mn not in self.node.ring.members:
+            if job is None or job.state in TERMINAL or job.mn not in self.ctx.ring.members:
                 return job
         return job
 
     def count_gained(self, change: RingChange, kind: str, read_uuids: Callable[[Connection], list[str]]) -> None:
         """Count the resources this MN gained in `change`, in the background: takeover hooks run one
         service after another, so none of them may wait for the database."""
-        me = self.node.uuid
+        me = self.ctx.uuid
         if me is None:
             return
 
@@ -234,11 +234,11 @@ class JobDriver:
         if row.finished_at is not None:
             metrics.JOB_SECONDS.labels(row.operation).observe((row.finished_at - row.created_at).total_seconds())
         with contextlib.suppress(Exception):
-            self.node.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
+            self.ctx.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop running jobs; when leaving gracefully, let the running ones finish first (up to `grace`)."""
-        if self.node.state == "leaving":
+        if self.ctx.state == "leaving":
             await self.queues.drain(grace)
         await self.queues.close()
 

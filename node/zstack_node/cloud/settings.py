@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from zstack_node.config import ConfigError
+from zstack_node.errors import ConfigError
 
 
 @dataclass(frozen=True)

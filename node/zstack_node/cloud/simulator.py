@@ -25,12 +25,10 @@ class AgentError(Exception):
 class Simulator:
     """One MN's view of the simulated agents."""
 
-    def __init__(self, latency: float | None = None, failure_rate: float | None = None,
-                 ping_failure_rate: float | None = None) -> None:
-        tuning = CloudSettings.from_env()
-        self.latency = tuning.sim_latency if latency is None else latency
-        self.failure_rate = tuning.sim_failure_rate if failure_rate is None else failure_rate
-        self.ping_failure_rate = tuning.sim_ping_failure_rate if ping_failure_rate is None else ping_failure_rate
+    def __init__(self, tuning: CloudSettings) -> None:
+        self.latency = tuning.sim_latency
+        self.failure_rate = tuning.sim_failure_rate
+        self.ping_failure_rate = tuning.sim_ping_failure_rate
 
     async def call(self, host_uuid: str, operation: str, vm_uuid: str | None = None) -> None:
         """Run `operation` on the agent of `host_uuid`; raise AgentError on a simulated failure."""

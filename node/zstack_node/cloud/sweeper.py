@@ -20,20 +20,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from zstack_node.cloud import metrics, repo
 from zstack_node.cloud.jobs import Database, JobDriver
-from zstack_node.cloud.settings import CloudSettings
 from zstack_node.errors import first_line
 
 if TYPE_CHECKING:
-    from zstack_node.node import ManagementNode
+    from zstack_node.service import ServiceContext
 
 log = logging.getLogger(__name__)
 
 
 class Sweeper:
-    def __init__(self, node: ManagementNode) -> None:
-        self.node = node
-        self.db = Database(node)
-        tuning = CloudSettings.from_env()
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.db = Database(ctx)
+        tuning = ctx.settings.cloud
         self.interval = tuning.job_sweep_interval
         self.pending_grace = tuning.job_pending_grace
         self.dead_grace = 0.5  # a job just claimed by an MN that my ring does not have yet
@@ -63,7 +62,7 @@ class Sweeper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            if self.node.state != "running":
+            if self.ctx.state != "running":
                 continue
             try:
                 await self.sweep()
@@ -74,7 +73,7 @@ class Sweeper:
 
     async def sweep(self) -> int:
         """Submit every abandoned job whose resource this MN owns, oldest first; return how many."""
-        me, ring = self.node.uuid, self.node.ring
+        me, ring = self.ctx.uuid, self.ctx.ring
         if me is None or not ring.members:
             return 0
         taken = 0
@@ -96,7 +95,7 @@ class Sweeper:
         driver = self._driver(job.operation)
         if driver is None or job.id in self._driving or job.id in driver.active:
             return False
-        if self.node.ring.owner(job.resource_uuid) != me:
+        if self.ctx.ring.owner(job.resource_uuid) != me:
             return False
         log.info("taking over job %s (%s on %s), left by MN %s", job.id, job.operation, job.resource_uuid,
                  job.mn or "none (message lost)")
@@ -110,8 +109,8 @@ class Sweeper:
         """My claim on a job I no longer run, whose resource another MN owns (a create, or a ring change)."""
         driver = self._driver(job.operation)
         return (job.mn == me and driver is not None and job.id not in self._driving and job.id not in driver.active
-                and self.node.ring.owner(job.resource_uuid) != me)
+                and self.ctx.ring.owner(job.resource_uuid) != me)
 
     def _driver(self, operation: str) -> JobDriver | None:
-        service = self.node.services.get(operation.partition(".")[0])
+        service = self.ctx.services.get(operation.partition(".")[0])
         return service if isinstance(service, JobDriver) else None

@@ -1,6 +1,6 @@
 """Request validation: small field specs that both check bodies and describe them in OpenAPI.
 
-Pure logic, no I/O. Every failure is an `ApiError` whose message names the field and the value.
+Pure logic, no I/O. Every failure is an `HttpError` whose message names the field and the value.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ UUID_RE = re.compile(r"^[0-9a-f]{32}$")  # anchored for OpenAPI; checked with fu
 MAX_BODY = 64 * 1024
 
 
-class ApiError(Exception):
+class HttpError(Exception):
     """An error answer: HTTP status, stable code, human message, and the offending field (or None)."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
@@ -66,7 +66,7 @@ class Field:
                 raise _bad_type(where, "a string", value)
             low, high = self.minimum or 0, self.maximum
             if len(value) < low or (high is not None and len(value) > high):
-                raise ApiError(400, "out_of_range", f"{where}: length {len(value)} is not within {low}-{high}",
+                raise HttpError(400, "out_of_range", f"{where}: length {len(value)} is not within {low}-{high}",
                                where)
             return check_text(value, where)
         if self.kind in ("int", "number"):
@@ -74,10 +74,10 @@ class Field:
             if isinstance(value, bool) or not isinstance(value, wanted):
                 raise _bad_type(where, "an integer" if self.kind == "int" else "a number", value)
             if value != value or value in (float("inf"), float("-inf")):
-                raise ApiError(400, "invalid_value", f"{where}: must be a finite number", where)
+                raise HttpError(400, "invalid_value", f"{where}: must be a finite number", where)
             if (self.minimum is not None and value < self.minimum) or (
                     self.maximum is not None and value > self.maximum):
-                raise ApiError(400, "out_of_range",
+                raise HttpError(400, "out_of_range",
                                f"{where}: {value} is not within {self.minimum}-{self.maximum}", where)
             return value
         if self.kind == "uuid":
@@ -85,7 +85,7 @@ class Field:
                 raise _bad_type(where, "a UUID string (32 lowercase hex characters)", value)
             return check_uuid(value, where)
         if not isinstance(value, str) or value not in self.choices:
-            raise ApiError(400, "invalid_value", f"{where}: {_show(value)} is not one of {', '.join(self.choices)}",
+            raise HttpError(400, "invalid_value", f"{where}: {_show(value)} is not one of {', '.join(self.choices)}",
                            where)
         return value
 
@@ -120,34 +120,34 @@ class Body:
 
     def check(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
-            raise ApiError(400, "wrong_type", f"the body must be a JSON object, got {_type_name(data)}", None)
+            raise HttpError(400, "wrong_type", f"the body must be a JSON object, got {_type_name(data)}", None)
         known = {f.name: f for f in self.fields}
         for key in data:
             if key not in known:
-                raise ApiError(400, "unknown_field", f"{key}: unknown field (allowed: {', '.join(known)})", key)
+                raise HttpError(400, "unknown_field", f"{key}: unknown field (allowed: {', '.join(known)})", key)
         out = {}
         for spec in self.fields:
             if spec.name in data:
                 out[spec.name] = spec.check(data[spec.name], spec.name)
             elif spec.required:
-                raise ApiError(400, "missing_field", f"{spec.name}: required field is missing", spec.name)
+                raise HttpError(400, "missing_field", f"{spec.name}: required field is missing", spec.name)
         return out
 
 
 def check_uuid(value: str, where: str) -> str:
     if not UUID_RE.fullmatch(value):
-        raise ApiError(400, "bad_uuid", f"{where}: {_show(value)} is not a UUID (32 lowercase hex characters)", where)
+        raise HttpError(400, "bad_uuid", f"{where}: {_show(value)} is not a UUID (32 lowercase hex characters)", where)
     return value
 
 
 def check_text(value: str, where: str) -> str:
     """Refuse text PostgreSQL cannot store: NUL characters, and lone surrogates (not encodable as UTF-8)."""
     if "\x00" in value:
-        raise ApiError(400, "invalid_value", f"{where}: must not contain NUL characters", where)
+        raise HttpError(400, "invalid_value", f"{where}: must not contain NUL characters", where)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ApiError(400, "invalid_value", f"{where}: must be valid Unicode text (lone surrogate at position "
+        raise HttpError(400, "invalid_value", f"{where}: must be valid Unicode text (lone surrogate at position "
                                              f"{exc.start})", where) from None
     return value
 
@@ -159,7 +159,7 @@ def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}", None) from None
+        raise HttpError(400, "bad_json", f"the body is not valid JSON: {exc}", None) from None
 
 
 def check_query(params: dict[str, str], fields: tuple[Field, ...]) -> dict[str, Any]:
@@ -170,13 +170,13 @@ def check_query(params: dict[str, str], fields: tuple[Field, ...]) -> dict[str, 
         spec = known.get(key)
         if spec is None:
             allowed = ", ".join(known) or "none"
-            raise ApiError(400, "unknown_field", f"{key}: unknown query parameter (allowed: {allowed})", key)
+            raise HttpError(400, "unknown_field", f"{key}: unknown query parameter (allowed: {allowed})", key)
         out[key] = spec.parse(raw, key)
     return out
 
 
-def _bad_type(where: str, wanted: str, value: Any) -> ApiError:
-    return ApiError(400, "wrong_type", f"{where}: must be {wanted}, got {_type_name(value)} {_show(value)}", where)
+def _bad_type(where: str, wanted: str, value: Any) -> HttpError:
+    return HttpError(400, "wrong_type", f"{where}: must be {wanted}, got {_type_name(value)} {_show(value)}", where)
 
 
 def _type_name(value: Any) -> str:

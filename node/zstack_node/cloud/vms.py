@@ -21,7 +21,7 @@ from zstack_node.cloud import allocator, repo
 from zstack_node.cloud.jobs import JobDriver, JobFailure
 from zstack_node.cloud.simulator import AgentError, Simulator
 from zstack_node.ring import Ring, RingChange
-from zstack_node.service import Service, handles
+from zstack_node.service import Service, ServiceContext, handles
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ class VmService(JobDriver, Service):
     name = SERVICE
     operations = frozenset({"vm.create", *(f"vm.{a}" for a in ACTIONS)})
 
-    def __init__(self, node: Any) -> None:
-        Service.__init__(self, node)
-        JobDriver.__init__(self, node)
-        self.agent = Simulator()
+    def __init__(self, ctx: ServiceContext) -> None:
+        Service.__init__(self, ctx)
+        JobDriver.__init__(self, ctx)
+        self.agent = Simulator(ctx.settings.cloud)
 
     @handles(MESSAGE)
     async def on_job(self, msg: Envelope) -> None:

@@ -9,13 +9,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, Engine, delete, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    DateTime,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
 
-from zstack_node.db import management_nodes as mn
+mn = Table(
+    "management_nodes",
+    MetaData(),
+    Column("uuid", String(32), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("address", String(255)),
+    Column("state", String(16), nullable=False),
+    Column("join_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("heartbeat", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
 
 RUNNING = "RUNNING"
 JOINING = "JOINING"
 LEAVING = "LEAVING"
+
+
+def v1_membership(conn: Connection) -> None:
+    """Schema step 1: the MN table."""
+    mn.create(conn, checkfirst=True)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,9 @@
+"""The product's schema steps, in the order they were introduced: append, never reorder (db.migrate)."""
+
+from __future__ import annotations
+
+from zstack_node.cloud.schema import v2_cloud
+from zstack_node.db import Migration
+from zstack_node.membership.table import v1_membership
+
+MIGRATIONS: list[Migration] = [v1_membership, v2_cloud]
