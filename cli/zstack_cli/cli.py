@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import click
 
-from zstack_cli.client import DEFAULT_URL, ApiClient, ApiError, JobFailed, JobTimeout, Json, check_url
+from zstack_cli.client import DEFAULT_URL, ApiClient, JobFailed, JobTimeout, Json, RequestFailed, check_url
 from zstack_cli.output import render
 
 VM_STATES = ("Created", "Starting", "Running", "Stopping", "Stopped", "Migrating", "Destroyed")
@@ -55,7 +55,7 @@ class ApiGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ApiError as err:
+        except RequestFailed as err:
             raise CliError(str(err), err.exit_code) from None
         except (JobFailed, JobTimeout) as err:
             raise CliError(str(err), 1) from None
@@ -87,6 +87,7 @@ def _check_token(_ctx: click.Context, _param: click.Parameter, value: str | None
 
 
 @click.group(cls=ApiGroup, context_settings={"max_content_width": 110, "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zstack-k8s", prog_name="zstack-cli")
 @click.option("--url", envvar="ZSTACK_API_URL", show_envvar=True, default=DEFAULT_URL, show_default=True,
               callback=_check_url, help="Base URL of any MN's API")
 @click.option("--token", envvar="ZSTACK_API_TOKEN", show_envvar=True, default=None, callback=_check_token,

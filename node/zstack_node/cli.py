@@ -10,13 +10,14 @@ import socket
 
 import click
 
-from zstack_kube.login import KubeError, namespace
-from zstack_node.cloud import SERVICES as CLOUD_SERVICES
+from zstack_kube.errors import KubeError
+from zstack_kube.login import namespace
+from zstack_node.cloud.services import SERVICES as CLOUD_SERVICES
 from zstack_node.cloud.settings import CloudSettings
-from zstack_node.config import ConfigError, Settings
+from zstack_node.config import Settings, default
+from zstack_node.errors import ConfigError
 from zstack_node.http import build_app, serve
 from zstack_node.node import ManagementNode
-from zstack_node.ring import DEFAULT_VNODES
 from zstack_node.service import Service
 
 log = logging.getLogger("zstack_node")
@@ -37,32 +38,37 @@ def load_service(spec: str) -> type[Service]:
 
 
 def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN202 - a click decorator
-    env = env or "ZSTACK_" + name.upper().replace("-", "_")
+    """A flag with its env var; a setting's default comes from the Settings dataclass, its one home."""
+    env = env or "ZSTACK_" + name.replace("-", "_").upper()
+    field = name.replace("-", "_")
+    if field in Settings.__dataclass_fields__ and "default" not in kwargs and not kwargs.get("required"):
+        kwargs["default"] = default(field)
     return click.option(f"--{name}", *dest, envvar=env, show_envvar=True, show_default=True, **kwargs)
 
 
 @click.command(context_settings={"max_content_width": 110})
+@click.version_option(package_name="zstack-k8s", prog_name="zstack-node")
 @_opt("broker-url", required=True, help="RabbitMQ URL, amqp://user:pass@host:5672/%2F")
 @_opt("database-url", required=True, help="PostgreSQL URL, postgresql://user:pass@host:5432/zstack")
-@_opt("http-bind", default="0.0.0.0", help="Address of the HTTP port (API, health, metrics)")
-@_opt("http-port", type=click.IntRange(0, 65535), default=8080, help="The HTTP port")
-@_opt("heartbeat-interval", type=float, default=1.0, help="Seconds between heartbeats")
-@_opt("heartbeat-timeout", type=float, default=4.0, help="Seconds without a heartbeat before eviction")
-@_opt("lease-duration", type=float, default=5.0, help="Kubernetes Lease duration in seconds")
-@_opt("ring-vnodes", type=int, default=DEFAULT_VNODES, help="Virtual nodes per MN on the hash ring")
-@_opt("call-timeout", type=float, default=10.0, help="Default deadline of a bus call, seconds")
-@_opt("cluster", default="default", help="Name of the ZStackCluster this MN belongs to")
+@_opt("http-bind", help="Address of the HTTP port (API, health, metrics)")
+@_opt("http-port", type=click.IntRange(0, 65535), help="The HTTP port")
+@_opt("heartbeat-interval", type=float, help="Seconds between heartbeats")
+@_opt("heartbeat-timeout", type=float, help="Seconds without a heartbeat before eviction")
+@_opt("lease-duration", type=float, help="Kubernetes Lease duration in seconds")
+@_opt("ring-vnodes", type=int, help="Virtual nodes per MN on the hash ring")
+@_opt("call-timeout", type=float, help="Default deadline of a bus call, seconds")
+@_opt("cluster", help="Name of the ZStackCluster this MN belongs to")
 @_opt("hostname", default=None, help="Name recorded beside the MN UUID (default: the host or pod name)")
-@_opt("advertise-address", default=None, help="Address other MNs and clients use to reach this MN's HTTP port")
+@_opt("advertise-address", help="Address other MNs and clients use to reach this MN's HTTP port")
 @_opt("service", "services", env="ZSTACK_SERVICES", multiple=True,
       help="Extra service to host, as package.module:ClassName")
 @_opt("log-level", default="INFO",
       type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@_opt("api-token", default=None, help="Bearer token the HTTP API requires")
-@_opt("kubernetes", default="auto", type=click.Choice(["auto", "on", "off"]),
+@_opt("api-token", help="Bearer token the HTTP API requires")
+@_opt("kubernetes", type=click.Choice(["auto", "on", "off"]),
       help="Lease membership: auto is on when POD_NAME is set")
-@_opt("pod-name", env="POD_NAME", default=None, help="This MN's pod (downward API): the name of its Lease")
-@_opt("pod-namespace", env="POD_NAMESPACE", default=None,
+@_opt("pod-name", env="POD_NAME", help="This MN's pod (downward API): the name of its Lease")
+@_opt("pod-namespace", env="POD_NAMESPACE",
       help="Namespace of the pod and its Lease (default: the ServiceAccount's namespace)")
 def main(services: tuple[str, ...], log_level: str, hostname: str | None, **options: object) -> None:
     """Run one ZStack management node: every service, one copy of the hash ring."""
@@ -70,8 +76,8 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
     logging.getLogger("pika").setLevel(logging.WARNING)
     hostname = hostname or options.get("pod_name") or socket.gethostname()  # type: ignore[assignment]
     try:
-        settings = Settings(hostname=hostname, services=services, **options).validate()  # type: ignore[arg-type]
-        CloudSettings.from_env()  # the cloud services read their tuning later; refuse a bad value now
+        settings = Settings(hostname=hostname, services=services, cloud=CloudSettings.from_env(),
+                            **options).validate()  # type: ignore[arg-type]
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if settings.leases_enabled:

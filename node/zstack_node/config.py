@@ -1,20 +1,23 @@
-"""Management node settings: one validated, immutable object built from flags and env vars."""
+"""Management node settings: one validated, immutable object built once from flags and env vars.
+
+Every default lives here, on the dataclass: the CLI's flags and the operator's MN environment read them
+from it. `default(name)` gives one.
+"""
 
 from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from zstack_node.cloud.settings import CloudSettings
+from zstack_node.errors import ConfigError
 from zstack_node.ring import DEFAULT_VNODES
 
 _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_VALUE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-
-
-class ConfigError(ValueError):
-    """A setting is invalid. The message names the flag and env var and says what to do."""
 
 
 def _where(name: str) -> str:
@@ -43,6 +46,7 @@ class Settings:
     kubernetes: str = "auto"  # Lease membership: auto (on when pod_name is set), on, off
     pod_name: str | None = None  # the downward API's metadata.name: also the Lease name
     pod_namespace: str | None = None
+    cloud: CloudSettings = field(default_factory=CloudSettings)  # the cloud services' tuning (ZSTACK_SIM_* ...)
 
     @property
     def leases_enabled(self) -> bool:
@@ -82,6 +86,7 @@ class Settings:
             raise ConfigError(f"{_where('kubernetes')}: must be auto, on or off, got {self.kubernetes!r}")
         if self.leases_enabled:
             self._validate_lease()
+        self.cloud.validate()
         return self
 
     def _validate_lease(self) -> None:
@@ -119,6 +124,12 @@ def call_limit(timeout: float) -> float:
     """The longest one renewal attempt takes while the process runs: a hung call and its one retry
     (kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
     return 2 * timeout + 1.0
+
+
+def default(name: str) -> Any:
+    """The default of one setting (no instance needed: the URLs have none)."""
+    spec = Settings.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default is MISSING else spec.default  # type: ignore[misc]
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...], example: str) -> None:

@@ -17,6 +17,7 @@ def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="zstack-k8s", prog_name="zstack-operator")
 @click.option("-n", "--namespace", "namespaces", multiple=True, envvar="ZSTACK_OPERATOR_NAMESPACES",
               show_envvar=True, help="Watch ZStackClusters in this namespace (repeat for more)")
 @click.option("-A", "--all-namespaces", is_flag=True, envvar="ZSTACK_OPERATOR_ALL_NAMESPACES", show_envvar=True,

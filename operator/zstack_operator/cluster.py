@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from zstack_node.config import default
+
 GROUP = "zstack.io"
 VERSION = "v1alpha1"
 PLURAL = "zstackclusters"
@@ -64,7 +66,7 @@ class Cluster:
 
     @property
     def api_port(self) -> int:
-        return int(self.section("api").get("port", 8080))
+        return int(self.section("api").get("port", default("http_port")))
 
     # ---- names and labels -------------------------------------------------------------------
 

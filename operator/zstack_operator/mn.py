@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from zstack_node.config import default
+from zstack_node.version import NODE_IMAGE
 from zstack_operator.cluster import CONFIG_HASH_ANNOTATION, MN_CONTAINER, Cluster
 from zstack_operator.credentials import api_token_ref, secret_ref
 
@@ -27,10 +29,10 @@ def config_map(cluster: Cluster) -> dict[str, Any]:
     data = {
         "ZSTACK_CLUSTER": cluster.name,
         "ZSTACK_HTTP_PORT": str(cluster.api_port),
-        "ZSTACK_HEARTBEAT_INTERVAL": _number(node.get("heartbeatIntervalSeconds", 1)),
-        "ZSTACK_HEARTBEAT_TIMEOUT": _number(node.get("heartbeatTimeoutSeconds", 4)),
-        "ZSTACK_LEASE_DURATION": _number(node.get("leaseDurationSeconds", 5)),
-        "ZSTACK_RING_VNODES": str(int(node.get("ringVirtualNodes", 4000))),
+        "ZSTACK_HEARTBEAT_INTERVAL": _number(node.get("heartbeatIntervalSeconds", default("heartbeat_interval"))),
+        "ZSTACK_HEARTBEAT_TIMEOUT": _number(node.get("heartbeatTimeoutSeconds", default("heartbeat_timeout"))),
+        "ZSTACK_LEASE_DURATION": _number(node.get("leaseDurationSeconds", default("lease_duration"))),
+        "ZSTACK_RING_VNODES": str(int(node.get("ringVirtualNodes", default("ring_vnodes")))),
     }
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": cluster.metadata(cluster.child("mn-config"), "mn"),
             "data": data}
@@ -114,7 +116,7 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
     ]
     container: dict[str, Any] = {
         "name": MN_CONTAINER,
-        "image": cluster.spec.get("image", "zstack-node:0.1.0"),
+        "image": cluster.spec.get("image", NODE_IMAGE),
         "imagePullPolicy": cluster.spec.get("imagePullPolicy", "IfNotPresent"),
         "command": ["zstack-node"],
         "ports": [{"name": "http", "containerPort": cluster.api_port, "protocol": "TCP"}],
