@@ -38,8 +38,11 @@ from zstack_devcluster import controlplane, tools
 from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.layout import Layout
 from zstack_devcluster.ports import free_port
+from zstack_kube.client import JSON, MERGE_PATCH
+from zstack_kube.errors import ApiError
+from zstack_kube.login import login
 from zstack_operator.cluster import GROUP, VERSION
-from zstack_operator.kubeapi import MERGE_PATCH, ApiError, Kube, path
+from zstack_operator.kubeapi import Kube, path
 
 Say = Callable[[str], None]
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +51,8 @@ POLL_S = 0.02
 TIMEOUT_S = 180.0
 CHANGE_GAP_S = 0.2  # idle time between two spec changes, so that each one is handled on its own
 ANNOTATION = "bench.zstack.io/change"
-RING_AFTER_READY_TARGET_S = 2.0  # DESIGN.md
-SCALE_DOWN_TARGET_S = 3.0  # graceful leave within 1 s (DESIGN.md), plus the 1 s preStop sleep, plus pod deletion
+RING_AFTER_READY_TARGET_S = 2.0  # the README's performance table
+SCALE_DOWN_TARGET_S = 3.0  # graceful leave within 1 s (README), plus the 1 s preStop sleep, plus pod deletion
 SPEC_P99_TARGET_S = 1.0  # issue 6
 
 
@@ -82,31 +85,25 @@ def devcluster(dev_dir: Path | None, say: Say) -> Iterator[Path]:
 
 class Api(Kube):
     """The operator's `Kube` logged in with a kubeconfig; errors name the request. Adds what `Kube` does not do:
-    a streamed watch, and kubectl."""
+    raw requests, a streamed watch, and kubectl."""
 
     def __init__(self, kubeconfig: Path) -> None:
-        from kubernetes import config
-
-        super().__init__(config.new_client_from_config(config_file=str(kubeconfig)))
+        super().__init__(login(kubeconfig))
         self.kubeconfig = kubeconfig
 
     def request(self, method: str, url: str, *, query: dict[str, Any] | None = None, body: Any = None,
-                content_type: str = "application/json") -> dict[str, Any]:
+                content_type: str = JSON) -> dict[str, Any]:
         try:
-            return super().request(method, url, query=query, body=body, content_type=content_type)
+            return self.client.request(method, url, query=query, body=body, content_type=content_type)
         except ApiError as exc:
             raise ApiError(exc.status, f"{method} {url}: {exc.message}", exc.reason) from None
 
     def watch(self, url: str, query: dict[str, Any]) -> Any:
         """The urllib3 response of a watch on `url`, body unread and without a read timeout; ApiError unless 2xx."""
-        headers = {"Accept": "application/json"}
-        params = [*query.items(), ("watch", "true")]
-        method, full_url, headers, _, _ = self.api_client.param_serialize(
-            "GET", url, query_params=params, header_params=headers, auth_settings=["BearerToken"])
-        resp = self.api_client.call_api(method, full_url, headers, _request_timeout=None).response
-        if not 200 <= resp.status < 300:
-            raise ApiError(resp.status, f"GET {url} (watch): {resp.data.decode(errors='replace')[:500]}")
-        return resp
+        try:
+            return self.client.open_watch(url, read_timeout=None, **query)
+        except ApiError as exc:
+            raise ApiError(exc.status, f"GET {url} (watch): {exc.message}", exc.reason) from None
 
     def kubectl(self, *args: str) -> str:
         argv = [str(tools.tool_path("kubectl")), f"--kubeconfig={self.kubeconfig}", *args]
@@ -242,8 +239,8 @@ class TemplateWatch:
         if not self._rv:
             self._rv = self.api.request("GET", self.path, query={"fieldSelector": selector})["metadata"][
                 "resourceVersion"]
-        return self.api.watch(self.path, {"fieldSelector": selector, "resourceVersion": self._rv,
-                                          "timeoutSeconds": 600})
+        return self.api.watch(self.path, {"fieldSelector": selector, "resource_version": self._rv,
+                                          "timeout_seconds": 600})
 
     def _read(self) -> None:
         while not self._stopped:
@@ -266,6 +263,8 @@ class TemplateWatch:
             self._rv = ""  # e.g. 410 Gone: list again
             return
         self._rv = obj["metadata"]["resourceVersion"]
+        if event["type"] == "BOOKMARK":
+            return
         value = ((obj["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
         with self._cond:
             if value is not None and value not in self.seen:

@@ -1,39 +1,67 @@
-"""Kubernetes login for an MN: in-cluster, else kubeconfig; and the namespace it runs in.
+"""Log in to Kubernetes: the in-cluster ServiceAccount, else a kubeconfig; and the namespace we run in.
 
-The kubernetes client is imported lazily: it is slow to import and only MNs in Kubernetes need it.
+The kubernetes package is imported lazily: it is slow to import, and only MNs in Kubernetes need it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
 
+from zstack_kube.errors import KubeError
+
 SA_NAMESPACE_FILE = "var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
-class KubeError(RuntimeError):
-    """Kubernetes is on, but this MN cannot log in or does not know its namespace."""
-
-
-def login() -> Any:
-    """A kubernetes.client.ApiClient: the in-cluster ServiceAccount, else $KUBECONFIG or ~/.kube/config."""
+def configuration(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
+    """A kubernetes.client.Configuration: from `kubeconfig` when given, else the in-cluster ServiceAccount,
+    else $KUBECONFIG or ~/.kube/config."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
     cfg = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=cfg)
-    except ConfigException:
+    if kubeconfig is None:
         try:
-            config.load_kube_config(client_configuration=cfg, persist_config=False)
-        except (ConfigException, OSError) as exc:
-            raise KubeError(
-                "cannot log in to Kubernetes: not in a cluster (no KUBERNETES_SERVICE_HOST) and no usable "
-                f"kubeconfig ($KUBECONFIG={os.environ.get('KUBECONFIG', '(unset)')}): {exc}"
-            ) from None
-    # One quick retry of a failed connection, then the caller decides: an outage must never hang an MN.
-    cfg.retries = 1
+            config.load_incluster_config(client_configuration=cfg)
+            return cfg
+        except ConfigException:
+            pass
+    try:
+        config.load_kube_config(config_file=None if kubeconfig is None else str(kubeconfig),
+                                client_configuration=cfg, persist_config=False)
+    except (ConfigException, OSError) as exc:
+        where = kubeconfig or f"$KUBECONFIG={os.environ.get('KUBECONFIG', '(unset)')}"
+        raise KubeError(f"cannot log in to Kubernetes: not in a cluster (no KUBERNETES_SERVICE_HOST) and no usable "
+                        f"kubeconfig ({where}): {exc}") from None
+    return cfg
+
+
+def login(kubeconfig: str | os.PathLike[str] | None = None, *, retries: int = 1, pool_maxsize: int | None = None,
+          user_agent: str | None = None) -> Any:
+    """A kubernetes.client.ApiClient logged in as `configuration` says.
+
+    `retries` is urllib3's for a failed connection: one quick retry by default, then the caller decides, so
+    that an outage never hangs a caller for long; 0 when the caller's own loop is the retry."""
+    from kubernetes import client
+
+    cfg = configuration(kubeconfig)
+    cfg.retries = retries
+    if pool_maxsize is not None:
+        cfg.connection_pool_maxsize = pool_maxsize
+    api_client = client.ApiClient(configuration=cfg)
+    if user_agent:
+        api_client.user_agent = user_agent
+    return api_client
+
+
+def without_retries(api_client: Any) -> Any:
+    """A new ApiClient on a copy of `api_client`'s configuration with urllib3's retries off."""
+    from kubernetes import client
+
+    cfg = copy.deepcopy(api_client.configuration)
+    cfg.retries = 0
     return client.ApiClient(configuration=cfg)
 
 

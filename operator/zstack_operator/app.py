@@ -19,7 +19,8 @@ from datetime import datetime
 
 import kopf
 
-from zstack_kube.login import KubeError, login
+from zstack_kube.errors import KubeError
+from zstack_kube.login import login
 from zstack_operator import http, metrics
 from zstack_operator.controller import Controller
 from zstack_operator.events import EventRecorder

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from zstack_kube.errors import ApiError
 from zstack_operator import metrics
 from zstack_operator.cluster import Cluster
 from zstack_operator.events import EventRecorder
-from zstack_operator.kubeapi import ApiError, Kube
+from zstack_operator.kubeapi import Kube
 from zstack_operator.observe import observe
 from zstack_operator.reconcile import Outcome, ReconcileError, Stopping, reconcile
 from zstack_operator.status import ReconcileState, build_status, same_status

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from zstack_kube.errors import ApiError
 from zstack_operator.cluster import API_VERSION, KIND, MANAGER, Cluster
-from zstack_operator.kubeapi import ApiError, Kube
+from zstack_operator.kubeapi import Kube
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import json
 import logging
 import math
 import socket
@@ -29,8 +28,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
+
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
+from zstack_kube.login import without_retries
+from zstack_kube.paths import api_path
+from zstack_kube.times import micro_time
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +54,15 @@ def default_identity() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-def micro_time() -> str:
-    """Now as a Kubernetes MicroTime (UTC, microseconds)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _status(exc: BaseException) -> int | None:
     """The HTTP status of an answer from the API server; None when there was no answer."""
-    from kubernetes.client.exceptions import ApiException
-
-    return (exc.status or None) if isinstance(exc, ApiException) else None
+    return (exc.status or None) if isinstance(exc, ApiError) else None
 
 
 def _why(exc: BaseException) -> str:
-    """One line about a failed call, no traceback (urllib3's MaxRetryError: its cause)."""
-    status = _status(exc)
-    if status is not None:
-        why = f"HTTP {status} {getattr(exc, 'reason', '') or ''}".strip()
-        try:  # the API server's own words, e.g. which RBAC permission is missing
-            message = json.loads(getattr(exc, "body", None) or "{}").get("message")
-        except (ValueError, TypeError, AttributeError):
-            message = None
-        return f"{why}: {message[:300]}" if message else why
-    cause = getattr(exc, "reason", None)
-    exc = cause if isinstance(cause, BaseException) else exc
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
-
-
-def _own_api(api_client: Any) -> Any:
-    """A CoordinationV1Api on a copy of `api_client`'s configuration with urllib3's retries off."""
-    from kubernetes import client
-
-    configuration = copy.deepcopy(api_client.configuration)
-    configuration.retries = 0
-    return client.CoordinationV1Api(client.ApiClient(configuration=configuration))
+    """One line about a failed call, no traceback: the API server's own words where it answered (e.g. which
+    RBAC permission is missing)."""
+    return str(exc)[:400] if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
 
 
 def _positive(name: str, value: float) -> float:
@@ -115,7 +93,8 @@ class LeaderElector:
             raise ValueError(f"renew_deadline ({renew_deadline}) must be less than lease_duration ({lease_duration})")
         if self.retry_period >= self.renew_deadline:
             raise ValueError(f"retry_period ({retry_period}) must be less than renew_deadline ({renew_deadline})")
-        self._api = _own_api(api_client)
+        self._client = Client(without_retries(api_client))
+        self._path = api_path(GROUP_VERSION, "leases", namespace, name)
         self.namespace, self.name = namespace, name
         self.identity = identity or default_identity()
         self.release_on_cancel = release_on_cancel
@@ -242,7 +221,7 @@ class LeaderElector:
                     raise
         current = self._read(deadline)
         if current is None:
-            self._lease = self._call("create_namespaced_lease", deadline, self.namespace, self._record(None))
+            self._lease = self._create(self._record(None), deadline)
             self._observe(self._lease)
             return _Outcome.HELD
         self._lease = current
@@ -281,7 +260,7 @@ class LeaderElector:
 
     def _write(self, base: dict[str, Any], deadline: float) -> None:
         """Replace exactly the version `base` (a 409 when someone wrote since) with me as the holder."""
-        self._lease = self._call("replace_namespaced_lease", deadline, self.name, self.namespace, self._record(base))
+        self._lease = self._replace(self._record(base), deadline)
         self._observe(self._lease)
 
     def _release(self) -> None:
@@ -292,8 +271,7 @@ class LeaderElector:
         lease["spec"].pop("holderIdentity", None)
         lease["spec"].update(leaseDurationSeconds=1, renewTime=micro_time())
         try:
-            self._lease = self._call("replace_namespaced_lease", time.monotonic() + self.call_timeout,
-                                     self.name, self.namespace, lease)
+            self._lease = self._replace(lease, time.monotonic() + self.call_timeout)
         except Exception as exc:
             if _status(exc) == 409:
                 log.info("did not release the Lease %s: it changed meanwhile", self.lease_ref)
@@ -305,15 +283,16 @@ class LeaderElector:
     # ---- plumbing --------------------------------------------------------------------------
 
     def _read(self, deadline: float) -> dict[str, Any] | None:
-        try:
-            return self._call("read_namespaced_lease", deadline, self.name, self.namespace)
-        except Exception as exc:
-            if _status(exc) == 404:
-                return None
-            raise
+        return self._client.get_or_none(self._path, timeout=_left(deadline))
 
-    def _call(self, method: str, deadline: float, *args: Any) -> dict[str, Any]:
-        """One Lease API call, bounded by `deadline` (monotonic); the JSON body of the answer."""
-        timeout = max(0.05, deadline - time.monotonic())
-        response = getattr(self._api, method)(*args, _preload_content=False, _request_timeout=timeout)
-        return json.loads(response.data)
+    def _create(self, lease: dict[str, Any], deadline: float) -> dict[str, Any]:
+        return self._client.create(api_path(GROUP_VERSION, "leases", self.namespace), lease, timeout=_left(deadline))
+
+    def _replace(self, lease: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Replace exactly the version `lease` names (a 409 when someone wrote since)."""
+        return self._client.replace(self._path, lease, timeout=_left(deadline))
+
+
+def _left(deadline: float) -> float:
+    """The time left until `deadline` (monotonic), as a call's timeout."""
+    return max(0.05, deadline - time.monotonic())

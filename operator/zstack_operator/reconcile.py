@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from zstack_kube.errors import ApiError
 from zstack_operator import managed, mn
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import generated_secrets
 from zstack_operator.events import EventRecorder
-from zstack_operator.kubeapi import ApiError, Kube
+from zstack_operator.kubeapi import Kube
 
 log = logging.getLogger(__name__)
 MONITORING = "monitoring.coreos.com/v1"

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from zstack_devcluster.kubelet import runtime
-from zstack_devcluster.kubelet.api import to_rfc3339
 from zstack_devcluster.kubelet.envvars import ConfigError, expand
 from zstack_devcluster.kubelet.probes import Prober, ProbeSpec, Target, run_handler
 from zstack_devcluster.kubelet.volumes import VolumeError
+from zstack_kube.times import to_rfc3339
 
 log = logging.getLogger(__name__)
 

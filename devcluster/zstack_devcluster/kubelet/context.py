@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zstack_devcluster.kubelet.api import Api, ApiError, ClusterInfo
+from zstack_devcluster.kubelet.api import ClusterInfo
 from zstack_devcluster.kubelet.envvars import ConfigError, decode_data
 from zstack_devcluster.kubelet.events import Recorder
 from zstack_devcluster.kubelet.ipam import PodIPAM
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
 
 # Host variables a pod must not inherit: they would point it at the host's cluster or config.
 _DROP_PREFIXES = ("KUBE", "ZSTACK_", "POD_")
@@ -39,7 +41,7 @@ class Services:
     """Shared by all pod workers."""
 
     settings: Settings
-    api: Api
+    api: Client
     cluster: ClusterInfo
     ipam: PodIPAM
     events: Recorder

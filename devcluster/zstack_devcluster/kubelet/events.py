@@ -14,7 +14,9 @@ import time
 import uuid
 from typing import Any
 
-from zstack_devcluster.kubelet.api import Api, ApiError, now
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
+from zstack_kube.times import now
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ COMPONENT = "kubelet"
 class Recorder:
     """Fire-and-forget event sink; never blocks the caller."""
 
-    def __init__(self, api: Api, node_name: str) -> None:
+    def __init__(self, api: Client, node_name: str) -> None:
         self._api = api
         self._node = node_name
         self._q: queue.Queue[tuple[dict[str, Any], str, str, str] | None] = queue.Queue(maxsize=1000)

@@ -26,9 +26,11 @@ from typing import Any
 
 import yaml
 
-from zstack_devcluster.kubelet.api import Api, ApiError, ClusterInfo
+from zstack_devcluster.kubelet.api import ClusterInfo
 from zstack_devcluster.kubelet.paths import PodPaths
 from zstack_devcluster.kubelet.volumes import VolumeError
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
 
 DEFAULT_EXPIRATION = 3607
 MIN_EXPIRATION = 600
@@ -37,7 +39,7 @@ MIN_EXPIRATION = 600
 class PodIdentity:
     """Tokens and credential files of one pod."""
 
-    def __init__(self, api: Api, cluster: ClusterInfo, pod: dict[str, Any], paths: PodPaths) -> None:
+    def __init__(self, api: Client, cluster: ClusterInfo, pod: dict[str, Any], paths: PodPaths) -> None:
         self._api = api
         self._cluster = cluster
         self._paths = paths

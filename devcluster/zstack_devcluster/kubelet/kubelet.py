@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from zstack_devcluster.kubelet.api import Api, ApiError, cluster_info
+from zstack_devcluster.kubelet.api import cluster_info, connect
 from zstack_devcluster.kubelet.context import Services, Settings
 from zstack_devcluster.kubelet.events import Recorder
 from zstack_devcluster.kubelet.ipam import PodIPAM
@@ -17,6 +17,7 @@ from zstack_devcluster.kubelet.podnet import ensure_local
 from zstack_devcluster.kubelet.pods import PodWorker
 from zstack_devcluster.kubelet.runtime import kill_leftovers
 from zstack_devcluster.kubelet.server import KubeletServer, LogNotFound, LogRange
+from zstack_kube.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Kubelet:
         self.settings = settings
         settings.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(settings.root, 0o700)  # pod volumes, tokens and logs below may hold secrets
-        self.api = Api(settings.kubeconfig)
+        self.api = connect(settings.kubeconfig)
         self.server = KubeletServer(settings.root / "pki", settings.node_name, self._log_range)
         self.node = NodeAgent(self.api, settings, self.server.port)
         self.svc = Services(

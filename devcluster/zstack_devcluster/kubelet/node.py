@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from zstack_devcluster.kubelet.api import Api, ApiError, now, now_micro
 from zstack_devcluster.kubelet.context import Settings
 from zstack_devcluster.kubelet.envvars import HOST_IP
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
+from zstack_kube.times import micro_time, now
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def capacity(settings: Settings) -> dict[str, str]:
 class NodeAgent:
     """Registers the Node, renews its Lease and posts Ready heartbeats."""
 
-    def __init__(self, api: Api, settings: Settings, kubelet_port: int = 0) -> None:
+    def __init__(self, api: Client, settings: Settings, kubelet_port: int = 0) -> None:
         self.api = api
         self.kubelet_port = kubelet_port
         self.settings = settings
@@ -213,7 +215,7 @@ class NodeAgent:
     def renew_lease(self) -> None:
         """Create or renew coordination.k8s.io Lease kube-node-lease/<node>."""
         path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NS}/leases"
-        spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_DURATION, "renewTime": now_micro()}
+        spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_DURATION, "renewTime": micro_time()}
         try:
             lease = self.api.get(f"{path}/{self.name}")
         except ApiError as e:

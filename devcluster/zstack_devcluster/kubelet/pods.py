@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from zstack_devcluster.kubelet import runtime, status, volumes
-from zstack_devcluster.kubelet.api import ApiError, now, parse_time, pod_path
+from zstack_devcluster.kubelet.api import pod_path
 from zstack_devcluster.kubelet.container import Container
 from zstack_devcluster.kubelet.context import Services, host_env
 from zstack_devcluster.kubelet.envvars import HOST_IP, ConfigError, build_env
 from zstack_devcluster.kubelet.identity import PodIdentity
 from zstack_devcluster.kubelet.ipam import IPExhausted
 from zstack_devcluster.kubelet.paths import PodPaths
+from zstack_kube.errors import ApiError
+from zstack_kube.times import now, parse_time
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zstack_devcluster.kubelet.api import to_rfc3339
+from zstack_kube.times import to_rfc3339
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from zstack_devcluster.kubelet.api import Api, ApiError, now, pod_path
+from zstack_devcluster.kubelet.api import pod_path
 from zstack_devcluster.kubelet.container import Container
 from zstack_devcluster.kubelet.envvars import HOST_IP
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
+from zstack_kube.times import now
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ def container_statuses(
 class StatusWriter:
     """Keeps lastTransitionTimes and patches pods/status only when something changed."""
 
-    def __init__(self, api: Api, pod: dict[str, Any]) -> None:
+    def __init__(self, api: Client, pod: dict[str, Any]) -> None:
         self._api = api
         meta = pod["metadata"]
         self._ns, self._name, self._uid = meta["namespace"], meta["name"], meta["uid"]

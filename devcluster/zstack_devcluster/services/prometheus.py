@@ -304,18 +304,17 @@ def discover(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # SIGTERM exits through atexit, which removes the client's temporary certificate and key files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from kubernetes import client, config  # slow to import: only in the helper
+    from zstack_kube.client import Client  # slow to import (kubernetes): only in the helper
+    from zstack_kube.login import login
 
-    api = client.CoreV1Api(config.new_client_from_config(config_file=str(args.kubeconfig)))
+    api = Client(login(args.kubeconfig), timeout=10)
     log.info("listing the pods of %s every %gs into %s", ", ".join(f"{job} ({sel})" for job, (sel, _) in
                                                                  POD_JOBS.items()), args.interval, args.dir)
     failing: set[str] = set()
     while args.parent_pid is None or _alive(args.parent_pid):  # an orphan (its owner was killed) stops
         for job, (selector, _port) in POD_JOBS.items():
             try:
-                response = api.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False,
-                                                           _request_timeout=10)
-                groups = pod_targets(json.loads(response.data)["items"])
+                groups = pod_targets(api.get("/api/v1/pods", labelSelector=selector)["items"])
             except Exception as exc:  # noqa: BLE001 - an API server outage: keep the last targets, try again
                 if job not in failing:
                     log.error("%s: cannot list pods %s: %s; keeping the last targets", job, selector, exc)

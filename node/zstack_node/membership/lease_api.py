@@ -7,15 +7,20 @@ hands events to the event loop. Lease bodies are plain dicts, exactly as the API
 
 from __future__ import annotations
 
+import copy
 import enum
-import json
 import logging
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from zstack_kube.backoff import Backoff
+from zstack_kube.client import Client
+from zstack_kube.errors import ApiError
+from zstack_kube.paths import api_path
+from zstack_kube.times import micro_time
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +56,6 @@ class LeaseEvent:
     reason: str = ""
 
 
-def micro_time() -> str:
-    """Now as a Kubernetes MicroTime."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def facts(obj: dict[str, Any]) -> tuple[str, str | None, str | None, float]:
     """(name, holder, renewTime, duration) of a Lease dict."""
     spec = obj.get("spec") or {}
@@ -65,22 +65,20 @@ def facts(obj: dict[str, Any]) -> tuple[str, str | None, str | None, float]:
 
 def _status(exc: BaseException) -> int | None:
     """The HTTP status of an answer from the API server; None when there was no answer."""
-    from kubernetes.client.exceptions import ApiException
-
-    status = exc.status if isinstance(exc, ApiException) else None
-    return status or None  # status 0: a TLS or request error, no answer
+    return (exc.status or None) if isinstance(exc, ApiError) else None
 
 
 def _why(exc: BaseException) -> str:
-    status = _status(exc)
-    if status is not None:
-        return f"HTTP {status} {getattr(exc, 'reason', '')}".strip()
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    return str(exc) if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
 
 
 def _owner_uids(obj: dict[str, Any]) -> set[str]:
     return {o.get("uid") for o in obj.get("metadata", {}).get("ownerReferences") or []}
+
+
+def _lease_client(factory: Callable[[], Any], timeout: float) -> Client:
+    """A Client that logs in again after a 401 (ServiceAccount tokens rotate)."""
+    return Client(factory(), timeout=timeout, relogin=factory)
 
 
 class LeaseApi:
@@ -92,42 +90,30 @@ class LeaseApi:
         self.namespace, self.name, self.cluster, self.pod_name = namespace, name, cluster, pod_name
         self.duration = max(1, math.ceil(duration))  # leaseDurationSeconds is an integer
         self.timeout = timeout
-        self._api: Any = None
-        self._core: Any = None
+        self._api: Client | None = None
         self._lease: dict[str, Any] | None = None  # the last version I wrote or read
         self._owner_warned = False
 
     # ---- plumbing --------------------------------------------------------------------------
 
-    def _apis(self) -> tuple[Any, Any]:
-        if self._api is None:
-            from kubernetes import client
+    @property
+    def _client(self) -> Client:
+        if self._api is None:  # logged in at the first call, so that a failed login is a FAILED result
+            self._api = _lease_client(self._factory, self.timeout)
+        return self._api
 
-            api_client = self._factory()
-            self._api, self._core = client.CoordinationV1Api(api_client), client.CoreV1Api(api_client)
-        return self._api, self._core
+    def _path(self, name: str = "") -> str:
+        return api_path(GROUP_VERSION, "leases", self.namespace, name)
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
-        """One Lease API call; the JSON body of the answer. A 401 re-reads the credentials (tokens rotate)."""
-        api, _ = self._apis()
-        try:
-            response = getattr(api, method)(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
-        except Exception as exc:
-            if _status(exc) == 401:
-                self._api = None
-            raise
-        data = response.data
-        return json.loads(data) if data else None
+    def _read(self) -> dict[str, Any]:
+        return self._client.get(self._path(self.name))
 
     def _owner_references(self) -> list[dict[str, Any]]:
         """A reference to my Pod, so that the Lease goes when the Pod goes."""
         if not self.pod_name:
             return []
-        _, core = self._apis()
         try:
-            response = core.read_namespaced_pod(self.pod_name, self.namespace, _preload_content=False,
-                                                _request_timeout=self.timeout)
-            uid = json.loads(response.data)["metadata"]["uid"]
+            uid = self._client.get(api_path("v1", "pods", self.namespace, self.pod_name))["metadata"]["uid"]
         except Exception as exc:
             if _status(exc) is None:
                 raise  # the API server is unreachable: the caller reports a failure
@@ -155,11 +141,9 @@ class LeaseApi:
 
     def _delete(self, current: dict[str, Any]) -> None:
         """Delete exactly the version `current` of my Lease (a 409 when it changed meanwhile)."""
-        from kubernetes import client
-
-        options = client.V1DeleteOptions(
-            preconditions=client.V1Preconditions(resource_version=current["metadata"]["resourceVersion"]))
-        self._call("delete_namespaced_lease", self.name, self.namespace, body=options)
+        self._client.delete(self._path(self.name), {
+            "apiVersion": "v1", "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
 
     def _ok(self) -> Result:
         return Result(Outcome.OK, renew_time=((self._lease or {}).get("spec") or {}).get("renewTime"))
@@ -171,7 +155,7 @@ class LeaseApi:
         try:
             for _ in range(3):
                 try:
-                    current = self._call("read_namespaced_lease", self.name, self.namespace)
+                    current = self._read()
                 except Exception as exc:
                     if _status(exc) != 404:
                         raise
@@ -184,9 +168,10 @@ class LeaseApi:
                         self._delete(current)
                         current = None
                     body = self._body(holder, current, owners)
-                    method = "create_namespaced_lease" if current is None else "replace_namespaced_lease"
-                    args = (self.namespace,) if current is None else (self.name, self.namespace)
-                    self._lease = self._call(method, *args, body)
+                    if current is None:
+                        self._lease = self._client.create(self._path(), body)
+                    else:
+                        self._lease = self._client.replace(self._path(self.name), body)
                     return self._ok()
                 except Exception as exc:
                     if _status(exc) not in (404, 409):
@@ -203,10 +188,10 @@ class LeaseApi:
                 if current is None or (current.get("spec") or {}).get("holderIdentity") != holder:
                     return Result(Outcome.LOST, f"my Lease {self.name} is held by "
                                                 f"{(current or {}).get('spec', {}).get('holderIdentity')}")
-                body = json.loads(json.dumps(current))
+                body = copy.deepcopy(current)
                 body["spec"]["renewTime"] = micro_time()
                 try:
-                    self._lease = self._call("replace_namespaced_lease", self.name, self.namespace, body)
+                    self._lease = self._client.replace(self._path(self.name), body)
                     return self._ok()
                 except Exception as exc:
                     if _status(exc) == 404:
@@ -214,7 +199,7 @@ class LeaseApi:
                     if _status(exc) != 409:
                         raise
                 try:  # a conflict: somebody wrote it. Still mine (say, a label added)? Then try once more.
-                    self._lease = self._call("read_namespaced_lease", self.name, self.namespace)
+                    self._lease = self._read()
                 except Exception as exc:
                     if _status(exc) == 404:
                         return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
@@ -226,7 +211,7 @@ class LeaseApi:
     def release(self, holder: str) -> Result:
         """Graceful leave: delete my Lease if I still hold it (a resourceVersion precondition guards it)."""
         try:
-            current = self._call("read_namespaced_lease", self.name, self.namespace)
+            current = self._read()
             if current is None or (current.get("spec") or {}).get("holderIdentity") != holder:
                 return Result(Outcome.LOST, "not mine any more")
             self._delete(current)
@@ -249,6 +234,7 @@ class LeaseWatcher(threading.Thread):
                  emit: Callable[[LeaseEvent], None], broken: Callable[[str], None]) -> None:
         super().__init__(name="lease-watch", daemon=True)
         self._factory, self.namespace, self.timeout = client_factory, namespace, timeout
+        self.path = api_path(GROUP_VERSION, "leases", namespace)
         self.selector = f"{CLUSTER_LABEL}={cluster}"
         self._emit, self._broken = emit, broken
         self._stop_event = threading.Event()
@@ -257,55 +243,39 @@ class LeaseWatcher(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        from kubernetes import client
-
-        api = None
+        client: Client | None = None
         version: str | None = None
-        delay = 0.2
+        backoff = Backoff(0.2, 2.0)
         while not self._stop_event.is_set():
             try:
-                if api is None:
-                    api = client.CoordinationV1Api(self._factory())
+                if client is None:  # a 401 logs in again inside the Client
+                    client = _lease_client(self._factory, self.timeout)
                 if version is None:
-                    version = self._list(api)
-                version = self._watch(api, version)
-                delay = 0.2
+                    version = self._list(client)
+                version = self._watch(client, version)
+                backoff.reset()
             except Exception as exc:
                 if _status(exc) == 410:
                     version = None  # too old: relist
                     continue
-                if _status(exc) == 401:
-                    api = None
                 self._broken(_why(exc))
                 version = None  # what happened while I was away is known only from a fresh list
-                self._stop_event.wait(delay)
-                delay = min(delay * 2, 2.0)
+                self._stop_event.wait(backoff.next())
 
-    def _list(self, api: Any) -> str:
-        response = api.list_namespaced_lease(self.namespace, label_selector=self.selector,
-                                             _preload_content=False, _request_timeout=self.timeout)
-        body = json.loads(response.data)
+    def _list(self, client: Client) -> str:
+        body = client.get(self.path, labelSelector=self.selector)
         self._emit(LeaseEvent("SYNCED", items=tuple(facts(obj) for obj in body.get("items") or [])))
         return body["metadata"]["resourceVersion"]
 
-    def _watch(self, api: Any, version: str) -> str | None:
+    def _watch(self, client: Client, version: str) -> str | None:
         """Stream events until the server ends the watch; the version to resume from (None: relist)."""
-        from kubernetes.watch.watch import iter_resp_lines
-
-        server_timeout = 60
-        response = api.list_namespaced_lease(
-            self.namespace, label_selector=self.selector, watch=True, resource_version=version,
-            allow_watch_bookmarks=True, timeout_seconds=server_timeout, _preload_content=False,
-            # Bookmarks come about once a minute; a silent, half-dead connection ends at the read timeout.
-            _request_timeout=(self.timeout, server_timeout + 15),
-        )
+        # Bookmarks come about once a minute; a silent, half-dead connection ends at the read timeout.
+        events = client.watch(self.path, resource_version=version, timeout_seconds=60,
+                              connect_timeout=self.timeout, labelSelector=self.selector)
         try:
-            for line in iter_resp_lines(response):
+            for event in events:
                 if self._stop_event.is_set():
                     return None
-                if not line:
-                    continue
-                event = json.loads(line)
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
@@ -316,7 +286,5 @@ class LeaseWatcher(threading.Thread):
                     name, holder, renew_time, duration = facts(obj)
                     self._emit(LeaseEvent(kind, name, holder, renew_time, duration))
         finally:
-            response.close()
-            response.release_conn()
+            events.close()
         return version
-

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from zstack_kube import login as kube
+from zstack_kube.login import login, namespace
 from zstack_node import metrics
 from zstack_node.config import Settings, call_limit, call_timeout
 from zstack_node.membership.lease_api import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class LeaseMembership:
     """The Kubernetes side of membership. Create it, `await start()`, then read `events`."""
 
-    def __init__(self, settings: Settings, client_factory: Callable[[], Any] = kube.login) -> None:
+    def __init__(self, settings: Settings, client_factory: Callable[[], Any] = login) -> None:
         self.settings = settings
         self.table = LeaseTable()
         self.own = OwnLease(settings.lease_duration, call_limit(call_timeout(settings.lease_duration)))
@@ -38,18 +38,18 @@ class LeaseMembership:
         self._dropped = 0  # counts dropped(): an acquire that started before one must not take effect
 
     async def start(self) -> None:
-        """Log in, find the namespace, and start watching. Raises kube.KubeError when impossible."""
+        """Log in, find the namespace, and start watching. Raises zstack_kube's KubeError when impossible."""
         s = self.settings
-        namespace = kube.namespace(s.pod_namespace)
+        ns = namespace(s.pod_namespace)
         await asyncio.to_thread(self._factory)  # fail early on a bad kubeconfig
         timeout = call_timeout(s.lease_duration)
-        self._api = LeaseApi(self._factory, namespace, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
+        self._api = LeaseApi(self._factory, ns, s.lease_name, s.cluster, s.lease_duration, s.pod_name,
                              timeout)
         emit, broken = self.watch_callbacks(asyncio.get_running_loop())
-        self._watcher = LeaseWatcher(self._factory, namespace, s.cluster, timeout, emit=emit, broken=broken)
+        self._watcher = LeaseWatcher(self._factory, ns, s.cluster, timeout, emit=emit, broken=broken)
         self._watcher.start()
         log.info("Lease membership on: Lease %s/%s, label zstack.io/cluster=%s, duration %.0fs",
-                 namespace, s.lease_name, s.cluster, s.lease_duration)
+                 ns, s.lease_name, s.cluster, s.lease_duration)
 
     def watch_callbacks(
         self, loop: asyncio.AbstractEventLoop
