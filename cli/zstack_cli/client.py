@@ -1,6 +1,6 @@
 """A small synchronous client of the MN REST API (standard library only).
 
-Every failure surfaces as `ApiError` with a message that says what went wrong and, where it helps,
+Every failure surfaces as `RequestFailed` with a message that says what went wrong and, where it helps,
 what to do next. The bearer token is sent but never appears in a message.
 """
 
@@ -24,7 +24,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 Json = dict[str, Any]
 
 
-class ApiError(Exception):
+class RequestFailed(Exception):
     """An API call failed. `status` is the HTTP status (None when the MN could not be reached)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
@@ -71,8 +71,8 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
-    """Turn an error response into an ApiError, whatever shape its body has."""
+def _error_from_body(status: int, body: bytes, reason: str) -> RequestFailed:
+    """Turn an error response into an RequestFailed, whatever shape its body has."""
     code = field = None
     message = ""
     try:
@@ -88,11 +88,11 @@ def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
     elif body:
         message = body.decode(errors="replace").strip().splitlines()[0][:200]
     message = message or f"HTTP {status} {reason}"
-    return ApiError(message, status=status, code=code, field=field)
+    return RequestFailed(message, status=status, code=code, field=field)
 
 
-def _timed_out(method: str, url: str, limit: float) -> ApiError:
-    return ApiError(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? Raise --timeout "
+def _timed_out(method: str, url: str, limit: float) -> RequestFailed:
+    return RequestFailed(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? Raise --timeout "
                     "or try another MN with --url")
 
 
@@ -121,7 +121,7 @@ class ApiClient:
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
                 query: Mapping[str, Any] | None = None, timeout: float | None = None) -> Json:
-        """Send one request; return the decoded JSON document of a 2xx answer or raise ApiError."""
+        """Send one request; return the decoded JSON document of a 2xx answer or raise RequestFailed."""
         query = {k: v for k, v in (query or {}).items() if v is not None}
         url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         headers = {"Accept": "application/json"}
@@ -138,41 +138,42 @@ class ApiClient:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             if 300 <= err.code < 400:
-                raise ApiError(f"{method} {url}: answered a redirect ({err.code}) to {err.headers.get('Location')}; "
-                               "an MN never redirects, so the token was not sent on. Check --url / ZSTACK_API_URL",
-                               status=err.code) from None
+                location = err.headers.get("Location")
+                raise RequestFailed(f"{method} {url}: answered a redirect ({err.code}) to {location}; an MN never "
+                                    "redirects, so the token was not sent on. Check --url / ZSTACK_API_URL",
+                                    status=err.code) from None
             raise self._explain(_error_from_body(err.code, err.read(), err.reason)) from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError):
                 raise _timed_out(method, url, limit) from None
-            raise ApiError(f"cannot reach {self.url}: {err.reason}. Is an MN running there? "
+            raise RequestFailed(f"cannot reach {self.url}: {err.reason}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None
         except TimeoutError:
             raise _timed_out(method, url, limit) from None
         except OSError as err:  # includes a connection reset or closed mid-answer
-            raise ApiError(f"cannot reach {self.url}: {err or type(err).__name__}. Is an MN running there? "
+            raise RequestFailed(f"cannot reach {self.url}: {err or type(err).__name__}. Is an MN running there? "
                            "Set --url / ZSTACK_API_URL") from None
         except http.client.HTTPException as err:
-            raise ApiError(f"{method} {url}: broken HTTP answer ({type(err).__name__}); is {self.url} a ZStack "
+            raise RequestFailed(f"{method} {url}: broken HTTP answer ({type(err).__name__}); is {self.url} a ZStack "
                            "MN?") from None
         if not raw:
             return {}
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise ApiError(f"{method} {url}: the answer is not JSON; is {self.url} a ZStack MN?") from None
+            raise RequestFailed(f"{method} {url}: the answer is not JSON; is {self.url} a ZStack MN?") from None
         if not isinstance(doc, dict):
-            raise ApiError(f"{method} {url}: expected a JSON object, got {type(doc).__name__}")
+            raise RequestFailed(f"{method} {url}: expected a JSON object, got {type(doc).__name__}")
         return doc
 
-    def _explain(self, error: ApiError) -> ApiError:
+    def _explain(self, error: RequestFailed) -> RequestFailed:
         """Add the next step to errors whose fix is on the client's side."""
         if error.status == 401 and error.code == "no_token_configured":
-            return ApiError(f"unauthorized: {error}", status=401, code=error.code, field=error.field)
+            return RequestFailed(f"unauthorized: {error}", status=401, code=error.code, field=error.field)
         if error.status == 401:
             hint = ("pass --token / ZSTACK_API_TOKEN with the MN's api token" if not self._token
                     else "the token was refused; check --token / ZSTACK_API_TOKEN against the MN's --api-token")
-            return ApiError(f"unauthorized: {error} ({hint})", status=401, code=error.code, field=error.field)
+            return RequestFailed(f"unauthorized: {error} ({hint})", status=401, code=error.code, field=error.field)
         return error
 
     def get(self, path: str, **query: Any) -> Json:
@@ -265,7 +266,7 @@ class ApiClient:
             try:
                 doc = self.get_job(doc["id"], wait=max(1, min(step, int(left + 0.999))))
                 outage_since = None
-            except ApiError as err:
+            except RequestFailed as err:
                 if err.status is not None and err.status < 500:
                     raise
                 now = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from zstack_cli.cli import UUID, main
-from zstack_cli.client import ApiClient, ApiError, _error_from_body
+from zstack_cli.client import ApiClient, RequestFailed, _error_from_body
 from zstack_devcluster.ports import free_port
 
 SECRET = "s3cret-token-value"
@@ -110,7 +110,7 @@ def test_other_error_bodies_still_give_a_message(status: int, body: bytes, messa
 
 
 def test_unreachable_is_not_a_4xx() -> None:
-    assert ApiError("cannot reach").exit_code == 1
+    assert RequestFailed("cannot reach").exit_code == 1
 
 
 def test_a_server_that_is_not_http_gets_a_clear_error() -> None:

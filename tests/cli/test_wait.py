@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from zstack_cli.cli import CliError, Progress, State, finish
-from zstack_cli.client import ApiClient, ApiError, JobFailed, JobTimeout
+from zstack_cli.client import ApiClient, JobFailed, JobTimeout, RequestFailed
 
 JOB_ID = "f" * 32
 
@@ -90,7 +90,7 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on() -> None:
 class FlakyMn(ScriptedJobs):
     """Unreachable (or 503) for the first `outages` polls, then answers the scripted states."""
 
-    def __init__(self, outages: list[ApiError], *states: str) -> None:
+    def __init__(self, outages: list[RequestFailed], *states: str) -> None:
         super().__init__(*states)
         self.outages = outages
 
@@ -101,12 +101,12 @@ class FlakyMn(ScriptedJobs):
 
 
 def test_an_mn_outage_while_waiting_is_ridden_out() -> None:
-    client = FlakyMn([ApiError("cannot reach"), ApiError("not serving", status=503)], "Running", "Succeeded")
+    client = FlakyMn([RequestFailed("cannot reach"), RequestFailed("not serving", status=503)], "Running", "Succeeded")
     assert client.wait_job(JOB_ID)["state"] == "Succeeded"
 
 
 def test_a_lasting_outage_or_a_4xx_while_waiting_is_raised() -> None:
-    with pytest.raises(ApiError, match="cannot reach"):
-        FlakyMn([ApiError("cannot reach")] * 100, "Running").wait_job(JOB_ID, outage_grace=0.5)
-    with pytest.raises(ApiError, match="no such job"):
-        FlakyMn([ApiError("no such job", status=404)], "Running").wait_job(JOB_ID)
+    with pytest.raises(RequestFailed, match="cannot reach"):
+        FlakyMn([RequestFailed("cannot reach")] * 100, "Running").wait_job(JOB_ID, outage_grace=0.5)
+    with pytest.raises(RequestFailed, match="no such job"):
+        FlakyMn([RequestFailed("no such job", status=404)], "Running").wait_job(JOB_ID)

@@ -8,14 +8,14 @@ import pytest
 
 from zstack_node.cloud.routes import HOST_CREATE, ROUTES, VM_CREATE, openapi_document
 from zstack_node.cloud.syncqueue import SyncQueues
-from zstack_node.cloud.validation import ApiError, Field, check_query, check_uuid, parse_json
+from zstack_node.cloud.validation import Field, HttpError, check_query, check_uuid, parse_json
 from zstack_node.cloud.vms import invalid_transition
 
 GOOD_HOST = {"name": "h1", "cpu": 8, "memory": 1024}
 
 
-def error_of(call, *args) -> ApiError:
-    with pytest.raises(ApiError) as info:
+def error_of(call, *args) -> HttpError:
+    with pytest.raises(HttpError) as info:
         call(*args)
     return info.value
 
