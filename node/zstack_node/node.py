@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from zstack_kube.backoff import Backoff
 from zstack_node import metrics
 from zstack_node.bus.cloudbus import CloudBus
 from zstack_node.config import Settings
@@ -161,7 +162,7 @@ class ManagementNode:
         Any failure (broker or DB gone, the row going stale while the broker was awaited) undoes
         the attempt and tries again under a new UUID, with back-off.
         """
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while True:
             await self.bus.wait_connected()
             me = uuidlib.uuid4().hex
@@ -183,13 +184,13 @@ class ManagementNode:
                 break
             except Exception as exc:  # noqa: BLE001 - whatever failed, the attempt is undone
                 self.db_ok = not isinstance(exc, SQLAlchemyError)
+                delay = backoff.next()
                 log.warning("joining as %s failed: %s; trying again with a new UUID in %.1fs",
                             me, first_line(exc), delay)
                 await self.bus.stop_serving("join failed")
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.membership.remove, me)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
         self.db_ok = True
         self._last_heartbeat = stamp
         self.state = "running"
@@ -500,17 +501,17 @@ class ManagementNode:
 
     async def _until_done(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
         """Retry a DB operation with back-off, saying in the log what it waits for."""
-        delay, attempt = 0.2, 0
+        backoff, attempt = Backoff(0.2, 5.0), 0
         while True:
             try:
                 return await operation()
             except SQLAlchemyError as exc:
                 self.db_ok = False
                 attempt += 1
+                delay = backoff.next()
                 log.warning("waiting for the database to %s: %s (attempt %d, next try in %.1fs)",
                             what, first_line(exc), attempt, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
 
 

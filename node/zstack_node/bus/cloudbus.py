@@ -30,6 +30,7 @@ from pika import BasicProperties
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic
 
+from zstack_kube.backoff import Backoff
 from zstack_node import metrics
 from zstack_node.bus.amqp import BrokerUnavailable, Channel, Connection
 from zstack_node.bus.endpoint import Endpoint, ServiceError
@@ -178,7 +179,7 @@ class CloudBus:
         await self._connected.wait()
 
     async def _supervise(self) -> None:
-        delay, attempt = 0.2, 0
+        backoff, attempt = Backoff(0.2, 5.0), 0
         while not self._stopping:
             try:
                 conn = await Connection.open(self.url, name=f"zstack-node {self.self_uuid or ''}".strip())
@@ -191,14 +192,15 @@ class CloudBus:
                     raise
             except Exception as exc:  # noqa: BLE001 - every failure means: wait, then try again
                 attempt += 1
+                delay = backoff.next()
                 log.warning("waiting for the broker at %s: %s (attempt %d, next try in %.1fs)",
                             redact(self.url), exc, attempt, delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 5.0)
                 continue
             if attempt:
                 log.info("connected to the broker at %s after %d attempt(s)", redact(self.url), attempt + 1)
-            delay, attempt = 0.2, 0
+            backoff.reset()
+            attempt = 0
             self._disconnected_since = None
             self._connected.set()
             reason = await conn.closed
