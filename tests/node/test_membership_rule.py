@@ -1,4 +1,4 @@
-"""The membership rule (DESIGN.md "Membership, one rule"), on plain facts and fake clocks."""
+"""The membership rule (docs/ARCHITECTURE.md, "Membership states of one MN"), on plain facts and fake clocks."""
 
 import asyncio
 import threading

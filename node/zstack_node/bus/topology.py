@@ -1,4 +1,4 @@
-"""Names of the RabbitMQ objects of the cloud bus (DESIGN.md), and their declaration.
+"""Names of the RabbitMQ objects of the cloud bus (docs/ARCHITECTURE.md), and their declaration.
 
 - `zstack.message.p2p` (direct) carries every point-to-point message; the routing key is the target
   queue's name. Its alternate exchange catches a message whose queue no longer exists (its MN died)

@@ -1,4 +1,4 @@
-"""The membership rule in one pure place (DESIGN.md "Membership, one rule"). No I/O, no clocks of its own.
+"""The membership rule in one pure place (docs/ARCHITECTURE.md, "Membership states"). No I/O, no clocks of its own.
 
 The rule implemented here:
 
