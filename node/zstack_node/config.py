@@ -122,7 +122,7 @@ def call_timeout(lease_duration: float) -> float:
 
 def call_limit(timeout: float) -> float:
     """The longest one renewal attempt takes while the process runs: a hung call and its one retry
-    (kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
+    (zstack_kube.login), plus a second of slack for the quick calls around it. Longer means it stood still."""
     return 2 * timeout + 1.0
 
 
