@@ -65,7 +65,7 @@ LEASE_TRUSTED = Gauge(
 )
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
 
-# The fixed label values the runtime counts with (see the call sites in bus.py, node.py, lease_membership.py).
+# The fixed label values the runtime counts with (see the call sites in bus/cloudbus.py, node.py, membership/leases.py).
 REJECT_REASONS = ("malformed", "no_route", "hop_limit", "expired", "unknown_type", "reply_to_gone")
 REROUTE_CAUSES = ("queue_gone", "target_left", "not_owner")
 TAKEOVER_EVENTS = ("node_joined", "node_left")

@@ -28,7 +28,7 @@ from zstack_node.bus.cloudbus import CloudBus
 from zstack_node.config import Settings
 from zstack_node.db import make_engine, migrate
 from zstack_node.errors import first_line
-from zstack_node.membership.lease_api import LeaseEvent, Outcome
+from zstack_node.membership.lease_client import LeaseEvent, Outcome
 from zstack_node.membership.leases import LeaseMembership
 from zstack_node.membership.rule import Decision, decide, fresh_rows
 from zstack_node.membership.table import LEAVING, RUNNING, Membership

@@ -13,7 +13,7 @@ One replica leads; the others wait. The rules:
   over: two replicas never both see `is_leader` True.
 - **Release** on a graceful stop: the holder is cleared, so a standby takes over at once.
 
-Every call is synchronous (the kubernetes client) with a per-call timeout; `run` blocks, so call it in a
+Every call is synchronous (zstack_kube's Client) with a per-call timeout; `run` blocks, so call it in a
 thread or through `asyncio.to_thread`. Lease bodies are plain dicts, exactly as the API server returns them.
 """
 

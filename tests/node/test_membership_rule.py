@@ -5,7 +5,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from zstack_node.membership.lease_api import LeaseEvent, Outcome, Result
+from zstack_node.membership.lease_client import LeaseEvent, Outcome, Result
 from zstack_node.membership.leases import LeaseMembership
 from zstack_node.membership.rule import LeaseTable, OwnLease, decide, fresh_rows
 from zstack_node.membership.table import LEAVING, RUNNING, MemberRow

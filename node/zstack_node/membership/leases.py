@@ -1,5 +1,6 @@
 """Lease membership of one MN: holds its Lease, keeps the table of its cluster's Leases, and says how far
-Lease evidence can be trusted. The rule itself is in membership_rule.py; ring changes are node.py's job.
+Lease evidence can be trusted. The rule itself is in rule.py, the API calls in lease_client.py; ring changes
+are node.py's job.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from zstack_kube.login import login, namespace
 from zstack_node import metrics
 from zstack_node.config import Settings, call_limit, call_timeout
-from zstack_node.membership.lease_api import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result
+from zstack_node.membership.lease_client import LeaseApi, LeaseEvent, LeaseWatcher, Outcome, Result
 from zstack_node.membership.rule import LeaseFact, LeaseTable, OwnLease
 
 log = logging.getLogger(__name__)

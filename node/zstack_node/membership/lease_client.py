@@ -1,6 +1,7 @@
-"""This MN's coordination.k8s.io/v1 Lease (acquire, renew, release) and a watch of its cluster's Leases.
+"""The client of the Lease API: this MN's coordination.k8s.io/v1 Lease (acquire, renew, release), and a
+watch of its cluster's Leases.
 
-Every call is synchronous (the kubernetes client) with a timeout, so an API-server outage never hangs the
+Every call is synchronous (zstack_kube's Client) with a timeout, so an API-server outage never hangs the
 node: `LeaseApi` runs in worker threads (asyncio.to_thread), `LeaseWatcher` in a thread of its own that
 hands events to the event loop. Lease bodies are plain dicts, exactly as the API server returns them.
 """
