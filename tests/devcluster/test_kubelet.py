@@ -644,6 +644,9 @@ def test_kubelet_shutdown_stops_pods_and_restart_resumes_them(
         st = ((kube.get("pod", "sleeper") or {}).get("status") or {}).get("containerStatuses") or [{}]
         return st[0].get("restartCount") == 1 and "running" in (st[0].get("state") or {})
     wait_for("the pod to run again", restarted, 30, info=lambda: kube.describe("pod", "sleeper") + kl.log)
+    # "running" is reported once the process is spawned; its script writes its pid a moment later.
+    wait_for("the restarted container to write its pid", lambda: len(pids.read_text().split()) >= 2, 30,
+             info=lambda: pids.read_text())
     assert len(pids.read_text().split()) == 2
     assert (kube.get("pod", "sleeper") or {})["status"]["podIP"] == first["status"]["podIP"]
     kube.run("delete", "pod", "sleeper", "--wait=true", "--timeout=30s")
