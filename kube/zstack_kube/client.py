@@ -62,6 +62,8 @@ class Client:
 
     def delete(self, path: str, body: dict[str, Any] | None = None, *,
                timeout: Timeout | None = None) -> dict[str, Any]:
+        """`body` is a DeleteOptions: {"preconditions": {"resourceVersion": ...}} deletes exactly one version
+        (409 when it changed), {"propagationPolicy": "Background"} chooses how dependents go."""
         return self.request("DELETE", path, body=body, timeout=timeout)
 
     def request(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,

@@ -40,3 +40,15 @@ class ApiError(KubeError):
     def transient(self) -> bool:
         """Worth retrying as it is: no answer, the server overloaded or failing."""
         return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status of the API server's answer behind `exc`; None when there was no answer (status 0, or
+    not an ApiError at all: a failed login, say)."""
+    return (exc.status or None) if isinstance(exc, ApiError) else None
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a failed call, no traceback: the API server's own words where it answered (e.g. which
+    RBAC permission is missing), else the exception's type and text."""
+    return str(exc) if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"

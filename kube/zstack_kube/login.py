@@ -28,9 +28,10 @@ def configuration(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
             return cfg
         except ConfigException:
             pass
+    # The kubernetes package reads $KUBECONFIG once, at its import: read it now, as kubectl would.
+    path = str(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
-        config.load_kube_config(config_file=None if kubeconfig is None else str(kubeconfig),
-                                client_configuration=cfg, persist_config=False)
+        config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
     except (ConfigException, OSError) as exc:
         where = kubeconfig or f"$KUBECONFIG={os.environ.get('KUBECONFIG', '(unset)')}"
         raise KubeError(f"cannot log in to Kubernetes: not in a cluster (no KUBERNETES_SERVICE_HOST) and no usable "

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zstack_kube.client import Client
-from zstack_kube.errors import ApiError
+from zstack_kube.errors import describe, status_of
 from zstack_kube.login import without_retries
 from zstack_kube.paths import api_path
 from zstack_kube.times import micro_time
@@ -54,15 +54,9 @@ def default_identity() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of an answer from the API server; None when there was no answer."""
-    return (exc.status or None) if isinstance(exc, ApiError) else None
-
-
 def _why(exc: BaseException) -> str:
-    """One line about a failed call, no traceback: the API server's own words where it answered (e.g. which
-    RBAC permission is missing)."""
-    return str(exc)[:400] if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+    """`describe(exc)`, cut to fit a log line."""
+    return describe(exc)[:400]
 
 
 def _positive(name: str, value: float) -> float:
@@ -193,7 +187,7 @@ class LeaderElector:
         try:
             outcome = self._try(deadline)
         except Exception as exc:
-            status = _status(exc)
+            status = status_of(exc)
             if status == 409:
                 log.debug("Lease %s: a conflicting write, reading it again", self.lease_ref)
                 return _Outcome.FAILED
@@ -217,7 +211,7 @@ class LeaderElector:
                 self._write(self._lease, deadline)
                 return _Outcome.HELD
             except Exception as exc:
-                if _status(exc) != 409:
+                if status_of(exc) != 409:
                     raise
         current = self._read(deadline)
         if current is None:
@@ -273,7 +267,7 @@ class LeaderElector:
         try:
             self._lease = self._replace(lease, time.monotonic() + self.call_timeout)
         except Exception as exc:
-            if _status(exc) == 409:
+            if status_of(exc) == 409:
                 log.info("did not release the Lease %s: it changed meanwhile", self.lease_ref)
             else:
                 log.warning("could not release the Lease %s: %s", self.lease_ref, _why(exc))

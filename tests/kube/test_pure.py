@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zstack_kube.errors import ApiError, KubeError
+from zstack_kube.errors import ApiError, KubeError, describe, status_of
 from zstack_kube.paths import api_path
 from zstack_kube.times import micro_time, now, parse_time, to_rfc3339
 
@@ -46,6 +46,13 @@ def test_no_answer_is_status_0_with_the_cause_in_one_line() -> None:
     error = ApiError.no_answer(MaxRetryError())
     assert error.status == 0 and error.transient
     assert str(error) == "ConnectionRefusedError: [Errno 111] Connection refused"
+
+
+def test_status_of_and_describe_any_failure() -> None:
+    answered = ApiError(404, 'leases "x" not found', "NotFound")
+    assert (status_of(answered), describe(answered)) == (404, '404 NotFound: leases "x" not found')
+    assert status_of(ApiError(0, "TimeoutError: timed out")) is None  # no answer
+    assert status_of(KeyError("uid")) is None and describe(KeyError("uid")) == "KeyError: 'uid'"
 
 
 def test_time_stamps_round_trip() -> None:

@@ -76,7 +76,7 @@ class Kubelet:
             try:
                 if not rv:
                     rv = self._relist(path, selector)
-                for ev in self.api.watch(path, fieldSelector=selector, resourceVersion=rv):
+                for ev in self.api.watch(path, resource_version=rv, fieldSelector=selector):
                     if self._stop.is_set():
                         return
                     kind, obj = ev.get("type"), ev.get("object") or {}

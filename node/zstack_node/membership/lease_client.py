@@ -19,7 +19,7 @@ from typing import Any
 
 from zstack_kube.backoff import Backoff
 from zstack_kube.client import Client
-from zstack_kube.errors import ApiError
+from zstack_kube.errors import describe, status_of
 from zstack_kube.paths import api_path
 from zstack_kube.times import micro_time
 
@@ -62,15 +62,6 @@ def facts(obj: dict[str, Any]) -> tuple[str, str | None, str | None, float]:
     spec = obj.get("spec") or {}
     return (obj["metadata"]["name"], spec.get("holderIdentity") or None, spec.get("renewTime"),
             float(spec.get("leaseDurationSeconds") or 0))
-
-
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of an answer from the API server; None when there was no answer."""
-    return (exc.status or None) if isinstance(exc, ApiError) else None
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
 
 
 def _owner_uids(obj: dict[str, Any]) -> set[str]:
@@ -116,11 +107,11 @@ class LeaseApi:
         try:
             uid = self._client.get(api_path("v1", "pods", self.namespace, self.pod_name))["metadata"]["uid"]
         except Exception as exc:
-            if _status(exc) is None:
+            if status_of(exc) is None:
                 raise  # the API server is unreachable: the caller reports a failure
             if not self._owner_warned:
                 log.warning("cannot read my Pod %s/%s (%s): my Lease gets no ownerReference",
-                            self.namespace, self.pod_name, _why(exc))
+                            self.namespace, self.pod_name, describe(exc))
                 self._owner_warned = True
             return []
         return [{"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": uid}]
@@ -158,7 +149,7 @@ class LeaseApi:
                 try:
                     current = self._read()
                 except Exception as exc:
-                    if _status(exc) != 404:
+                    if status_of(exc) != 404:
                         raise
                     current = None
                 owners = self._owner_references()
@@ -175,11 +166,11 @@ class LeaseApi:
                         self._lease = self._client.replace(self._path(self.name), body)
                     return self._ok()
                 except Exception as exc:
-                    if _status(exc) not in (404, 409):
+                    if status_of(exc) not in (404, 409):
                         raise
             return Result(Outcome.FAILED, "the Lease kept changing under me")
         except Exception as exc:
-            return Result(Outcome.FAILED, _why(exc))
+            return Result(Outcome.FAILED, describe(exc))
 
     def renew(self, holder: str) -> Result:
         """Set renewTime. LOST when the Lease is gone or someone else holds it; FAILED on an outage."""
@@ -195,19 +186,19 @@ class LeaseApi:
                     self._lease = self._client.replace(self._path(self.name), body)
                     return self._ok()
                 except Exception as exc:
-                    if _status(exc) == 404:
+                    if status_of(exc) == 404:
                         return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
-                    if _status(exc) != 409:
+                    if status_of(exc) != 409:
                         raise
                 try:  # a conflict: somebody wrote it. Still mine (say, a label added)? Then try once more.
                     self._lease = self._read()
                 except Exception as exc:
-                    if _status(exc) == 404:
+                    if status_of(exc) == 404:
                         return Result(Outcome.LOST, f"my Lease {self.name} was deleted")
                     raise
             return Result(Outcome.FAILED, "conflicting writes to my Lease")
         except Exception as exc:
-            return Result(Outcome.FAILED, _why(exc))
+            return Result(Outcome.FAILED, describe(exc))
 
     def release(self, holder: str) -> Result:
         """Graceful leave: delete my Lease if I still hold it (a resourceVersion precondition guards it)."""
@@ -219,9 +210,9 @@ class LeaseApi:
             self._lease = None
             return Result(Outcome.OK)
         except Exception as exc:
-            if _status(exc) == 404:
+            if status_of(exc) == 404:
                 return Result(Outcome.OK)
-            return Result(Outcome.FAILED, _why(exc))
+            return Result(Outcome.FAILED, describe(exc))
 
 
 class LeaseWatcher(threading.Thread):
@@ -256,10 +247,10 @@ class LeaseWatcher(threading.Thread):
                 version = self._watch(client, version)
                 backoff.reset()
             except Exception as exc:
-                if _status(exc) == 410:
+                if status_of(exc) == 410:
                     version = None  # too old: relist
                     continue
-                self._broken(_why(exc))
+                self._broken(describe(exc))
                 version = None  # what happened while I was away is known only from a fresh list
                 self._stop_event.wait(backoff.next())
 
