@@ -27,7 +27,6 @@ from tests.fixtures.chart import render
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import (
     InNamespace,
-    TcpProxy,
     api_proxy,  # noqa: F401 - the fixture, shared with the Lease tests
     get_json,
     get_text,
@@ -37,6 +36,7 @@ from tests.k8s.conftest import (
 )
 from zstack_devcluster.layout import Layout
 from zstack_devcluster.ports import free_port
+from zstack_devcluster.tcpproxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "zstackcluster.yaml"

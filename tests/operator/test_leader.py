@@ -19,7 +19,8 @@ import pytest
 from kubernetes import client
 
 from tests.fixtures.kube import KubeCluster
-from tests.k8s.conftest import TcpProxy, wait_for
+from tests.k8s.conftest import wait_for
+from zstack_devcluster.tcpproxy import TcpProxy
 from zstack_operator.leader import DEFAULT_NAME, LeaderElector
 
 LEASE, RENEW, RETRY = 3.0, 2.0, 0.5

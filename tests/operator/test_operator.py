@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from tests.k8s.conftest import TcpProxy, wait_for
+from tests.k8s.conftest import wait_for
 from tests.operator.conftest import (
     CHILDREN,
     CLUSTER,
@@ -35,6 +35,7 @@ from tests.operator.conftest import (
     kubectl_read,
     printer_columns,
 )
+from zstack_devcluster.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
