@@ -34,7 +34,13 @@ EVICTIONS = Counter(
     "MNs this MN evicted from the table, by cause: heartbeat (a stale row) or lease (an expired Lease)",
     ["cause"],
 )
-FENCES = Counter("zstack_membership_fences_total", "Times this MN fenced itself", ["reason"])
+FENCES = Counter("zstack_membership_fences_total", "Times this MN fenced itself (and took a new UUID)", ["reason"])
+SUSPENSIONS = Counter(
+    "zstack_membership_suspensions_total",
+    "Times this MN suspended itself (stopped acting, kept its UUID), by reason",
+    ["reason"],
+)
+NODE_STATE = Gauge("zstack_node_state", "1 for this MN's current state, 0 for the others", ["state"])
 TAKEOVERS = Counter(
     "zstack_takeovers_total", "Takeover hooks run on this MN, by service and event", ["service", "event"]
 )
@@ -70,7 +76,8 @@ REJECT_REASONS = ("malformed", "no_route", "hop_limit", "expired", "unknown_type
 REROUTE_CAUSES = ("queue_gone", "target_left", "not_owner")
 TAKEOVER_EVENTS = ("node_joined", "node_left")
 EVICTION_CAUSES = ("heartbeat", "lease")
-FENCE_REASONS = ("row gone", "heartbeat timeout", "broker unreachable", "lease lost", "evicted")
+FENCE_REASONS = ("evicted", "lease lost")
+SUSPEND_REASONS = ("broker unreachable", "database unreachable", "heartbeat overdue")
 LEASE_RENEW_FAILURE_REASONS = ("unreachable", "lost")
 LEASE_EFFECTS = ("none", "ring_change")
 
@@ -93,6 +100,8 @@ def initialise(services: Iterable[str], leases: bool) -> None:
         for value in values:
             if leases or value not in lease_values:
                 metric.labels(value)
+    for reason in SUSPEND_REASONS:
+        SUSPENSIONS.labels(reason)
     if leases:
         for metric, values in ((LEASE_RENEW_FAILURES, LEASE_RENEW_FAILURE_REASONS), (LEASE_EVENTS, LEASE_EFFECTS)):
             for value in values:

@@ -1,12 +1,17 @@
-"""One management node: joins the ring, heartbeats, reconciles, evicts, fences, leaves.
+"""One management node: joins the ring, heartbeats, reconciles, evicts, suspends, fences, leaves.
 
 Membership follows one rule (docs/ARCHITECTURE.md; written out in membership/rule.py): an MN is in the ring while
-its row is RUNNING and its heartbeat is fresh by the database's clock and, in Kubernetes, its Lease is
-held and unexpired as far as this MN can tell. An expired Lease is acted on through the database (the
-row is deleted), so an MN cut off from the API server alone learns it too. Join, leave and Lease events
-make changes fast; a periodic reconcile against the table and the Leases makes them certain. An MN that
-cannot prove it is alive stops serving and rejoins under a new UUID, so nothing is ever served twice under
-one identity.
+its row is RUNNING and, in Kubernetes, its Lease is held and unexpired as far as this MN can tell. A row
+leaves the table by a graceful leave or by eviction, and only an MN whose own heartbeats were unbroken for a
+whole timeout may evict a silent peer, so an outage of the database or the broker that every MN shares
+blames nobody. An expired Lease is acted on through the database (the row is deleted), so an MN cut off
+from the API server alone learns it too. Join, leave and Lease events make changes fast; a periodic
+reconcile against the table and the Leases makes them certain.
+
+An MN that cannot prove it is alive (no heartbeat written for half the timeout, or no broker) suspends:
+it stops consuming and acting but keeps its UUID, and resumes once a heartbeat finds its row still there.
+It fences (stops, and rejoins under a new UUID) only when it sees itself evicted, so nothing is ever
+served under an identity the others gave up.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from zstack_node.db import make_engine, migrate
 from zstack_node.errors import first_line
 from zstack_node.membership.lease_client import LeaseEvent, Outcome
 from zstack_node.membership.leases import LeaseMembership
-from zstack_node.membership.rule import Decision, decide, fresh_rows
+from zstack_node.membership.rule import Decision, decide, evictable, gap_limit, running_rows
 from zstack_node.membership.table import LEAVING, RUNNING, Membership
 from zstack_node.ring import Ring, RingChange
 from zstack_node.schema import MIGRATIONS
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 JOINED_TOPIC = "mn.joined"
 LEFT_TOPIC = "mn.left"
+# The states of one MN (docs/ARCHITECTURE.md, "Membership states"). It acts on resources only while running.
+STATES = ("starting", "joining", "running", "suspended", "fenced", "leaving", "stopped")
 
 Hook = Callable[[Service], Awaitable[None]]
 
@@ -50,23 +57,25 @@ class ManagementNode:
     def __init__(self, settings: Settings, service_classes: Sequence[type[Service]] = ()) -> None:
         self.settings = settings
         self.uuid: str | None = None
-        self.state = "starting"  # starting, joining, running, fenced, leaving, stopped
+        self.state = "starting"  # see STATES
         self.ring = Ring.of((), settings.ring_vnodes)
         self.engine = make_engine(settings.database_url_for_sqlalchemy)
-        self.membership = Membership(self.engine, settings.heartbeat_timeout)
+        self.membership = Membership(self.engine, settings.heartbeat_timeout, gap_limit(settings.heartbeat_timeout))
         self.bus = CloudBus(settings.broker_url, ring=lambda: self.ring, may_serve=self.alive,
                             call_timeout=settings.call_timeout)
         self.services: dict[str, Service] = {}
         context = ServiceContext(bus=self.bus, engine=self.engine, settings=settings, uuid=lambda: self.uuid,
-                                 state=lambda: self.state, ring=lambda: self.ring, services=self.services)
+                                 state=lambda: self.state, alive=self.alive, ring=lambda: self.ring,
+                                 services=self.services)
         self.services.update((cls.name, cls(context)) for cls in service_classes)
         metrics.initialise(self.services, leases=settings.leases_enabled)
+        self._set_state("starting")
         self.leases = LeaseMembership(settings) if settings.leases_enabled else None
         self.address: str | None = None
         self.db_ok = False
         self._last_heartbeat = 0.0  # monotonic time just before the last successful heartbeat write
         self._heartbeat_failing = False
-        self._suspects: dict[str, float] = {}
+        self._suspended_since: float | None = None
         self._event_joins: dict[str, float] = {}  # MN -> monotonic time its joined event arrived
         self._tombstones: set[str] = set()
         self._tombstone_order: deque[str] = deque(maxlen=4096)
@@ -82,10 +91,11 @@ class ManagementNode:
     # ---- facts -----------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        """True while this MN can prove it is alive: serving, heartbeat written within the timeout."""
+        """True while this MN may act: serving, with a heartbeat written within the gap limit (half the
+        timeout, so it stops well before anyone may evict it, however late its watchdog runs)."""
         now = time.monotonic()
         return (self.state in ("running", "leaving")
-                and now - self._last_heartbeat < self.settings.heartbeat_timeout
+                and now - self._last_heartbeat < gap_limit(self.settings.heartbeat_timeout)
                 and (self.leases is None or self.leases.own.stalled(now) is None))
 
     def readiness(self) -> dict[str, bool]:
@@ -125,10 +135,14 @@ class ManagementNode:
 
     async def leave(self, grace: float = 10.0) -> None:
         """Graceful leave: stop new work, finish in-flight work, delete the row, broadcast, exit."""
+        if self.state == "suspended":  # nothing in flight; the others drop me when my row goes
+            with contextlib.suppress(SQLAlchemyError):
+                await asyncio.to_thread(self.membership.remove, self.uuid)
+            self._publish_event(LEFT_TOPIC, {"uuid": self.uuid, "reason": "graceful"})
         if self.state != "running":
             await self._shutdown()
             return
-        self.state = "leaving"
+        self._set_state("leaving")
         me = self.uuid
         log.info("leaving the ring gracefully as %s", me)
         with contextlib.suppress(SQLAlchemyError):
@@ -154,7 +168,7 @@ class ManagementNode:
             self.leases.stop()
         await self.bus.close()
         self.engine.dispose()
-        self.state = "stopped"
+        self._set_state("stopped")
 
     async def _join(self) -> None:
         """Take a new UUID, register it, open its queues, and build the first ring.
@@ -166,7 +180,8 @@ class ManagementNode:
         while True:
             await self.bus.wait_connected()
             me = uuidlib.uuid4().hex
-            self.state, self.uuid = "joining", me
+            self.uuid = me
+            self._set_state("joining")
             try:
                 await asyncio.to_thread(self.membership.register, me, self.settings.hostname, self.address)
                 # The Lease before the row counts (RUNNING): others never see me without it for long.
@@ -193,7 +208,7 @@ class ManagementNode:
                 await asyncio.sleep(delay)
         self.db_ok = True
         self._last_heartbeat = stamp
-        self.state = "running"
+        self._set_state("running")
         metrics.NODE_INFO.clear()
         metrics.NODE_INFO.labels(me, self.settings.hostname, self.settings.cluster).set(1)
         with contextlib.suppress(SQLAlchemyError):
@@ -205,12 +220,38 @@ class ManagementNode:
         ring = self.ring
         self._hooks.put_nowait(lambda s: s.on_self_joined(ring))
 
-    async def fence(self, reason: str) -> None:
-        """Stop serving at once; rejoin under a new UUID in the background."""
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        for known in STATES:
+            metrics.NODE_STATE.labels(known).set(1 if known == state else 0)
+
+    async def suspend(self, reason: str) -> None:
+        """Stop consuming and acting, but keep my UUID: a heartbeat that finds my row decides what next."""
         if self.state != "running":
             return
+        self._set_state("suspended")
+        self._suspended_since = time.monotonic()
+        metrics.SUSPENSIONS.labels(reason.split(":")[0]).inc()
+        log.warning("suspended (%s): not acting as %s until a heartbeat finds my row", reason, self.uuid)
+        await self.bus.pause()
+
+    async def _resume(self) -> None:
+        """My heartbeat found my row: nobody evicted me, so I serve again under the same UUID."""
+        if self.state != "suspended":
+            return
+        away = time.monotonic() - (self._suspended_since or time.monotonic())
+        self._set_state("running")
+        log.info("resumed as %s after %.1fs suspended; the ring is as it was", self.uuid, away)
+        with contextlib.suppress(SQLAlchemyError):
+            await self.reconcile()
+        await self.bus.accept_shared_work()
+
+    async def fence(self, reason: str) -> None:
+        """Stop serving at once; rejoin under a new UUID in the background."""
+        if self.state not in ("running", "suspended"):
+            return
         old = self.uuid
-        self.state = "fenced"
+        self._set_state("fenced")
         metrics.FENCES.labels(reason.split(":")[0]).inc()
         log.error("fencing myself (%s): stopped serving as %s; will rejoin with a new UUID", reason, old)
         if self.leases is not None:
@@ -245,44 +286,54 @@ class ManagementNode:
                 log.exception("%s failed; trying again in %.2fs", what, period)
 
     async def _heartbeat(self) -> None:
-        if self.state not in ("running", "leaving"):
+        """Write my heartbeat while I can serve (broker and DB); resume or fence on what it finds.
+
+        Without the broker I write none, so an MN cut off from the broker alone goes stale and is evicted by
+        the others, while an outage of the broker that every MN shares blames nobody (rule 1b)."""
+        if self.state not in ("running", "suspended", "leaving"):
             return
         me = self.uuid
         stamp = time.monotonic()  # the DB stamps now() at or after this moment: never later than peers
+        broker_ok = await self.bus.probe(self.settings.heartbeat_interval)
         try:
-            written = await asyncio.to_thread(self.membership.heartbeat, me)
+            if broker_ok:
+                found = await asyncio.to_thread(self.membership.heartbeat, me)
+            else:
+                await self.suspend("broker unreachable")
+                found = await asyncio.to_thread(self.membership.exists, me)  # evicted meanwhile?
         except SQLAlchemyError as exc:
             self.db_ok = False
             if not self._heartbeat_failing:
                 log.warning("cannot write my heartbeat: %s", first_line(exc))
             self._heartbeat_failing = True
+            await self.suspend(f"database unreachable: {first_line(exc)}")
             return
         self.db_ok = True
         if self._heartbeat_failing:
             log.info("heartbeat written again after a database outage")
             self._heartbeat_failing = False
-        if me != self.uuid or self.state not in ("running", "leaving"):
+        if me != self.uuid or self.state not in ("running", "suspended", "leaving"):
             return
-        if written:
+        if not found:
+            await self.fence("evicted: my row was deleted while I could not heartbeat")
+        elif broker_ok:
             self._last_heartbeat = stamp
             metrics.HEARTBEAT_AGE.set(time.monotonic() - stamp)
-        else:
-            await self.fence("row gone: my heartbeat row was deleted or went stale")
+            await self._resume()
 
     async def _watchdog(self) -> None:
-        """Fence when this MN cannot prove it is alive, even while a DB call hangs."""
+        """Suspend when this MN cannot prove it is alive, even while a DB call hangs."""
         if self.state != "running":
             return
         age = time.monotonic() - self._last_heartbeat
         metrics.HEARTBEAT_AGE.set(age)
-        timeout = self.settings.heartbeat_timeout
         if await self._fence_if_lease_stalled():
             return
-        if age >= timeout:
-            await self.fence(f"heartbeat timeout: none written for {age:.1f}s")
-        elif self.bus.disconnected_for() > 2 * timeout:
-            # Its queues are gone with the connection: its share would only pile up, unserved.
-            await self.fence(f"broker unreachable: disconnected for {self.bus.disconnected_for():.1f}s")
+        if not self.bus.connected:
+            # Its queues are gone with the connection: nobody can reach it, and it must not act unseen.
+            await self.suspend("broker unreachable")
+        elif age >= gap_limit(self.settings.heartbeat_timeout):
+            await self.suspend(f"heartbeat overdue: none written for {age:.1f}s")
 
     async def _reconcile_periodically(self) -> None:
         if self.state != "running":
@@ -293,17 +344,17 @@ class ManagementNode:
             log.debug("reconcile skipped: %s", first_line(exc))
 
     async def reconcile(self) -> None:
-        """Make the ring equal to the fresh RUNNING rows, and evict rows stale for two checks."""
+        """Make the ring equal to the RUNNING rows (less expired Leases), and evict the peers rule 1b lets me."""
         started = time.monotonic()
         rows = await asyncio.to_thread(self.membership.members)
         if self.state != "running":
             return
         timeout = self.settings.heartbeat_timeout
-        fresh = set(fresh_rows(rows, timeout))
+        running = set(running_rows(rows))
         # A joined event newer than this snapshot outranks it.
         self._event_joins = {u: t for u, t in self._event_joins.items() if started - t < timeout}
-        fresh |= {u for u, t in self._event_joins.items() if t >= started}
-        decision = self._decide(fresh)
+        running |= {u for u, t in self._event_joins.items() if t >= started}
+        decision = self._decide(running)
         for source, count in (("db", len(decision.db)), ("lease", len(decision.lease)),
                               ("both", len(decision.db & decision.lease))):
             metrics.MEMBERS_BY_SOURCE.labels(source).set(count)
@@ -314,13 +365,8 @@ class ManagementNode:
         self._overdue = decision.overdue
         if decision.overdue:
             self._renew_now.set()  # its echo proves my watch current, or nothing expires
-        stale = {r.uuid for r in rows if r.age > timeout and r.uuid != self.uuid}
-        self._suspects = {u: t for u, t in self._suspects.items() if u in stale}
-        now = time.monotonic()
-        for mn in stale:
-            first_seen = self._suspects.setdefault(mn, now)
-            if now - first_seen >= self.settings.heartbeat_interval * 0.9:
-                await self._evict(mn)
+        for mn in sorted(evictable(rows, self.uuid, timeout)):
+            await self._evict(mn)
 
     def _decide(self, fresh: set[str]) -> Decision:
         now = time.monotonic()
@@ -353,8 +399,7 @@ class ManagementNode:
                 self._publish_event(LEFT_TOPIC, {"uuid": mn, "reason": why})
 
     async def _evict(self, mn: str) -> None:
-        """Delete a row stale on two checks; only the MN whose DELETE matched announces it."""
-        self._suspects.pop(mn, None)
+        """Delete a silent peer's row (rule 1b); only the MN whose DELETE matched announces it."""
         if not await asyncio.to_thread(self.membership.evict, mn):
             return  # already gone, or fresh again: the next reconcile sees which
         metrics.EVICTIONS.labels("heartbeat").inc()
@@ -369,7 +414,7 @@ class ManagementNode:
         if self.state == "running" and self.leases.holder is None:
             await self.leases.acquire(self.uuid)  # the API server was unreachable when I joined
             return
-        if self.state not in ("running", "leaving"):
+        if self.state not in ("running", "suspended", "leaving"):
             return
         if await self._fence_if_lease_stalled():  # renewing now would hide that others may have dropped me
             return
@@ -405,7 +450,7 @@ class ManagementNode:
         if lost - {self.uuid}:
             self._lease_gone.update(dict.fromkeys(lost - {self.uuid}, "lease gone"))
             self._reconcile_now.set()  # delete their rows too: an MN cut off from the API server may live on
-        if self.uuid in lost and self.state == "running":
+        if self.uuid in lost and self.state in ("running", "suspended"):
             await self.fence(f"lease lost: my Lease {event.name} was {event.kind.lower()} by someone else")
         elif lost - {self.uuid}:  # while leaving I keep myself, as without Leases
             await self._change_ring(lambda current: current - (lost - {self.uuid}), "lease gone")

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from zstack_node.cloud.schema import v2_cloud
 from zstack_node.db import Migration
-from zstack_node.membership.table import v1_membership
+from zstack_node.membership.table import v1_membership, v3_heartbeat_continuity
 
-MIGRATIONS: list[Migration] = [v1_membership, v2_cloud]
+MIGRATIONS: list[Migration] = [v1_membership, v2_cloud, v3_heartbeat_continuity]

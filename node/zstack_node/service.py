@@ -31,9 +31,10 @@ class ServiceContext:
     change (UUID, state, ring) are read live from the MN that built the context."""
 
     def __init__(self, *, bus: CloudBus, engine: Engine, settings: Settings, uuid: Callable[[], str | None],
-                 state: Callable[[], str], ring: Callable[[], Ring], services: Mapping[str, Service]) -> None:
+                 state: Callable[[], str], alive: Callable[[], bool], ring: Callable[[], Ring],
+                 services: Mapping[str, Service]) -> None:
         self.bus, self.engine, self.settings = bus, engine, settings
-        self._uuid, self._state, self._ring = uuid, state, ring
+        self._uuid, self._state, self._alive, self._ring = uuid, state, alive, ring
         self.services = services
 
     @property
@@ -43,8 +44,14 @@ class ServiceContext:
 
     @property
     def state(self) -> str:
-        """starting, joining, running, fenced, leaving or stopped: act on resources only while running."""
+        """starting, joining, running, suspended, fenced, leaving or stopped (node.STATES)."""
         return self._state()
+
+    def may_act(self) -> bool:
+        """Whether this MN may act on the resources it owns now (agent calls, pings, job steps): running (or
+        leaving, to finish its work) with a recent heartbeat. Ask right before acting: after a long pause
+        (GC, SIGSTOP) the state lags until the watchdog runs, but this does not."""
+        return self._alive()
 
     @property
     def ring(self) -> Ring:

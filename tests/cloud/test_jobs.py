@@ -38,6 +38,10 @@ class Context:
         self.ring = Ring.of(members)
         self.bus = Bus()
         self.services: dict[str, Any] = {}
+        self.acting = True  # False: the MN is suspended (or its heartbeat is overdue)
+
+    def may_act(self) -> bool:
+        return self.acting
 
 
 class Agent:
@@ -109,6 +113,27 @@ def vm_service(engine: Engine, me: str, members: set[str]) -> tuple[VmService, A
     service.agent = agent = Agent()
     service.ctx.services["vm"] = service
     return service, agent
+
+
+def test_a_suspended_mn_calls_no_agent_and_its_sweeper_finishes_the_job_once_it_resumes(engine):
+    me = uuid.uuid4().hex
+    vm = add_vm(engine, add_host(engine), state="Running")
+    stop = add_job(engine, "vm.stop", vm)
+    service, agent = vm_service(engine, me, {me})
+
+    async def scenario() -> None:
+        service.ctx.acting = False
+        await service.submit(stop, vm)
+        assert agent.calls == [] and job_row(engine, stop).state == "Pending", "acted while suspended"
+        sweeper = Sweeper(service.ctx)
+        sweeper.dead_grace = sweeper.pending_grace = 0.001
+        service.ctx.acting = True  # resumed
+        assert await sweeper.sweep() == 1
+        await service.queues.drain(30)
+        await service.close()
+
+    asyncio.run(scenario())
+    assert agent.calls == ["stop"] and job_row(engine, stop).state == "Succeeded"
 
 
 def test_a_chain_stops_at_an_unfinished_job_and_the_sweeper_keeps_the_order(engine, monkeypatch):

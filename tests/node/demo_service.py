@@ -36,6 +36,7 @@ class DemoService(Service):
 
     @handles("Sleep")
     async def sleep(self, msg: Envelope) -> dict[str, Any]:
+        self._record("sleep", resource=msg.resource)
         await asyncio.sleep(float(msg.body.get("seconds", 1)))
         return {"mn": self.ctx.uuid}
 

@@ -5,16 +5,18 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from zstack_node.membership.lease_client import LeaseEvent, Outcome, Result
 from zstack_node.membership.leases import LeaseMembership
-from zstack_node.membership.rule import LeaseTable, OwnLease, decide, fresh_rows
+from zstack_node.membership.rule import LeaseTable, OwnLease, can_witness, decide, evictable, running_rows
 from zstack_node.membership.table import LEAVING, RUNNING, MemberRow
 
 ME, A, B = "me", "a", "b"
 
 
-def row(uuid: str, age: float, state: str = RUNNING) -> MemberRow:
-    return MemberRow(uuid, uuid, None, state, age)
+def row(uuid: str, age: float, state: str = RUNNING, continuous_for: float = 60.0) -> MemberRow:
+    return MemberRow(uuid, uuid, None, state, age, continuous_for)
 
 
 def table_with(*holders: str, now: float = 0.0, duration: float = 5.0) -> LeaseTable:
@@ -24,9 +26,44 @@ def table_with(*holders: str, now: float = 0.0, duration: float = 5.0) -> LeaseT
     return table
 
 
-def test_fresh_running_rows_are_candidates():
-    rows = [row(A, 1.0), row(B, 4.5), row("c", 0.5, LEAVING)]
-    assert fresh_rows(rows, timeout=4.0) == {A}
+def test_running_rows_are_candidates_fresh_or_stale():
+    """A row leaves the ring when it leaves the table, never merely by going stale: readers agree."""
+    rows = [row(A, 1.0), row(B, 4.5), row("c", 0.5, LEAVING), row("d", 0.1, "JOINING")]
+    assert running_rows(rows) == {A, B}
+
+
+# Rule 1b, with the defaults: timeout 4 s, so a gap over 2 s breaks a run of heartbeats.
+@pytest.mark.parametrize(("my_age", "my_run", "witness"), [
+    (0.5, 60.0, True),    # heartbeats continuous for a minute
+    (0.5, 4.0, True),     # exactly one timeout of them
+    (0.5, 3.9, False),    # back from an outage less than a timeout ago
+    (2.0, 60.0, True),    # one heartbeat late: still within the gap
+    (2.1, 60.0, False),   # my run is broken now: I am in the outage myself
+    (30.0, 60.0, False),  # frozen, or cut off, for a long time
+])
+def test_i_witness_only_after_a_timeout_of_unbroken_heartbeats(my_age, my_run, witness):
+    assert can_witness(row(ME, my_age, continuous_for=my_run), timeout=4.0) is witness
+
+
+def test_no_row_of_mine_no_witness():
+    assert not can_witness(None, timeout=4.0)
+    assert evictable([row(A, 30.0)], ME, timeout=4.0) == frozenset()
+
+
+@pytest.mark.parametrize(("case", "rows", "evicted"), [
+    ("a lone silent peer", [row(ME, 0.3), row(A, 0.8), row(B, 4.6)], {B}),
+    ("stale JOINING and LEAVING rows too", [row(ME, 0.3), row(A, 9.0, "JOINING"), row(B, 5.0, LEAVING)], {A, B}),
+    ("a peer at exactly the timeout", [row(ME, 0.3), row(A, 4.0)], set()),
+    ("all stale after a shared outage, my first heartbeat back",
+     [row(ME, 0.0, continuous_for=0.0), row(A, 9.0), row(B, 9.0)], set()),
+    ("all back, but one never returned: not until a timeout of my heartbeats",
+     [row(ME, 0.2, continuous_for=3.0), row(A, 0.4, continuous_for=3.1), row(B, 12.0)], set()),
+    ("... and then it is evicted", [row(ME, 0.2, continuous_for=4.2), row(A, 0.4), row(B, 13.2)], {B}),
+    ("I am the one cut off: everybody looks stale to me", [row(ME, 6.0), row(A, 6.0), row(B, 6.0)], set()),
+    ("I never count myself", [row(ME, 0.3), row(ME + "x", 0.3)], set()),
+])
+def test_who_may_be_evicted(case, rows, evicted):
+    assert evictable(rows, ME, timeout=4.0) == evicted, case
 
 
 def test_without_leases_the_db_decides_and_i_count_myself():

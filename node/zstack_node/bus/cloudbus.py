@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 _PERSISTENT = BasicProperties(delivery_mode=2)
 _FIXED_LABELS = frozenset((API_SERVICE, "event", REPLY_SERVICE))
 _PREFETCH = 64
+_HELD_POLL = 0.1  # seconds between checks whether a suspended MN serves again
+_PROBE_TOPIC = "zstack.probe"  # bound by nobody: the broker confirms and drops it
 _RETRY_LIVE_TARGET_AFTER = 1.0  # seconds: a live MN's queue may be missing only while it reconnects
 
 
@@ -179,7 +181,8 @@ class CloudBus:
         await self._connected.wait()
 
     async def _supervise(self) -> None:
-        backoff, attempt = Backoff(0.2, 5.0), 0
+        # Capped low: the MN is suspended until it is back, and a retry every ~2 s costs the broker nothing.
+        backoff, attempt = Backoff(0.2, 2.0), 0
         while not self._stopping:
             try:
                 conn = await Connection.open(self.url, name=f"zstack-node {self.self_uuid or ''}".strip())
@@ -294,6 +297,17 @@ class CloudBus:
                 if self.connected:
                     await self._consume_shared()
 
+    async def pause(self) -> None:
+        """Stop taking API and unroutable messages (the MN suspended); `accept_shared_work` resumes.
+        What is queued stays in the broker for the MNs that serve."""
+        async with self._setup_lock:
+            self._accepting = False
+            consumers, self._shared_consumers = self._shared_consumers, []
+            if self.connected:
+                with contextlib.suppress(BrokerUnavailable):
+                    for channel, tag in consumers:
+                        await channel.cancel(tag)
+
     async def drain(self, grace: float) -> None:
         """Stop taking new work and let the work in flight finish (graceful leave, steps 1-2).
 
@@ -385,6 +399,20 @@ class CloudBus:
         except TimeoutError:
             raise BrokerDown(f"the broker did not confirm within {self.call_timeout:g}s") from None
         metrics.count(metrics.MESSAGES_SENT, self._label(envelope.service), envelope.kind)
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether the broker answers on this connection now: a publish it confirms within `timeout`.
+
+        A connection can look open while the network drops every byte (a partition): only a round trip
+        proves this MN can still send and receive. Nothing is routed: no queue binds the probe's topic."""
+        if self._confirm_ch is None or not self.connected:
+            return False
+        try:
+            confirm = self._confirm_ch.publish_confirmed(EVENT_EXCHANGE, _PROBE_TOPIC, b"")
+            await asyncio.wait_for(confirm, timeout)
+        except (BrokerUnavailable, TimeoutError):
+            return False
+        return True
 
     def _route_and_publish(self, envelope: Envelope, pending: _PendingCall | None = None) -> str:
         target = self._owner(envelope)
@@ -512,6 +540,9 @@ class CloudBus:
             return
         metrics.count(metrics.MESSAGES_RECEIVED, self._label(envelope.service), envelope.kind)
         if not self._may_serve():
+            if envelope.resource is None:  # meant for this very MN: nobody else may take it
+                self._spawn(self._handle_when_serving(envelope, method.routing_key), name="held")
+                return
             # This MN can no longer prove it is alive: hand the message to someone who is.
             self._ch.publish(UNROUTABLE_EXCHANGE, method.routing_key, body)
             return
@@ -522,6 +553,18 @@ class CloudBus:
             metrics.count(metrics.REROUTES, self._label(envelope.service), "not_owner")
             return
         self._spawn(self._handle(envelope))
+
+    async def _handle_when_serving(self, envelope: Envelope, routing_key: str) -> None:
+        """Hold a message without a resource while this MN is suspended: handle it once it serves again
+        under the same UUID; answer NoRoute if it fences, or if the message's deadline passes first."""
+        me = self.self_uuid
+        give_up = envelope.deadline or (time.time() + self.reroute_wait)
+        while not self._may_serve():
+            if self.self_uuid != me or time.time() >= give_up:
+                self._drop(envelope, routing_key, "expired" if self.self_uuid == me else "no_route")
+                return
+            await asyncio.sleep(_HELD_POLL)
+        await self._handle(envelope)
 
     def _owner_or_none(self, envelope: Envelope) -> str | None:
         ring = self._ring()
@@ -599,6 +642,9 @@ class CloudBus:
             await self._take_api(channel, tag, envelope)
 
     async def _take_api(self, channel: PikaChannel, tag: int, envelope: Envelope) -> None:
+        if not self._may_serve():  # delivered just before this MN suspended: for an MN that serves
+            _settle(channel, tag, requeue=True)
+            return
         try:
             owner = self._owner(envelope)
             if owner == self.self_uuid:

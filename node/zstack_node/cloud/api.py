@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 _ROUTE_KEY: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("cloud_routes")
 _POLL = 0.5  # seconds between DB polls of a waited job (a job.done event wakes the waiter sooner)
+RETRY_AFTER = 2  # seconds a client is told to wait after a 503 (the broker or the database is away)
 
 
 class ApiService(Service):
@@ -98,7 +99,8 @@ class ApiService(Service):
             except DB_UNAVAILABLE as exc:
                 status = 503
                 log.warning("%s %s: database unavailable: %s", request.method, request.path, first_line(exc))
-                return _error(HttpError(503, "unavailable", f"the database is unavailable: {first_line(exc)}"))
+                return _error(HttpError(503, "unavailable", f"the database is unavailable: {first_line(exc)}",
+                                        retry_after=RETRY_AFTER))
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path)
                 return _error(HttpError(500, "internal_error", f"internal error ({type(exc).__name__}); the MN's log "
@@ -274,6 +276,12 @@ class ApiService(Service):
     async def _accept(self, operation: str, resource_uuid: str, parameters: dict[str, Any], service: str,
                       message: str, route_by: str | None) -> web.Response:
         """Write the job row, publish its message (persistent, confirmed), and answer 202."""
+        if not self.ctx.bus.connected:
+            raise HttpError(503, "unavailable", "the broker is unreachable, so no new work is accepted; reads still "
+                            "work. Retry after the delay", retry_after=RETRY_AFTER)
+        if self.ctx.state == "suspended":
+            raise HttpError(503, "unavailable", "this MN is suspended (it cannot heartbeat), so it accepts no new "
+                            "work; retry, here or on another MN", retry_after=RETRY_AFTER)
         job = await self.db(repo.insert_job, operation, resource_uuid, parameters)
         try:
             await self.ctx.bus.send_api(service, message, {"job": job.id, "resource": resource_uuid},
@@ -282,7 +290,7 @@ class ApiService(Service):
             error = {"code": "unavailable", "message": f"could not publish the job: {exc}"}
             if await self.db(repo.fail_unclaimed, job.id, error):
                 raise HttpError(503, "unavailable", f"the broker did not take job {job.id} ({exc}); the job is "
-                                                   "marked Failed, nothing was changed") from None
+                                "marked Failed, nothing was changed", retry_after=RETRY_AFTER) from None
             job = await self.db(repo.get_job, job.id)  # someone took it after all: it was accepted
         return _accepted(job)
 
@@ -303,8 +311,10 @@ def _not_found(kind: str, uuid: str) -> HttpError:
 
 
 def _error(exc: HttpError) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return web.json_response(exc.body(), status=exc.status, headers=headers or None)
 
 
 async def _read_body(request: web.Request, route: Route) -> dict[str, Any]:

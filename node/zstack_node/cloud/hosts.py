@@ -103,7 +103,7 @@ class HostService(JobDriver, Service):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.ping_interval)
             self._wake.clear()
-            if self.ctx.state != "running" or self.ctx.uuid is None:
+            if self.ctx.state != "running" or not self.ctx.may_act() or self.ctx.uuid is None:
                 continue
             try:
                 await self._ping_round(self.ctx.uuid)
@@ -119,7 +119,7 @@ class HostService(JobDriver, Service):
         metrics.HOSTS_TRACKED.set(len(mine))
         mine_uuids = {h.uuid for h in mine}
         self._failures = {u: n for u, n in self._failures.items() if u in mine_uuids}
-        if not mine:
+        if not mine or not self.ctx.may_act():  # the read may have outlasted my heartbeat
             return
         answers = await self.agent.ping([h.uuid for h in mine], faulty)
         await self.db(_stamp_tracked, [h.uuid for h in mine], me)

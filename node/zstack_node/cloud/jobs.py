@@ -128,8 +128,8 @@ class JobDriver:
     async def run(self, job: Row) -> None:
         """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
         me = self.ctx.uuid
-        if me is None or self.ctx.state not in ("running", "leaving"):
-            return  # fenced: the new owner's sweeper drives it
+        if me is None or not self.ctx.may_act():
+            return  # suspended or fenced: my sweeper once I resume, or the new owner's, drives it
         metrics.JOBS_IN_FLIGHT.inc()
         self.active.add(job.id)
         try:
@@ -140,6 +140,8 @@ class JobDriver:
 
     async def _run(self, job: Row | None, me: str) -> None:
         for attempt in range(_ATTEMPTS):
+            if not self.ctx.may_act():
+                return  # suspended mid-job: my claim ages, and a sweeper drives the job later
             if attempt:
                 await asyncio.sleep(0.05 * attempt)
                 job = await self._reread(job)  # type: ignore[arg-type]

@@ -62,7 +62,7 @@ class Sweeper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            if self.ctx.state != "running":
+            if self.ctx.state != "running" or not self.ctx.may_act():
                 continue
             try:
                 await self.sweep()

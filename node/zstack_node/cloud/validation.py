@@ -17,11 +17,13 @@ MAX_BODY = 64 * 1024
 class HttpError(Exception):
     """An error answer: HTTP status, stable code, human message, and the offending field (or None)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.field = field
+        self.retry_after = retry_after  # seconds, sent as Retry-After (a 503 that passes)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": str(self), "field": self.field}}

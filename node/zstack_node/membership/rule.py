@@ -2,8 +2,14 @@
 
 The rule implemented here:
 
-1. DB: an MN is a candidate while its row is RUNNING and its heartbeat is fresh by the database's clock.
-   A stale row is evicted by the node after suspect-then-fence (node.py), not here.
+1. DB: an MN is a candidate while its row exists and is RUNNING. A row leaves the table only by a graceful
+   leave, or by eviction (1b): never merely by going stale, so every MN that reads the table agrees.
+   b. Nobody is blamed for a shared outage. I may evict a peer whose heartbeat is older than the timeout
+      only while I can witness against it (`can_witness`): my own heartbeats succeeded with no gap longer
+      than `max_gap` through the whole last timeout, by the DB clock (`continuous_for`). Then the database
+      and the broker were there for it too, and it wrote nothing. After an outage that hit every MN (the
+      database, or the broker, which stops heartbeats: node.py), nobody can witness until a full timeout
+      of heartbeats has passed, by which time every MN that lives has written again.
 2. Leases (only when running in Kubernetes) can only take candidates out, never add them:
    a. a Lease released (holderIdentity cleared), deleted, or taken over by another holder takes its
       previous holder out at once and for good (UUIDs are never reused) - see `LeaseTable`;
@@ -32,7 +38,8 @@ The rule implemented here:
    moment it ended once it failed or succeeded (a late success proves nothing about when it was written).
    Renewals that fail within `call_limit` because the API server is unreachable (connection errors,
    timeouts, 5xx, 429, ...) fence nothing: they only end the trust of 3.
-5. I always count myself while I can prove I am alive (node.py fences me otherwise).
+5. I always count myself while I can prove I am alive (node.py suspends me otherwise, and a heartbeat that
+   finds my row gone fences me).
 """
 
 from __future__ import annotations
@@ -64,9 +71,28 @@ class Decision:
     overdue: frozenset[str] = frozenset()  # expired by now, not yet by the watch clock: renew to prove it
 
 
-def fresh_rows(rows: Iterable[MemberRow], timeout: float) -> frozenset[str]:
-    """Rule 1: RUNNING rows whose heartbeat is not older than the timeout."""
-    return frozenset(r.uuid for r in rows if r.state == RUNNING and r.age <= timeout)
+def running_rows(rows: Iterable[MemberRow]) -> frozenset[str]:
+    """Rule 1: the MNs whose rows are RUNNING, fresh or not."""
+    return frozenset(r.uuid for r in rows if r.state == RUNNING)
+
+
+def gap_limit(timeout: float) -> float:
+    """The longest gap between two heartbeats that still counts as continuous, and the heartbeat age at
+    which an MN suspends itself: half the timeout, so it stops acting well before anyone may evict it."""
+    return timeout / 2
+
+
+def can_witness(mine: MemberRow | None, timeout: float) -> bool:
+    """Rule 1b: my heartbeats have been continuous for the last `timeout` seconds, up to now."""
+    return mine is not None and mine.age <= gap_limit(timeout) and mine.continuous_for >= timeout
+
+
+def evictable(rows: Iterable[MemberRow], me: str | None, timeout: float) -> frozenset[str]:
+    """Rule 1b: the peers whose heartbeat is older than the timeout, if I can witness against them."""
+    rows = list(rows)
+    if not can_witness(next((r for r in rows if r.uuid == me), None), timeout):
+        return frozenset()
+    return frozenset(r.uuid for r in rows if r.uuid != me and r.age > timeout)
 
 
 def expired_holders(holders: Mapping[str, LeaseFact], trusted_since: float | None,
