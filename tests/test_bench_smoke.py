@@ -110,3 +110,20 @@ def test_api_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
     assert worst_and_mean(data, "ops_per_s_3_over_1")[1] == pytest.approx(three / one, rel=0.02)
     assert set(data["checks"]) == {"no_failed_jobs", "every_op_completed", "vms_running_after_cycles"}
     assert data["targets_met"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_faults_one_scenario(tmp_path: Any) -> None:
+    data = bench("faults", "--only", "lone-sigstop", "--log-dir", str(tmp_path))
+    assert data["benchmark"] == "faults"
+    (scenario,) = data["scenarios"]
+    assert scenario["scenario"] == "lone-sigstop" and scenario["new_uuid"] is True
+    assert 0 < scenario["evicted_after_s"] < 60
+    assert scenario["answers_as_old_owner_after_eviction"] == 0
+
+
+def test_faults_names_an_unknown_scenario() -> None:
+    result = CliRunner().invoke(main, ["faults", "--only", "lone-meteor"])
+    assert result.exit_code != 0
+    assert "lone-meteor" in result.output and "lone-sigstop" in result.output

@@ -93,6 +93,34 @@ def failover(small: bool, broker_url: str | None, database_url: str | None, roun
 
 
 @main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: outages of 5 s only")
+@click.option("--outage", "outages", type=click.FloatRange(1), multiple=True,
+              help="Seconds each shared outage lasts, repeatable [5 and 30; small 5]")
+@click.option("--only", multiple=True, help="Run only this scenario (repeatable): rabbitmq-5s, lone-broker, ...")
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the API load's randomness")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after the run)")
+def faults(small: bool, outages: tuple[float, ...], only: tuple[str, ...], seed: int,
+           log_dir: Path | None) -> None:
+    """Membership under faults: the broker and the database down for everyone (under API load), and one
+    MN cut off from each alone or frozen. UUID changes, keys moved, ring agreement, jobs lost, eviction."""
+    import tempfile
+
+    from zstack_bench import faults as faults_bench
+    from zstack_devcluster.services import PostgreSQL, RabbitMQ
+
+    outages = outages or pick(None, small, (5.0,), (5.0, 30.0))
+    try:
+        faults_bench.check_names(only, outages)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--only") from None
+    with tempfile.TemporaryDirectory(prefix="zstack-bench-faults-") as tmp:
+        work = log_dir or Path(tmp)
+        with RabbitMQ(work / "rabbitmq", say=progress) as mq, PostgreSQL(work / "postgres", say=progress) as db:
+            emit(faults_bench.run(mq, db, work, outages, seed, progress, only))
+
+
+@main.command()
 @click.option("--small", is_flag=True, help="CI smoke size: 2 hosts, 6 VMs, 1 cycle, 6 in flight, 1 round")
 @broker_option
 @click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,

@@ -73,6 +73,14 @@ class BusProbe:
     def call_api(self, message_type: str, body: dict | None = None, **kwargs) -> Envelope:
         return self.call(API_QUEUE, message_type, body, kind="api", **kwargs)
 
+    def publish_api_persistent(self, message_type: str, body: dict, *, resource: str) -> None:
+        """A one-way API message, persistent and confirmed by the broker: what an MN's send_api does."""
+        envelope = Envelope(message_type, "demo", "api", body, resource, sender=self.uuid)
+        channel = self.connection.channel()
+        channel.confirm_delivery()  # basic_publish now returns once the broker took it, or raises
+        channel.basic_publish(P2P_EXCHANGE, API_QUEUE, envelope.encode(), pika.BasicProperties(delivery_mode=2))
+        channel.close()
+
     def publish_raw(self, queue: str, body: bytes) -> None:
         self.channel.basic_publish(P2P_EXCHANGE, queue, body)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -188,6 +189,33 @@ def test_a_database_outage_suspends_mns_which_resume_under_the_same_uuids(cluste
     for node in nodes:
         reply = probe.call_mn(node.uuid, "Echo")
         assert reply.body and reply.body["mn"] == node.uuid, (reply, cluster.logs())
+
+
+def test_api_messages_wait_out_a_broker_restart_in_the_durable_portal_queue(cluster, rabbitmq, postgres,
+                                                                            probe_factory):
+    """Published while every MN is suspended (so nobody consumes), API messages survive a broker restart
+    in the durable api.portal queue and are served by their owners once the MNs resume."""
+    nodes = cluster.start(2)
+    cluster.wait_agreed({n.uuid for n in nodes})
+    tag = uuid.uuid4().hex
+    with postgres.stopped():
+        wait_until(lambda: all(n.ring()["state"] == "suspended" for n in nodes), HEARTBEAT_TIMEOUT,
+                   "both MNs to suspend")
+        probe = probe_factory()
+        for n, key in enumerate(cluster.keys[:20]):
+            probe.publish_api_persistent("Note", {"tag": tag, "n": n}, resource=key)
+        probe.close()
+        rabbitmq.restart()
+        assert all(n.ring()["state"] == "suspended" for n in nodes)
+
+    def notes() -> list[dict]:
+        found = [r for r in cluster.records("note") if r["body"].get("tag") == tag]
+        return found if len(found) >= 20 else []
+
+    served = wait_until(notes, 30, "the 20 API messages to be served")
+    assert sorted(r["body"]["n"] for r in served) == list(range(20)), "each served exactly once"
+    ring = Ring.of(cluster.wait_agreed({n.uuid for n in nodes}))
+    assert all(r["mn"] == ring.owner(r["resource"]) for r in served)
 
 
 def test_a_frozen_mn_is_evicted_and_never_serves_under_its_old_uuid(cluster, probe):
