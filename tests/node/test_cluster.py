@@ -20,6 +20,13 @@ HEARTBEAT_INTERVAL = 1.0  # the defaults: what users get
 HEARTBEAT_TIMEOUT = 4.0
 
 
+def state_metric(node) -> str:
+    """The state zstack_node_state{state} marks with 1 on this MN's /metrics."""
+    (state,) = [s.labels["state"] for f in text_string_to_metric_families(node.text("/metrics"))
+                for s in f.samples if s.name == "zstack_node_state" and s.value == 1]
+    return state
+
+
 def owned_by(ring: Ring, mn: str, keys: list[str]) -> list[str]:
     return [k for k in keys if ring.owner(k) == mn]
 
@@ -183,8 +190,11 @@ def test_a_database_outage_suspends_mns_which_resume_under_the_same_uuids(cluste
         wait_until(lambda: all(n.ring()["state"] == "suspended" for n in nodes), HEARTBEAT_TIMEOUT,
                    "both MNs to suspend")
         assert all(n.get("/readyz")["ready"] is False and n.get("/healthz") == {"status": "ok"} for n in nodes)
+        assert all(state_metric(n) == "suspended" for n in nodes)
         time.sleep(HEARTBEAT_TIMEOUT + 1)  # the outage outlasts the heartbeat timeout: its length, not a wait
     assert cluster.wait_agreed(old, timeout=10) == old, "the same MNs, under the same UUIDs"
+    wait_until(lambda: all(n.ready() for n in nodes), 10, "both MNs to be ready again")
+    assert all(state_metric(n) == "running" for n in nodes)
     assert all("evicted MN" not in n.tail(200) and "fencing myself" not in n.tail(200) for n in nodes)
     for node in nodes:
         reply = probe.call_mn(node.uuid, "Echo")
