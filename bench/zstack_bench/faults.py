@@ -306,17 +306,18 @@ LONE_FAULTS = ("database", "broker", "sigstop")
 
 
 def lone_cut(cluster: FaultCluster, fault: str, say: Say) -> dict[str, Any]:
-    """Cut the first MN off alone (`fault` in LONE_FAULTS) until the others evicted it, then let it back."""
-    victim, others = cluster.nodes[0], cluster.nodes[1:]
-    old = victim.uuid
+    """Cut one MN off alone (`fault` in LONE_FAULTS) until the others evicted it, then let it back. The victim
+    is the MN that owns the most hosts, so that its pings show who answers as their owner."""
     ring = Ring.of(cluster.members())
-    mine = [h for h in cluster.hosts if ring.owner(h) == old]
-    if not mine:
-        raise RuntimeError(f"the victim {old} owns none of the {len(cluster.hosts)} hosts; add more")
+    owned = {n: [h for h in cluster.hosts if ring.owner(h) == node.uuid] for n, node in enumerate(cluster.nodes)}
+    index = max(owned, key=lambda n: len(owned[n]))
+    victim, mine = cluster.nodes[index], owned[index]
+    others = [node for node in cluster.nodes if node is not victim]
+    old = victim.uuid
     pinger = Pinger(cluster, others, mine)
     pinger.start()
     wait_until(lambda: any(by == old for _, by in pinger.answers), 30, "the victim to answer a ping as owner")
-    cut, heal = _fault(cluster, fault)
+    cut, heal = _fault(cluster, index, fault)
     say(f"cutting {victim.name} ({old[:8]}) off: {fault}")
     cut_at = time.monotonic()
     cut()
@@ -360,15 +361,15 @@ def _state(node: LocalNode) -> str | None:
         return None
 
 
-def _fault(cluster: FaultCluster, fault: str) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The cut and heal of a lone fault on the first MN."""
+def _fault(cluster: FaultCluster, index: int, fault: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The cut and heal of a lone fault on the MN at `index`."""
     import signal
 
-    victim = cluster.nodes[0]
+    victim = cluster.nodes[index]
     if fault == "database":
-        return cluster.db_proxies[0].cut, cluster.db_proxies[0].heal
+        return cluster.db_proxies[index].cut, cluster.db_proxies[index].heal
     if fault == "broker":
-        return cluster.broker_proxies[0].cut, cluster.broker_proxies[0].heal
+        return cluster.broker_proxies[index].cut, cluster.broker_proxies[index].heal
     if fault == "sigstop":
         return lambda: victim.signal(signal.SIGSTOP), lambda: victim.signal(signal.SIGCONT)
     raise ValueError(f"fault {fault!r}: expected one of {', '.join(LONE_FAULTS)}")
