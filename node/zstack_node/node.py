@@ -315,7 +315,7 @@ class ManagementNode:
         if me != self.uuid or self.state not in ("running", "suspended", "leaving"):
             return
         if not found:
-            await self.fence("evicted: my row was deleted while I could not heartbeat")
+            await self.fence("evicted: my heartbeat found my row deleted")
         elif broker_ok:
             self._last_heartbeat = stamp
             metrics.HEARTBEAT_AGE.set(time.monotonic() - stamp)

@@ -84,6 +84,8 @@ def test_openapi_document_covers_every_route_with_security():
         op = doc["paths"][route.path][route.method.lower()]
         assert str(route.success[0]) in op["responses"]
         assert bool(op["security"]) == route.auth
+        if "503" in op["responses"]:  # a client learns from the document that a 503 says when to retry
+            assert "Retry-After" in op["responses"]["503"]["headers"]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert doc["components"]["schemas"]["HostCreate"]["additionalProperties"] is False
 

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 _PERSISTENT = BasicProperties(delivery_mode=2)
 _FIXED_LABELS = frozenset((API_SERVICE, "event", REPLY_SERVICE))
 _PREFETCH = 64
+_PAUSE_WAIT = 1.0  # seconds a pause waits for the broker to confirm each cancelled consumer
 _HELD_POLL = 0.1  # seconds between checks whether a suspended MN serves again
 _PROBE_TOPIC = "zstack.probe"  # bound by nobody: the broker confirms and drops it
 _RETRY_LIVE_TARGET_AFTER = 1.0  # seconds: a live MN's queue may be missing only while it reconnects
@@ -299,14 +300,17 @@ class CloudBus:
 
     async def pause(self) -> None:
         """Stop taking API and unroutable messages (the MN suspended); `accept_shared_work` resumes.
-        What is queued stays in the broker for the MNs that serve."""
+        What is queued stays in the broker for the MNs that serve.
+
+        Each cancel waits at most a second for the broker: in a partition it never answers, and the MN
+        must go on checking whether it was evicted. A message delivered meanwhile is given back."""
         async with self._setup_lock:
             self._accepting = False
             consumers, self._shared_consumers = self._shared_consumers, []
             if self.connected:
-                with contextlib.suppress(BrokerUnavailable):
-                    for channel, tag in consumers:
-                        await channel.cancel(tag)
+                for channel, tag in consumers:
+                    with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                        await asyncio.wait_for(channel.cancel(tag), _PAUSE_WAIT)
 
     async def drain(self, grace: float) -> None:
         """Stop taking new work and let the work in flight finish (graceful leave, steps 1-2).

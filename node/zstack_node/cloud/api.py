@@ -181,10 +181,10 @@ class ApiService(Service):
         log.warning("ping of host %s through %s failed: %s: %s", host_uuid, owner, exc.code, first_line(exc))
         if isinstance(exc, RemoteError):  # the owner answered with an error: its text stays in its log
             return HttpError(503, "unavailable", f"the ping of host {host_uuid} failed on {owner}, the MN that "
-                                                f"tracks it ({exc.code}); see that MN's log")
+                                                f"tracks it ({exc.code}); see that MN's log", retry_after=RETRY_AFTER)
         return HttpError(503, "unavailable", f"the ping of host {host_uuid} through {owner}, the MN that tracks "
                                             f"it, failed ({exc.code}: {first_line(exc)}); retry in a few seconds "
-                                            "(the ring may be changing)")
+                                            "(the ring may be changing)", retry_after=RETRY_AFTER)
 
     # ---- VMs ---------------------------------------------------------------------------------
 

@@ -147,7 +147,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
 
 _ERROR_TEXT = {400: "Bad input (the message names the field)", 401: "Missing or wrong bearer token",
                404: "No such resource", 409: "Invalid state transition or conflict", 413: "Body larger than 64 KiB",
-               415: "Body is not application/json", 503: "The broker or database is unavailable"}
+               415: "Body is not application/json",
+               503: "The broker or database is unavailable, or this MN is suspended: retry after Retry-After seconds"}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -182,6 +183,9 @@ def _operation(route: Route) -> dict[str, Any]:
     for code in route.errors:
         op["responses"][str(code)] = {"description": _ERROR_TEXT[code],
                                       "content": {"application/json": {"schema": _ref("Error")}}}
+        if code == 503:
+            op["responses"]["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                                 "description": "Seconds to wait before retrying"}}
     params = [{"name": name, "in": "path", "required": True, "schema": _UUID} for name in route.path_params]
     params += [{"name": f.name, "in": "query", "required": False, "schema": f.json_schema()} for f in route.query]
     if params:
