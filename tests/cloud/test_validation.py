@@ -32,7 +32,7 @@ def test_a_good_body_passes_through():
     ({**GOOD_HOST, "cpu": 0}, "out_of_range", "cpu"),
     ({**GOOD_HOST, "cpu": 4097}, "out_of_range", "cpu"),
     ({**GOOD_HOST, "name": ""}, "out_of_range", "name"),
-    ({**GOOD_HOST, "name": "x" * 129}, "out_of_range", "name"),
+    ({**GOOD_HOST, "name": "x" * 256}, "out_of_range", "name"),
     ({**GOOD_HOST, "name": None}, "wrong_type", "name"),
     ({**GOOD_HOST, "colour": "red"}, "unknown_field", "colour"),
     ({"name": "h", "cpu": 1}, "missing_field", "memory"),
@@ -43,6 +43,14 @@ def test_a_good_body_passes_through():
     ({**GOOD_HOST, "name": "h\x00"}, "invalid_value", "name"),
     ({**GOOD_HOST, "name": "h\ud800"}, "invalid_value", "name"),
     ({**GOOD_HOST, "name": "\udfff"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "line\nbreak"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "\x1b[31mred"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "tab\there"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "del\x7f"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "c1\x9b"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "gpj.\u202eexe"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "isolate\u2067"}, "invalid_value", "name"),
+    ({**GOOD_HOST, "name": "para\u2029graph"}, "invalid_value", "name"),
     ([1, 2], "wrong_type", None),
 ])
 def test_bad_bodies_name_the_field(body, code, field):
@@ -60,15 +68,45 @@ def test_bad_json_and_uuids_and_queries():
         assert error_of(check_uuid, bad, "uuid").code == "bad_uuid", repr(bad)
     assert check_uuid("0123456789abcdef" * 2, "uuid") == "0123456789abcdef" * 2
     spec = (Field("limit", "int", minimum=1, maximum=10), Field("wait", "number", minimum=0, maximum=60))
-    assert check_query({"limit": "3", "wait": "0.5"}, spec) == {"limit": 3, "wait": 0.5}
-    assert error_of(check_query, {"limit": "x"}, spec).code == "wrong_type"
-    assert error_of(check_query, {"wait": "nan"}, spec).code == "invalid_value"
-    assert error_of(check_query, {"wait": "61"}, spec).code == "out_of_range"
-    assert error_of(check_query, {"other": "1"}, spec).field == "other"
+    assert check_query({"limit": "3", "wait": "0.5"}.items(), spec) == {"limit": 3, "wait": 0.5}
+    assert error_of(check_query, {"limit": "x"}.items(), spec).code == "wrong_type"
+    assert error_of(check_query, {"wait": "nan"}.items(), spec).code == "wrong_type"
+    assert error_of(check_query, {"wait": "61"}.items(), spec).code == "out_of_range"
+    assert error_of(check_query, {"other": "1"}.items(), spec).field == "other"
     uuids = (Field("host_uuid", "uuid"), Field("state", "enum", choices=("Running",)))
     for query, field in [({"host_uuid": "a" * 32 + "\n"}, "host_uuid"), ({"state": "Running\x00"}, "state"),
                          ({"state": "Running\n"}, "state"), ({"host_uuid": "\ud800"}, "host_uuid")]:
-        assert error_of(check_query, query, uuids).field == field, query
+        assert error_of(check_query, query.items(), uuids).field == field, query
+
+
+def test_names_may_be_any_printable_text_up_to_255_characters():
+    for name in ("x" * 255, "数据库-01", "café ☕", "a b", "x"):
+        assert HOST_CREATE.check({**GOOD_HOST, "name": name})["name"] == name
+
+
+def test_a_bad_name_says_which_character_and_where():
+    err = error_of(HOST_CREATE.check, {**GOOD_HOST, "name": "ok\u202eevil"})
+    assert "U+202E" in str(err) and "position 2" in str(err) and err.field == "name"
+
+
+@pytest.mark.parametrize("raw", ["1_0", "\u0665", "\uff11", "+1", "-1", " 1", "1 ", "0x10", "1e1", "", "1.", ".5",
+                                 "1.5.1", "inf", "\u0661\u0660"])
+def test_query_numbers_are_ascii_digits_only(raw):
+    spec = (Field("limit", "int", minimum=0, maximum=100), Field("wait", "number", minimum=0, maximum=60))
+    assert error_of(check_query, [("limit", raw)], spec).field == "limit"
+    assert error_of(check_query, [("wait", raw)], spec).field == "wait"
+
+
+def test_query_numbers_take_a_decimal_point_only_where_a_fraction_makes_sense():
+    spec = (Field("limit", "int", minimum=0, maximum=100), Field("wait", "number", minimum=0, maximum=60))
+    assert check_query([("wait", "0.25"), ("limit", "007")], spec) == {"wait": 0.25, "limit": 7}
+    assert error_of(check_query, [("limit", "1.0")], spec).code == "wrong_type"
+
+
+def test_a_query_key_given_twice_is_refused():
+    spec = (Field("state", "enum", choices=("Running", "Stopped")),)
+    err = error_of(check_query, [("state", "Running"), ("state", "Stopped")], spec)
+    assert (err.status, err.code, err.field) == (400, "duplicate_field", "state")
 
 
 def test_vm_transitions():

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 UUID_RE = re.compile(r"^[0-9a-f]{32}$")  # anchored for OpenAPI; checked with fullmatch ($ allows a trailing "\n")
 MAX_BODY = 64 * 1024
+INTEGER_RE = re.compile(r"[0-9]+")  # ASCII only: int() would take "1_0" and "٥"
+DECIMAL_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
+# Characters that change how text is shown rather than being shown: bidi embeddings, overrides and isolates
+# (a name with U+202E prints reversed), the marks, and the line and paragraph separators.
+INVISIBLE_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                               "\u2028\u2029")
 
 
 class HttpError(Exception):
@@ -31,7 +39,7 @@ class HttpError(Exception):
 
 @dataclass(frozen=True)
 class Field:
-    """One JSON field: `kind` is "str", "int", "number", "uuid" or "enum"."""
+    """One JSON field: `kind` is "str", "name" (printable text), "int", "number", "uuid" or "enum"."""
 
     name: str
     kind: str
@@ -43,7 +51,7 @@ class Field:
 
     def json_schema(self) -> dict[str, Any]:
         schema: dict[str, Any]
-        if self.kind == "str":
+        if self.kind in ("str", "name"):
             schema = {"type": "string", "minLength": self.minimum or 0}
             if self.maximum is not None:
                 schema["maxLength"] = self.maximum
@@ -63,14 +71,14 @@ class Field:
 
     def check(self, value: Any, where: str) -> Any:
         """Return the value converted to its Python type, or raise a 400 naming `where`."""
-        if self.kind == "str":
+        if self.kind in ("str", "name"):
             if not isinstance(value, str):
                 raise _bad_type(where, "a string", value)
             low, high = self.minimum or 0, self.maximum
             if len(value) < low or (high is not None and len(value) > high):
                 raise HttpError(400, "out_of_range", f"{where}: length {len(value)} is not within {low}-{high}",
                                where)
-            return check_text(value, where)
+            return check_name(value, where) if self.kind == "name" else check_text(value, where)
         if self.kind in ("int", "number"):
             wanted = (int,) if self.kind == "int" else (int, float)
             if isinstance(value, bool) or not isinstance(value, wanted):
@@ -93,12 +101,14 @@ class Field:
 
     def parse(self, raw: str, where: str) -> Any:
         """Convert a query-string value, then check it."""
-        if self.kind in ("int", "number"):
-            try:
-                number: int | float = int(raw) if self.kind == "int" else float(raw)
-            except ValueError:
-                raise _bad_type(where, "an integer" if self.kind == "int" else "a number", raw) from None
-            return self.check(number, where)
+        if self.kind == "int":
+            if not INTEGER_RE.fullmatch(raw):
+                raise _bad_type(where, "an integer of ASCII digits", raw)
+            return self.check(int(raw), where)
+        if self.kind == "number":
+            if not DECIMAL_RE.fullmatch(raw):
+                raise _bad_type(where, "a number of ASCII digits with an optional decimal point", raw)
+            return self.check(float(raw), where)
         return self.check(raw, where)
 
 
@@ -154,6 +164,18 @@ def check_text(value: str, where: str) -> str:
     return value
 
 
+def check_name(value: str, where: str) -> str:
+    """Refuse what a terminal would not print as text: control characters (a newline, ESC of "\\x1b[31m")
+    and the invisible bidi and separator characters that reorder or split what follows."""
+    check_text(value, where)
+    for position, char in enumerate(value):
+        if unicodedata.category(char) == "Cc" or char in INVISIBLE_CONTROLS:
+            raise HttpError(400, "invalid_value", f"{where}: must be printable text; U+{ord(char):04X} "
+                                                 f"({unicodedata.name(char, 'a control character')}) at position "
+                                                 f"{position} is not", where)
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     """Decode a request body; an empty body is None."""
     if not raw.strip():
@@ -164,15 +186,17 @@ def parse_json(raw: bytes) -> Any:
         raise HttpError(400, "bad_json", f"the body is not valid JSON: {exc}", None) from None
 
 
-def check_query(params: dict[str, str], fields: tuple[Field, ...]) -> dict[str, Any]:
-    """Check query parameters; unknown ones are refused like unknown body fields."""
+def check_query(params: Iterable[tuple[str, str]], fields: tuple[Field, ...]) -> dict[str, Any]:
+    """Check query parameters (as sent, in order); unknown and repeated ones are refused."""
     known = {f.name: f for f in fields}
-    out = {}
-    for key, raw in params.items():
+    out: dict[str, Any] = {}
+    for key, raw in params:
         spec = known.get(key)
         if spec is None:
             allowed = ", ".join(known) or "none"
             raise HttpError(400, "unknown_field", f"{key}: unknown query parameter (allowed: {allowed})", key)
+        if key in out:
+            raise HttpError(400, "duplicate_field", f"{key}: the query parameter is given more than once", key)
         out[key] = spec.parse(raw, key)
     return out
 
