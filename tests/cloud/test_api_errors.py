@@ -55,7 +55,7 @@ def orig(text: str) -> Exception:
     (KeyError("uuid"), 500, "internal_error"),
 ])
 def test_only_connection_errors_are_503(monkeypatch, caplog, error, status, code):
-    def fail(_conn: Any) -> None:
+    def fail(_conn: Any, *_args: Any) -> None:
         raise error
 
     monkeypatch.setattr(repo, "list_hosts", fail)

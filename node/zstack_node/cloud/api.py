@@ -21,9 +21,11 @@ from sqlalchemy.engine import Row
 
 from zstack_node import metrics as node_metrics
 from zstack_node.bus.cloudbus import BusError, RemoteError
-from zstack_node.cloud import hosts, metrics, repo, vms
+from zstack_node.cloud import hosts, idempotency, metrics, paging, repo, vms
+from zstack_node.cloud.idempotency import Claim, KeyTaken
 from zstack_node.cloud.jobs import JOB_DONE_TOPIC, Database
 from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL
+from zstack_node.cloud.retention import Purger
 from zstack_node.cloud.routes import ROUTES, Route, openapi_document
 from zstack_node.cloud.sweeper import Sweeper
 from zstack_node.cloud.validation import MAX_BODY, HttpError, check_query, check_uuid, parse_json
@@ -35,12 +37,13 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 _ROUTE_KEY: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("cloud_routes")
+_CLAIM = "idempotency_claim"  # request key of the request's idempotency Claim
 _POLL = 0.5  # seconds between DB polls of a waited job (a job.done event wakes the waiter sooner)
 RETRY_AFTER = 2  # seconds a client is told to wait after a 503 (the broker or the database is away)
 
 
 class ApiService(Service):
-    """Serves /v1/hosts, /v1/vms, /v1/jobs and /v1/openapi.json; sweeps abandoned jobs."""
+    """Serves /v1/hosts, /v1/vms, /v1/jobs and /v1/openapi.json; sweeps abandoned jobs; purges expired rows."""
 
     name = "api"
 
@@ -48,7 +51,10 @@ class ApiService(Service):
         super().__init__(ctx)
         self.db = Database(ctx)
         self.sweeper = Sweeper(ctx)
+        self.purger = Purger(ctx)
         self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
+        self._long_polls = 0
+        self.max_long_polls = ctx.settings.cloud.api_max_long_polls
         self._document = openapi_document()
         ctx.bus.subscribe(JOB_DONE_TOPIC, self._on_job_done)
         metrics.initialise()
@@ -58,12 +64,14 @@ class ApiService(Service):
 
     async def on_self_joined(self, ring: Ring) -> None:
         self.sweeper.start()
+        self.purger.start()
 
     async def on_node_left(self, change: RingChange) -> None:
         self.sweeper.wake()
 
     async def on_self_dead(self) -> None:
         await self.sweeper.stop()
+        await self.purger.stop()
 
     def _on_job_done(self, _topic: str, body: dict[str, Any]) -> None:
         waiter = self._waiters.get(str(body.get("id")))
@@ -87,10 +95,11 @@ class ApiService(Service):
                 if route.auth:
                     self._authenticate(request)
                 params: Params = {name: check_uuid(request.match_info[name], name) for name in route.path_params}
-                params.update(check_query(dict(request.query), route.query))
+                params.update(check_query(request.query.items(), route.query))
                 if route.body is not None:
                     params["body"] = await _read_body(request, route)
-                response = await handler(request, params)
+                replay = await self._idempotent(request, route, params)
+                response = replay or await handler(request, params)
                 status = response.status
                 return response
             except HttpError as exc:
@@ -110,6 +119,29 @@ class ApiService(Service):
 
         return endpoint
 
+    async def _idempotent(self, request: web.Request, route: Route, params: Params) -> web.Response | None:
+        """The earlier answer when this POST/DELETE repeats an accepted request's Idempotency-Key; else None,
+        with the request's claim kept for `_accept`."""
+        if route.method not in ("POST", "DELETE"):
+            return None
+        claim = idempotency.claim_of(request.headers.getall(idempotency.HEADER, []), route.operation_id, params)
+        if claim is None or route.success[0] != 202:  # a ping is a read: nothing to do twice
+            return None
+        stored = await self.db(idempotency.find, claim.key)
+        if stored is None:
+            request[_CLAIM] = claim
+            return None
+        return await self._replay(claim, stored)
+
+    async def _replay(self, claim: Claim, stored: Row) -> web.Response:
+        idempotency.check_same(claim, stored)
+        job = await self.db(repo.get_job, stored.job_id)
+        if job is None:
+            raise HttpError(409, "conflict", f"{idempotency.HEADER}: the job of {claim.key!r} ({stored.job_id}) was "
+                                             "purged; use a new key", idempotency.HEADER)
+        metrics.IDEMPOTENT_REPLAYS.inc()
+        return _accepted(job, replayed=True)
+
     def _authenticate(self, request: web.Request) -> None:
         token = self.ctx.settings.api_token
         if not token:
@@ -121,9 +153,11 @@ class ApiService(Service):
 
     # ---- hosts -------------------------------------------------------------------------------
 
-    async def list_hosts(self, _request: web.Request, _params: Params) -> web.Response:
-        rows = await self.db(repo.list_hosts)
-        return web.json_response({"hosts": [repo.host_dict(r) for r in rows]})
+    async def list_hosts(self, _request: web.Request, params: Params) -> web.Response:
+        after = paging.resume(params, "hosts", {}, 1)
+        limit = paging.limit_of(params)
+        rows = await self.db(repo.list_hosts, after, limit + 1)
+        return web.json_response(paging.page("hosts", rows, limit, {}, repo.host_dict, lambda r: (r.uuid,)))
 
     async def get_host(self, _request: web.Request, params: Params) -> web.Response:
         row = await self.db(repo.get_host, params["uuid"])
@@ -131,14 +165,14 @@ class ApiService(Service):
             raise _not_found("host", params["uuid"])
         return web.json_response(repo.host_dict(row))
 
-    async def add_host(self, _request: web.Request, params: Params) -> web.Response:
+    async def add_host(self, request: web.Request, params: Params) -> web.Response:
         body = params["body"]
         host_uuid = body.pop("uuid", None) or repo.new_uuid()
         if await self.db(repo.get_host, host_uuid) is not None:
             raise HttpError(409, "already_exists", f"uuid: host {host_uuid} already exists", "uuid")
-        return await self._accept("host.add", host_uuid, body, hosts.SERVICE, hosts.MESSAGE, host_uuid)
+        return await self._accept(request, "host.add", host_uuid, body, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
-    async def delete_host(self, _request: web.Request, params: Params) -> web.Response:
+    async def delete_host(self, request: web.Request, params: Params) -> web.Response:
         host_uuid = params["uuid"]
         host, busy = await self.db(_with_open_jobs, repo.get_host, host_uuid)
         if host is None and not busy:
@@ -146,14 +180,14 @@ class ApiService(Service):
         if host is not None and not busy and host.cpu_used + host.memory_used > 0:
             raise HttpError(409, "host_has_vms", f"host {host_uuid} has VMs placed on it: destroy or migrate them "
                                                 "first", "uuid")
-        return await self._accept("host.delete", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
+        return await self._accept(request, "host.delete", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
-    async def reconnect_host(self, _request: web.Request, params: Params) -> web.Response:
+    async def reconnect_host(self, request: web.Request, params: Params) -> web.Response:
         host_uuid = params["uuid"]
         host, busy = await self.db(_with_open_jobs, repo.get_host, host_uuid)
         if host is None and not busy:
             raise _not_found("host", host_uuid)
-        return await self._accept("host.reconnect", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
+        return await self._accept(request, "host.reconnect", host_uuid, {}, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
     async def ping_host(self, _request: web.Request, params: Params) -> web.Response:
         """Ping a host now through the MN that tracks it (the ring owner) and answer with its reply.
@@ -189,8 +223,11 @@ class ApiService(Service):
     # ---- VMs ---------------------------------------------------------------------------------
 
     async def list_vms(self, _request: web.Request, params: Params) -> web.Response:
-        rows = await self.db(repo.list_vms, params.get("state"), params.get("host_uuid"))
-        return web.json_response({"vms": [repo.vm_dict(r) for r in rows]})
+        filters = {"state": params.get("state"), "host_uuid": params.get("host_uuid")}
+        after = paging.resume(params, "vms", filters, 1)
+        limit = paging.limit_of(params)
+        rows = await self.db(repo.list_vms, filters["state"], filters["host_uuid"], after, limit + 1)
+        return web.json_response(paging.page("vms", rows, limit, filters, repo.vm_dict, lambda r: (r.uuid,)))
 
     async def get_vm(self, _request: web.Request, params: Params) -> web.Response:
         row = await self.db(repo.get_vm, params["uuid"])
@@ -198,7 +235,7 @@ class ApiService(Service):
             raise _not_found("VM", params["uuid"])
         return web.json_response(repo.vm_dict(row))
 
-    async def create_vm(self, _request: web.Request, params: Params) -> web.Response:
+    async def create_vm(self, request: web.Request, params: Params) -> web.Response:
         body = params["body"]
         vm_uuid = body.pop("uuid", None) or repo.new_uuid()
         if await self.db(repo.get_vm, vm_uuid) is not None:
@@ -207,16 +244,17 @@ class ApiService(Service):
         if pinned is not None and await self.db(repo.get_host, pinned) is None:
             raise HttpError(404, "not_found", f"host_uuid: host {pinned} does not exist", "host_uuid")
         # No owner yet: the message has no resource, so the MN that takes it allocates and starts.
-        return await self._accept("vm.create", vm_uuid, body, vms.SERVICE, vms.MESSAGE, None)
+        return await self._accept(request, "vm.create", vm_uuid, body, vms.SERVICE, vms.MESSAGE, None)
 
     async def delete_vm(self, request: web.Request, params: Params) -> web.Response:
-        return await self._vm_action("destroy", params["uuid"], {})
+        return await self._vm_action(request, "destroy", params["uuid"], {})
 
     async def vm_action(self, request: web.Request, params: Params) -> web.Response:
         action = request.path.rsplit("/", 1)[1]
-        return await self._vm_action(action, params["uuid"], params.get("body") or {})
+        return await self._vm_action(request, action, params["uuid"], params.get("body") or {})
 
-    async def _vm_action(self, action: str, vm_uuid: str, body: dict[str, Any]) -> web.Response:
+    async def _vm_action(self, request: web.Request, action: str, vm_uuid: str, body: dict[str, Any]
+                         ) -> web.Response:
         vm, busy = await self.db(_with_open_jobs, repo.get_vm, vm_uuid)
         if vm is None and not busy:
             raise _not_found("VM", vm_uuid)
@@ -231,20 +269,28 @@ class ApiService(Service):
             if vm is not None and not busy and vm.host_uuid == pinned:
                 raise HttpError(409, "invalid_state", f"host_uuid: VM {vm_uuid} already runs on host {pinned}",
                                "host_uuid")
-        return await self._accept(f"vm.{action}", vm_uuid, body, vms.SERVICE, vms.MESSAGE, vm_uuid)
+        return await self._accept(request, f"vm.{action}", vm_uuid, body, vms.SERVICE, vms.MESSAGE, vm_uuid)
 
     # ---- jobs --------------------------------------------------------------------------------
 
     async def list_jobs(self, _request: web.Request, params: Params) -> web.Response:
-        rows = await self.db(repo.list_jobs, params.get("resource_uuid"), params.get("state"),
-                             params.get("limit", 100))
-        return web.json_response({"jobs": [repo.job_dict(r) for r in rows]})
+        filters = {"resource_uuid": params.get("resource_uuid"), "state": params.get("state")}
+        before = paging.resume(params, "jobs", filters, 2)
+        limit = paging.limit_of(params)
+        rows = await self.db(repo.list_jobs, filters["resource_uuid"], filters["state"], before, limit + 1)
+        return web.json_response(paging.page("jobs", rows, limit, filters, repo.job_dict, repo.job_key))
 
     async def get_job(self, _request: web.Request, params: Params) -> web.Response:
         job_id = params["id"]
-        deadline = time.monotonic() + float(params.get("wait", 0))
+        wait = float(params.get("wait", 0))
+        if wait > 0 and self._long_polls >= self.max_long_polls:
+            metrics.LONG_POLLS_REFUSED.inc()
+            raise HttpError(429, "too_many_waits", f"wait: {self._long_polls} requests already wait on this MN (the "
+                                                   f"limit is {self.max_long_polls}); retry after the delay, or poll "
+                                                   "without wait", "wait", retry_after=1)
+        deadline = time.monotonic() + wait
         # Watch before the first read: a job.done event arriving during the read must not be missed.
-        with self._watching(job_id) as done:
+        with self._watching(job_id) as done, self._long_poll(wait > 0):
             row = await self.db(repo.get_job, job_id)
             if row is None:
                 raise _not_found("job", job_id)
@@ -253,6 +299,17 @@ class ApiService(Service):
                     await asyncio.wait_for(done.wait(), min(_POLL, left))
                 row = await self.db(repo.get_job, job_id)
         return web.json_response(repo.job_dict(row))
+
+    @contextlib.contextmanager
+    def _long_poll(self, waiting: bool) -> Iterator[None]:
+        """Count a request that waits, against the MN's cap (each one holds a coroutine and polls the DB)."""
+        self._long_polls += waiting
+        metrics.LONG_POLLS.set(self._long_polls)
+        try:
+            yield
+        finally:
+            self._long_polls -= waiting
+            metrics.LONG_POLLS.set(self._long_polls)
 
     @contextlib.contextmanager
     def _watching(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -273,26 +330,52 @@ class ApiService(Service):
 
     # ---- the accept path ---------------------------------------------------------------------
 
-    async def _accept(self, operation: str, resource_uuid: str, parameters: dict[str, Any], service: str,
-                      message: str, route_by: str | None) -> web.Response:
-        """Write the job row, publish its message (persistent, confirmed), and answer 202."""
+    async def _accept(self, request: web.Request, operation: str, resource_uuid: str, parameters: dict[str, Any],
+                      service: str, message: str, route_by: str | None) -> web.Response:
+        """Write the job row (with the request's idempotency key), publish its message (persistent,
+        confirmed), and answer 202."""
         if not self.ctx.bus.connected:
             raise HttpError(503, "unavailable", "the broker is unreachable, so no new work is accepted; reads still "
                             "work. Retry after the delay", retry_after=RETRY_AFTER)
         if self.ctx.state == "suspended":
             raise HttpError(503, "unavailable", "this MN is suspended (it cannot heartbeat), so it accepts no new "
                             "work; retry, here or on another MN", retry_after=RETRY_AFTER)
-        job = await self.db(repo.insert_job, operation, resource_uuid, parameters)
+        claim: Claim | None = request.get(_CLAIM)
+        try:
+            job = await self.db(_insert_job, operation, resource_uuid, parameters, claim)
+        except KeyTaken:  # the same key arrived at the same time: answer with the request that stored it
+            assert claim is not None
+            stored = await self.db(idempotency.find, claim.key)
+            if stored is None:
+                raise HttpError(409, "conflict", f"{idempotency.HEADER}: {claim.key!r} is being used by a request "
+                                                 "that failed meanwhile; retry", idempotency.HEADER) from None
+            return await self._replay(claim, stored)
         try:
             await self.ctx.bus.send_api(service, message, {"job": job.id, "resource": resource_uuid},
                                          resource=route_by)
         except BusError as exc:
             error = {"code": "unavailable", "message": f"could not publish the job: {exc}"}
-            if await self.db(repo.fail_unclaimed, job.id, error):
+            if await self.db(_refuse_job, job.id, error):
                 raise HttpError(503, "unavailable", f"the broker did not take job {job.id} ({exc}); the job is "
                                 "marked Failed, nothing was changed", retry_after=RETRY_AFTER) from None
             job = await self.db(repo.get_job, job.id)  # someone took it after all: it was accepted
         return _accepted(job)
+
+
+def _insert_job(conn: Any, operation: str, resource_uuid: str, parameters: dict[str, Any], claim: Claim | None
+                ) -> Row:
+    job = repo.insert_job(conn, operation, resource_uuid, parameters)
+    if claim is not None:
+        idempotency.store(conn, claim, job.id)
+    return job
+
+
+def _refuse_job(conn: Any, job_id: str, error: dict[str, Any]) -> bool:
+    """Fail a job whose message was not published, and free its key so that a retry does the work."""
+    if not repo.fail_unclaimed(conn, job_id, error):
+        return False
+    idempotency.forget(conn, job_id)
+    return True
 
 
 def _with_open_jobs(conn: Any, read: Callable[[Any, str], Row | None], uuid: str) -> tuple[Row | None, bool]:
@@ -302,8 +385,11 @@ def _with_open_jobs(conn: Any, read: Callable[[Any, str], Row | None], uuid: str
     return read(conn, uuid), busy
 
 
-def _accepted(job: Row) -> web.Response:
-    return web.json_response({"job": repo.job_dict(job)}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+def _accepted(job: Row, replayed: bool = False) -> web.Response:
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if replayed:
+        headers[idempotency.REPLAYED] = "true"
+    return web.json_response({"job": repo.job_dict(job)}, status=202, headers=headers)
 
 
 def _not_found(kind: str, uuid: str) -> HttpError:

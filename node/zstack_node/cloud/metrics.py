@@ -9,6 +9,11 @@ from zstack_node.cloud.routes import ROUTES
 
 API_REQUESTS = Counter("zstack_api_requests_total", "HTTP API requests, by operation and status code",
                        ["operation", "code"])
+IDEMPOTENT_REPLAYS = Counter("zstack_api_idempotent_replays_total",
+                             "Requests answered with the job of an earlier request with the same Idempotency-Key")
+LONG_POLLS = Gauge("zstack_api_long_polls", "Requests waiting on a job now (GET /v1/jobs/{id}?wait=)")
+LONG_POLLS_REFUSED = Counter("zstack_api_long_polls_refused_total", "Waiting requests refused with 429: too many")
+PURGED = Counter("zstack_retention_purged_total", "Rows this MN purged after their retention, by kind", ["kind"])
 JOB_SECONDS = Histogram(
     "zstack_job_seconds", "Time from a job's acceptance to its terminal state, on the MN that finished it",
     ["operation"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
@@ -28,6 +33,7 @@ HOSTS_TRACKED = Gauge("zstack_hosts_tracked", "Hosts this MN owns and pings")
 HOST_PINGS = Counter("zstack_host_pings_total", "Host pings by outcome", ["outcome"])
 HOSTS_DISCONNECTED = Counter("zstack_hosts_disconnected_total", "Hosts this MN marked Disconnected")
 
+PURGE_KINDS = ("job", "vm", "idempotency_key")
 TAKEOVER_KINDS = ("host", "vm")  # what HostService and VmService count when an MN leaves
 PING_OUTCOMES = ("ok", "failed")
 
@@ -47,3 +53,5 @@ def initialise() -> None:
         TAKEOVER_RESOURCES.labels(kind)
     for outcome in PING_OUTCOMES:
         HOST_PINGS.labels(outcome)
+    for kind in PURGE_KINDS:
+        PURGED.labels(kind)

@@ -65,19 +65,25 @@ def get_host(conn: Connection, host_uuid: str) -> Row | None:
     return conn.execute(text("SELECT * FROM hosts WHERE uuid = :u"), {"u": host_uuid}).first()
 
 
-def list_hosts(conn: Connection) -> list[Row]:
-    return list(conn.execute(text("SELECT * FROM hosts ORDER BY created_at, uuid")))
+def list_hosts(conn: Connection, after: list[str] | None, limit: int) -> list[Row]:
+    """Up to `limit` hosts by UUID, after the UUID `after[0]` (keyset paging)."""
+    return list(conn.execute(text(
+        "SELECT * FROM hosts WHERE (CAST(:a AS varchar) IS NULL OR uuid > :a) ORDER BY uuid LIMIT :n"),
+        {"a": after[0] if after else None, "n": limit}))
 
 
 def get_vm(conn: Connection, vm_uuid: str) -> Row | None:
     return conn.execute(text("SELECT * FROM vm_instances WHERE uuid = :u"), {"u": vm_uuid}).first()
 
 
-def list_vms(conn: Connection, state: str | None = None, host_uuid: str | None = None) -> list[Row]:
+def list_vms(conn: Connection, state: str | None, host_uuid: str | None, after: list[str] | None,
+             limit: int) -> list[Row]:
+    """Up to `limit` VMs by UUID after `after[0]`, optionally of one state or on one host."""
     return list(conn.execute(text(
         "SELECT * FROM vm_instances WHERE (CAST(:s AS varchar) IS NULL OR state = :s)"
-        " AND (CAST(:h AS varchar) IS NULL OR host_uuid = :h) ORDER BY created_at, uuid"),
-        {"s": state, "h": host_uuid}))
+        " AND (CAST(:h AS varchar) IS NULL OR host_uuid = :h) AND (CAST(:a AS varchar) IS NULL OR uuid > :a)"
+        " ORDER BY uuid LIMIT :n"),
+        {"s": state, "h": host_uuid, "a": after[0] if after else None, "n": limit}))
 
 
 def has_open_jobs(conn: Connection, resource_uuid: str) -> bool:
@@ -90,11 +96,21 @@ def get_job(conn: Connection, job_id: str) -> Row | None:
     return conn.execute(text("SELECT * FROM jobs WHERE id = :j"), {"j": job_id}).first()
 
 
-def list_jobs(conn: Connection, resource_uuid: str | None, state: str | None, limit: int) -> list[Row]:
+def list_jobs(conn: Connection, resource_uuid: str | None, state: str | None, before: list[str] | None,
+              limit: int) -> list[Row]:
+    """Up to `limit` jobs, newest first, created before `before` = [created_at (ISO), id]."""
     return list(conn.execute(text(
         "SELECT * FROM jobs WHERE (CAST(:r AS varchar) IS NULL OR resource_uuid = :r)"
-        " AND (CAST(:s AS varchar) IS NULL OR state = :s) ORDER BY created_at DESC, id DESC LIMIT :n"),
-        {"r": resource_uuid, "s": state, "n": limit}))
+        " AND (CAST(:s AS varchar) IS NULL OR state = :s)"
+        " AND (CAST(:c AS timestamptz) IS NULL OR (created_at, id) < (CAST(:c AS timestamptz), :i))"
+        " ORDER BY created_at DESC, id DESC LIMIT :n"),
+        {"r": resource_uuid, "s": state, "c": before[0] if before else None, "i": before[1] if before else None,
+         "n": limit}))
+
+
+def job_key(job: Row) -> tuple[str, str]:
+    """A job's paging key: its creation time to the microsecond, and its id."""
+    return job.created_at.isoformat(), job.id
 
 
 def open_jobs_up_to(conn: Connection, job_id: str) -> list[Row]:

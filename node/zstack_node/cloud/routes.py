@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from zstack_node.cloud import idempotency, paging
 from zstack_node.cloud.schema import HOST_STATES, JOB_STATES, VM_STATES
 from zstack_node.cloud.validation import UUID_RE, Body, Field
 
@@ -36,13 +37,13 @@ class Route:
 
 
 HOST_CREATE = Body("HostCreate", (
-    Field("name", "str", required=True, minimum=1, maximum=128, description="Host name"),
+    Field("name", "name", required=True, minimum=1, maximum=255, description="Host name (printable text)"),
     Field("cpu", "int", required=True, minimum=1, maximum=4096, description="CPU capacity in cores"),
     Field("memory", "int", required=True, minimum=1, maximum=16777216, description="Memory capacity in MiB"),
     Field("uuid", "uuid", description="UUID to give the host (default: a new one)"),
 ))
 VM_CREATE = Body("VmCreate", (
-    Field("name", "str", required=True, minimum=1, maximum=128, description="VM name"),
+    Field("name", "name", required=True, minimum=1, maximum=255, description="VM name (printable text)"),
     Field("cpu", "int", required=True, minimum=1, maximum=256, description="CPU cores"),
     Field("memory", "int", required=True, minimum=1, maximum=1048576, description="Memory in MiB"),
     Field("uuid", "uuid", description="UUID to give the VM (default: a new one)"),
@@ -54,12 +55,13 @@ VM_MIGRATE = Body("VmMigrate", (
 NO_FIELDS = Body("Empty", ())
 
 _ID_ERRORS = (400, 401, 404)
-_WRITE_ERRORS = (400, 401, 404, 409, 413, 415, 503)
+_WRITE_ERRORS = (400, 401, 404, 409, 413, 415, 422, 503)
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/hosts", "list_hosts", "hosts.list", "listHosts", "List hosts", (200, "HostList"), (401,)),
+    Route("GET", "/v1/hosts", "list_hosts", "hosts.list", "listHosts", "List hosts by UUID, a page at a time",
+          (200, "HostList"), (400, 401), query=paging.QUERY),
     Route("POST", "/v1/hosts", "add_host", "host.add", "addHost", "Add a host (job host.add)",
-          (202, "JobAccepted"), (400, 401, 409, 413, 415, 503), body=HOST_CREATE, body_required=True),
+          (202, "JobAccepted"), (400, 401, 409, 413, 415, 422, 503), body=HOST_CREATE, body_required=True),
     Route("GET", "/v1/hosts/{uuid}", "get_host", "hosts.get", "getHost", "Get a host", (200, "Host"), _ID_ERRORS),
     Route("DELETE", "/v1/hosts/{uuid}", "delete_host", "host.delete", "deleteHost", "Delete a host (job host.delete)",
           (202, "JobAccepted"), _WRITE_ERRORS),
@@ -68,8 +70,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/hosts/{uuid}/actions/ping", "ping_host", "host.ping", "pingHost",
           "Ping a host now, through the MN that tracks it; answers at once (no job)", (200, "HostPing"),
           (400, 401, 404, 413, 415, 503), body=NO_FIELDS),
-    Route("GET", "/v1/vms", "list_vms", "vms.list", "listVms", "List VMs", (200, "VmList"), (400, 401),
-          query=(Field("state", "enum", choices=VM_STATES), Field("host_uuid", "uuid"))),
+    Route("GET", "/v1/vms", "list_vms", "vms.list", "listVms", "List VMs by UUID, a page at a time", (200, "VmList"),
+          (400, 401), query=(Field("state", "enum", choices=VM_STATES), Field("host_uuid", "uuid"), *paging.QUERY)),
     Route("POST", "/v1/vms", "create_vm", "vm.create", "createVm", "Create and start a VM (job vm.create)",
           (202, "JobAccepted"), _WRITE_ERRORS, body=VM_CREATE, body_required=True),
     Route("GET", "/v1/vms/{uuid}", "get_vm", "vms.get", "getVm", "Get a VM", (200, "Vm"), _ID_ERRORS),
@@ -79,11 +81,11 @@ ROUTES: tuple[Route, ...] = (
             f"{action.capitalize()} a VM (job vm.{action})", (202, "JobAccepted"), _WRITE_ERRORS,
             body=VM_MIGRATE if action == "migrate" else NO_FIELDS)
       for action in VM_ACTIONS),
-    Route("GET", "/v1/jobs", "list_jobs", "jobs.list", "listJobs", "List jobs, newest first", (200, "JobList"),
-          (400, 401), query=(Field("resource_uuid", "uuid"), Field("state", "enum", choices=JOB_STATES),
-                             Field("limit", "int", minimum=1, maximum=1000, description="Default 100"))),
+    Route("GET", "/v1/jobs", "list_jobs", "jobs.list", "listJobs", "List jobs, newest first, a page at a time",
+          (200, "JobList"), (400, 401),
+          query=(Field("resource_uuid", "uuid"), Field("state", "enum", choices=JOB_STATES), *paging.QUERY)),
     Route("GET", "/v1/jobs/{id}", "get_job", "jobs.get", "getJob", "Get a job, optionally waiting for it to end",
-          (200, "Job"), _ID_ERRORS,
+          (200, "Job"), (*_ID_ERRORS, 429),
           query=(Field("wait", "number", minimum=0, maximum=60,
                        description="Seconds to wait for a terminal state"),)),
     Route("GET", "/v1/openapi.json", "openapi", "openapi", "getOpenApi", "This document", (200, "Document"),
@@ -96,6 +98,15 @@ ROUTES: tuple[Route, ...] = (
 )
 
 _TS = {"type": "string", "format": "date-time"}
+
+
+def _page_of(kind: str, item: str) -> dict[str, Any]:
+    return {"type": "object", "required": [kind], "properties": {
+        kind: {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
+        "continue": {"type": "string", "description": "Present while more rows remain: pass it as ?continue= "
+                                                      "(with the same filters) for the next page"}}}
+
+
 _UUID = {"type": "string", "pattern": UUID_RE.pattern}
 _NULLABLE_UUID = {**_UUID, "nullable": True}
 _INT = {"type": "integer"}
@@ -127,16 +138,13 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                            "mn": _NULLABLE_UUID, "created_at": _TS, "updated_at": _TS,
                            "finished_at": {**_TS, "nullable": True}}},
     "JobAccepted": {"type": "object", "required": ["job"], "properties": {"job": {"$ref": "#/components/schemas/Job"}}},
-    "HostList": {"type": "object", "required": ["hosts"],
-                 "properties": {"hosts": {"type": "array", "items": {"$ref": "#/components/schemas/Host"}}}},
+    "HostList": _page_of("hosts", "Host"),
     "HostPing": {"type": "object", "required": ["uuid", "reachable", "error", "tracked_by", "seconds"],
                  "properties": {"uuid": _UUID, "reachable": {"type": "boolean"},
                                 "error": {"type": "string", "nullable": True}, "tracked_by": _UUID,
                                 "seconds": {"type": "number", "minimum": 0}}},
-    "VmList": {"type": "object", "required": ["vms"],
-               "properties": {"vms": {"type": "array", "items": {"$ref": "#/components/schemas/Vm"}}}},
-    "JobList": {"type": "object", "required": ["jobs"],
-                "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+    "VmList": _page_of("vms", "Vm"),
+    "JobList": _page_of("jobs", "Job"),
     "Document": {"type": "object"},
     "Ring": {"type": "object", "required": ["self", "epoch", "members", "state"],
              "properties": {"self": _NULLABLE_UUID, "epoch": _INT, "members": {"type": "array", "items": _UUID},
@@ -148,6 +156,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
 _ERROR_TEXT = {400: "Bad input (the message names the field)", 401: "Missing or wrong bearer token",
                404: "No such resource", 409: "Invalid state transition or conflict", 413: "Body larger than 64 KiB",
                415: "Body is not application/json",
+               422: "The Idempotency-Key was used before with a different request",
+               429: "Too many requests are waiting on this MN: retry after Retry-After seconds",
                503: "The broker or database is unavailable, or this MN is suspended: retry after Retry-After seconds"}
 
 
@@ -178,16 +188,22 @@ def _operation(route: Route) -> dict[str, Any]:
                                     "content": {"application/json": {"schema": _ref(schema)}}}},
     }
     if status == 202:
-        op["responses"]["202"]["headers"] = {"Location": {"schema": {"type": "string"},
-                                                          "description": "/v1/jobs/{id}"}}
+        op["responses"]["202"]["headers"] = {
+            "Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"},
+            idempotency.REPLAYED: {"schema": {"type": "string", "enum": ["true"]},
+                                   "description": "The job of an earlier request with the same Idempotency-Key"}}
     for code in route.errors:
         op["responses"][str(code)] = {"description": _ERROR_TEXT[code],
                                       "content": {"application/json": {"schema": _ref("Error")}}}
-        if code == 503:
-            op["responses"]["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+        if code in (429, 503):
+            op["responses"][str(code)]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
                                                                  "description": "Seconds to wait before retrying"}}
     params = [{"name": name, "in": "path", "required": True, "schema": _UUID} for name in route.path_params]
     params += [{"name": f.name, "in": "query", "required": False, "schema": f.json_schema()} for f in route.query]
+    if route.method in ("POST", "DELETE"):
+        params.append({"name": idempotency.HEADER, "in": "header", "required": False, "schema": idempotency.SCHEMA,
+                       "description": "Retry with the same key and request: the first job comes back, nothing is "
+                                      f"done twice (kept {idempotency.DEFAULT_RETENTION_HOURS} h by default)"})
     if params:
         op["parameters"] = params
     if route.body is not None:

@@ -82,3 +82,33 @@ def v2_cloud(conn: Connection) -> None:
     for statement in _DDL.split(";"):
         if statement.strip():
             conn.execute(text(statement))
+
+
+_SCALE_DDL = """
+ALTER TABLE hosts ALTER COLUMN name TYPE varchar(255);
+ALTER TABLE vm_instances ALTER COLUMN name TYPE varchar(255);
+CREATE INDEX IF NOT EXISTS vm_instances_state_uuid ON vm_instances (state, uuid);
+CREATE INDEX IF NOT EXISTS vm_instances_host_uuid ON vm_instances (host_uuid, uuid);
+DROP INDEX IF EXISTS vm_instances_host;
+CREATE INDEX IF NOT EXISTS jobs_created_id ON jobs (created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_state_created_id ON jobs (state, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_resource_created_id ON jobs (resource_uuid, created_at, id);
+DROP INDEX IF EXISTS jobs_created;
+DROP INDEX IF EXISTS jobs_resource;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS vm_instances_destroyed ON vm_instances (uuid) WHERE state = 'Destroyed';
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key varchar(255) PRIMARY KEY,
+    fingerprint varchar(64) NOT NULL,
+    job_id varchar(32) NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)
+"""
+
+
+def v4_api_scale(conn: Connection) -> None:
+    """Names of up to 255 characters; keyset-paging and retention indexes; idempotency keys."""
+    for statement in _SCALE_DDL.split(";"):
+        if statement.strip():
+            conn.execute(text(statement))
