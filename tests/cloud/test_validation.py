@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -82,6 +83,18 @@ def test_bad_json_and_uuids_and_queries():
 def test_names_may_be_any_printable_text_up_to_255_characters():
     for name in ("x" * 255, "数据库-01", "café ☕", "a b", "x"):
         assert HOST_CREATE.check({**GOOD_HOST, "name": name})["name"] == name
+
+
+def test_the_documented_name_pattern_is_the_check():
+    pattern = re.compile(openapi_document()["components"]["schemas"]["VmCreate"]["properties"]["name"]["pattern"])
+    chars = [chr(c) for c in range(0x2100)] + ["\U0001f600", "\ufeff"]
+    for char in chars:
+        name = f"a{char}b"
+        try:
+            accepted = VM_CREATE.check({"name": name, "cpu": 1, "memory": 1})["name"] == name
+        except HttpError:
+            accepted = False
+        assert accepted == bool(pattern.fullmatch(name)), repr(char)
 
 
 def test_a_bad_name_says_which_character_and_where():

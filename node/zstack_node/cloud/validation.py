@@ -20,6 +20,8 @@ DECIMAL_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 # (a name with U+202E prints reversed), the marks, and the line and paragraph separators.
 INVISIBLE_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
                                "\u2028\u2029")
+# The same rule for OpenAPI clients and fuzzers (Cc is U+0000-U+001F and U+007F-U+009F).
+NAME_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]+$"
 
 
 class HttpError(Exception):
@@ -55,6 +57,8 @@ class Field:
             schema = {"type": "string", "minLength": self.minimum or 0}
             if self.maximum is not None:
                 schema["maxLength"] = self.maximum
+            if self.kind == "name":
+                schema["pattern"] = NAME_PATTERN
         elif self.kind in ("int", "number"):
             schema = {"type": "integer" if self.kind == "int" else "number"}
             if self.minimum is not None:
