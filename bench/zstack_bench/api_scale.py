@@ -16,7 +16,9 @@ cpu_used/memory_used matching, so capacity is consistent. Every timed phase goes
 4. storm: `storm` concurrent creates over at most `connections` open requests, each with its own
    Idempotency-Key (kept across its retries), retried on transport errors and 503/429 (Retry-After).
    Then every accepted job is awaited in SQL: succeeded, failed by code, lost, doubled (a storm name
-   on more than one VM) and hosts over capacity or with cpu_used/memory_used unlike their VMs' sum.
+   on more than one VM) and hosts over capacity or with cpu_used/memory_used unlike their VMs' sum;
+   the accepting request's latency apart from the time since the storm began (client queueing), and
+   the MNs' swept jobs (Pending past the grace: "message lost") and stale writes from /metrics.
 
 Extra sections (e.g. host tracking, takeover after kill -9) plug in through `run(sections=...)`: each
 gets the running `mns`-MN cluster last, and its dict lands under its name, its "checks" merged.
@@ -25,6 +27,7 @@ gets the running `mns`-MN cluster last, and its dict lands under its name, its "
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -36,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -260,6 +263,35 @@ def rss_mib(pid: int) -> dict[str, float]:
     return {"rss": values.get("VmRSS", 0.0), "peak": values.get("VmHWM", 0.0)}
 
 
+SWEEP_METRICS = ("zstack_jobs_swept_total", "zstack_stale_writes_total")
+
+
+def metric_sums(nodes: Sequence[Any], names: Sequence[str] = SWEEP_METRICS) -> dict[str, float]:
+    """Each metric summed over its label sets and over the MNs (from their /metrics)."""
+    sums = dict.fromkeys(names, 0.0)
+    for node in nodes:
+        for line in node.text("/metrics", timeout=10).splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in sums:
+                sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+@contextlib.asynccontextmanager
+async def ticking(say: Say, message: Callable[[], str], every: float = 5.0) -> AsyncIterator[None]:
+    """Say `message()` every `every` seconds while the body runs (progress of a long phase)."""
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(every)
+            say(message())
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
 # -- jobs/s, latency and CPU at 1 and n MNs -------------------------------------------------------------
 
 
@@ -272,19 +304,22 @@ async def _one_create(api: ApiDriver, name: str) -> Outcome:
     return outcome
 
 
-async def jobs_phase(urls: Sequence[str], token: str, count: int, concurrency: int, tag: str) -> Phase:
+async def jobs_phase(urls: Sequence[str], token: str, count: int, concurrency: int, tag: str, say: Say) -> Phase:
     """`count` VM creates, at most `concurrency` in flight, each until its job ended."""
     gate = asyncio.Semaphore(concurrency)
+    phase = Phase()
     async with session(concurrency * 2 + 8, 400) as http:
         api = ApiDriver(http, urls, token)
 
-        async def one(i: int) -> Outcome:
+        async def one(i: int) -> None:
             async with gate:
-                return await _one_create(api, f"scale-{tag}-{i}")
+                phase.outcomes.append(await _one_create(api, f"scale-{tag}-{i}"))
 
         start = time.perf_counter()
-        outcomes = await asyncio.gather(*(one(i) for i in range(count)))
-        return Phase(list(outcomes), time.perf_counter() - start)
+        async with ticking(say, lambda: f"api-scale: {len(urls)} MN(s): {len(phase.outcomes)}/{count} jobs ended"):
+            await asyncio.gather(*(one(i) for i in range(count)))
+        phase.seconds = time.perf_counter() - start
+        return phase
 
 
 def _ms_per_job(cpu_s: Mapping[str, float | None], jobs: int) -> dict[str, float | None]:
@@ -322,7 +357,7 @@ def timed_jobs(cluster: Configuration, ctx: ScaleCluster, scale: Scale, floor_ms
     tag = f"{len(nodes)}mn-{secrets.token_hex(3)}"
     ctx.say(f"api-scale: {len(nodes)} MN(s): {scale.jobs} creates, {scale.concurrency} in flight")
     cpu.start()
-    phase = asyncio.run(jobs_phase([n.url for n in nodes], ctx.token, scale.jobs, scale.concurrency, tag))
+    phase = asyncio.run(jobs_phase([n.url for n in nodes], ctx.token, scale.jobs, scale.concurrency, tag, ctx.say))
     used = cpu.stop()
     result = jobs_summary(phase, used, idle, len(nodes), floor_ms)
     ctx.say(f"api-scale: {len(nodes)} MN(s): {result['jobs_per_s']} jobs/s, p50 "
@@ -333,7 +368,7 @@ def timed_jobs(cluster: Configuration, ctx: ScaleCluster, scale: Scale, floor_ms
 # -- reads: GET by UUID and the list walk -----------------------------------------------------------------
 
 
-async def get_by_uuid(api: ApiDriver, urls: Sequence[str], uuids: Sequence[str], concurrency: int
+async def get_by_uuid(api: ApiDriver, urls: Sequence[str], uuids: Sequence[str], concurrency: int, say: Say
                       ) -> dict[str, Any]:
     """GET /v1/vms/{uuid} for each of `uuids` (round-robin over the MNs): latency and errors."""
     gate = asyncio.Semaphore(concurrency)
@@ -348,7 +383,8 @@ async def get_by_uuid(api: ApiDriver, urls: Sequence[str], uuids: Sequence[str],
         else:
             errors[error_text(status, doc)] += 1
 
-    await asyncio.gather(*(one(i, vm) for i, vm in enumerate(uuids)))
+    async with ticking(say, lambda: f"api-scale: GET by UUID: {len(latencies) + sum(errors.values())}/{len(uuids)}"):
+        await asyncio.gather(*(one(i, vm) for i, vm in enumerate(uuids)))
     return {**(latency_summary(latencies) if latencies else {}), "errors": sum(errors.values()),
             "first_errors": dict(errors.most_common(3)), "concurrency": concurrency}
 
@@ -375,7 +411,7 @@ class Walk:
                 "seconds": round(self.seconds, 3), "page": latency_summary(self.pages) if self.pages else None}
 
 
-async def walk_pages(api: ApiDriver, url: str, limit: int, expected: int) -> Walk:
+async def walk_pages(api: ApiDriver, url: str, limit: int, expected: int, say: Say | None = None) -> Walk:
     """Follow `continue` from the first page until it is absent; refuse a walk that never ends."""
     walk, seen, token = Walk(limit), set(), None
     max_pages = expected // limit + 10
@@ -394,6 +430,8 @@ async def walk_pages(api: ApiDriver, url: str, limit: int, expected: int) -> Wal
             walk.duplicates += vm["uuid"] in seen
             seen.add(vm["uuid"])
         token = doc.get("continue")
+        if say is not None and len(walk.pages) % 200 == 0:
+            say(f"api-scale: limit {limit}: {len(walk.pages)} pages, {walk.rows} rows")
         if not token or len(walk.pages) >= max_pages:
             break
     walk.seconds = time.perf_counter() - start
@@ -414,7 +452,7 @@ async def list_walks(api: ApiDriver, url: str, pid: int, expected: int, say: Say
     for limit in PAGE_LIMITS:
         say(f"api-scale: walking GET /v1/vms?limit={limit} ({expected} rows)")
         try:
-            walk = await walk_pages(api, url, limit, expected)
+            walk = await walk_pages(api, url, limit, expected, say)
         except PagingRefused as exc:
             say(f"api-scale: paging refused ({exc}): one unpaged GET instead")
             result.update(paged=False, paging_refused=str(exc), unpaged=await list_unpaged(api, url))
@@ -437,7 +475,7 @@ def reads(ctx: ScaleCluster, seeded: Sequence[str], scale: Scale, rng: random.Ra
         async with session(64, 900) as http:
             api = ApiDriver(http, urls, ctx.token)
             ctx.say(f"api-scale: GET /v1/vms/{{uuid}} x {len(picks)}")
-            by_uuid = await get_by_uuid(api, urls, picks, 8)
+            by_uuid = await get_by_uuid(api, urls, picks, 8, ctx.say)
             walks = await list_walks(api, urls[0], ctx.nodes[0].process.pid, expected, ctx.say)
         return {"get_by_uuid": by_uuid, "list": walks}
 
@@ -458,7 +496,8 @@ class StormCall:
     attempts: int = 0
     transport_errors: int = 0
     retried_busy: int = 0
-    seconds: float = 0.0
+    answered_s: float = 0.0  # from the storm's start to the final answer (queueing in the client included)
+    request_s: float = 0.0  # the final attempt's HTTP request alone
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float:
@@ -472,6 +511,7 @@ async def _attempt(api: ApiDriver, call: StormCall, body: dict[str, Any]) -> flo
     """One POST; set job_id or refused on a final answer, else return the seconds to wait first."""
     headers = {**api.headers, "Idempotency-Key": call.key}
     call.attempts += 1
+    start = time.perf_counter()
     try:
         async with api.session.post(next(api.urls) + "/v1/vms", json=body, headers=headers) as resp:
             doc = await resp.json(content_type=None)
@@ -481,6 +521,7 @@ async def _attempt(api: ApiDriver, call: StormCall, body: dict[str, Any]) -> flo
     except (aiohttp.ClientError, TimeoutError, ValueError):
         call.transport_errors += 1
         return min(5.0, 0.2 * 2 ** call.attempts)
+    call.request_s = time.perf_counter() - start
     job = doc.get("job") if isinstance(doc, dict) else None
     if resp.status in (200, 202) and isinstance(job, dict) and job.get("id"):
         call.job_id = job["id"]
@@ -489,10 +530,10 @@ async def _attempt(api: ApiDriver, call: StormCall, body: dict[str, Any]) -> flo
     return None
 
 
-async def storm_create(api: ApiDriver, gate: asyncio.Semaphore, call: StormCall, tag: str) -> StormCall:
+async def storm_create(api: ApiDriver, gate: asyncio.Semaphore, call: StormCall, tag: str, start: float
+                       ) -> StormCall:
     """Send one create until it is accepted or refused; at most `gate` requests are open at once."""
     body = {"name": f"storm-{tag}-{call.index}", "cpu": NEW_VM_CPU, "memory": NEW_VM_MEMORY}
-    start = time.perf_counter()
     while call.attempts < STORM_ATTEMPTS:
         async with gate:
             wait = await _attempt(api, call, body)
@@ -501,7 +542,7 @@ async def storm_create(api: ApiDriver, gate: asyncio.Semaphore, call: StormCall,
         await asyncio.sleep(wait)
     else:
         call.refused = f"gave up after {call.attempts} attempts"
-    call.seconds = time.perf_counter() - start
+    call.answered_s = time.perf_counter() - start
     return call
 
 
@@ -511,10 +552,12 @@ async def storm_submit(urls: Sequence[str], token: str, scale: Scale, tag: str, 
     calls = [StormCall(i, uuid.uuid4().hex) for i in range(scale.storm)]
     async with session(scale.connections, STORM_REQUEST_TIMEOUT_S) as http:
         api = ApiDriver(http, urls, token)
-        tasks = [asyncio.ensure_future(storm_create(api, gate, c, tag)) for c in calls]
-        while not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=5)
-            say(f"api-scale: storm: {sum(t.done() for t in tasks)}/{len(tasks)} creates answered")
+        def answered() -> str:
+            return f"api-scale: storm: {sum(1 for c in calls if c.job_id or c.refused)}/{len(calls)} creates answered"
+
+        async with ticking(say, answered):
+            start = time.perf_counter()
+            await asyncio.gather(*(storm_create(api, gate, c, tag, start) for c in calls))
     return calls
 
 
@@ -569,18 +612,22 @@ def storm(ctx: ScaleCluster, scale: Scale) -> dict[str, Any]:
     """The storm: submit all, await every accepted job in SQL, then count."""
     tag = secrets.token_hex(4)
     ctx.say(f"api-scale: storm of {scale.storm} creates, {scale.connections} requests open at most")
+    metrics_before = metric_sums(ctx.nodes)
     start = time.perf_counter()
     calls = asyncio.run(storm_submit([n.url for n in ctx.nodes], ctx.token, scale, tag, ctx.say))
     submit_s = time.perf_counter() - start
     _, wait_s = await_jobs(ctx.database_url, [c.job_id for c in calls if c.job_id], ctx.say)
     total_s = time.perf_counter() - start
     result = storm_outcome(ctx.database_url, calls, tag)
-    accepted = [c.seconds for c in calls if c.job_id]
+    swept = {k: int(v - metrics_before[k]) for k, v in metric_sums(ctx.nodes).items()}
+    accepted = [c for c in calls if c.job_id]
     return {**result, "connections": scale.connections, "vm_cpu": NEW_VM_CPU, "vm_memory_mib": NEW_VM_MEMORY,
             "capacity_failures_expected": False, "submit_seconds": round(submit_s, 2),
-            "accept_latency": latency_summary(accepted) if accepted else None,
+            "accept_request_latency": latency_summary([c.request_s for c in accepted]) if accepted else None,
+            "accepted_after": latency_summary([c.answered_s for c in accepted]) if accepted else None,
             "wait_seconds": round(wait_s, 2), "seconds": round(total_s, 2),
-            "succeeded_per_s": round(result["succeeded"] / total_s, 1) if total_s else 0.0}
+            "succeeded_per_s": round(result["succeeded"] / total_s, 1) if total_s else 0.0,
+            "jobs_swept": swept["zstack_jobs_swept_total"], "stale_writes": swept["zstack_stale_writes_total"]}
 
 
 # -- the run ---------------------------------------------------------------------------------------------
