@@ -127,3 +127,80 @@ def test_faults_names_an_unknown_scenario() -> None:
     result = CliRunner().invoke(main, ["faults", "--only", "lone-meteor"])
     assert result.exit_code != 0
     assert "lone-meteor" in result.output and "lone-sigstop" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_api_scale_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
+    data = bench("api-scale", "--small", "--broker-url", rabbitmq.url, "--database-url", fresh_database,
+                 "--log-dir", str(tmp_path))
+    assert data["benchmark"] == "api-scale"
+    params = data["params"]
+    assert (params["hosts"], params["vms"], params["storm"]) == (50, 1000, 200)
+    assert params["cpu_sources"] == {"rabbitmq_pid_found": True, "postgresql_pid_found": True}
+    assert data["setup"]["hosts_over_capacity"] == 0 and data["setup"]["hosts_used_unlike_their_vms"] == 0
+    floor = data["floor"]
+    assert floor["floor_ms"] == pytest.approx(
+        floor["agent_ms"] + floor["pika_round_trip_p50_ms"] + floor["psycopg2_commit_p50_ms"], abs=0.01)
+    for name, mns in (("mns_1", 1), ("mns_3", 3)):
+        jobs = data["jobs"][name]
+        assert jobs["mns"] == mns and jobs["succeeded"] == params["jobs"] and jobs["failed"] == 0
+        assert jobs["jobs_per_s"] > 0 and 0 < jobs["latency"]["p50_ms"] <= jobs["latency"]["p99_ms"]
+        cpu = jobs["cpu_ms_per_job"]
+        assert set(cpu) == {"mns", "rabbitmq", "postgresql", "client", "total"}
+        assert cpu["total"] == pytest.approx(cpu["mns"] + cpu["rabbitmq"] + cpu["postgresql"], abs=0.01)
+    by_uuid = data["reads"]["get_by_uuid"]
+    assert by_uuid["errors"] == 0 and by_uuid["count"] == params["gets"]
+    listing = data["reads"]["list"]
+    assert listing["rows_seen"] == listing["rows_expected"] >= params["vms"]
+    assert listing["mn_memory_mib_after"]["rss"] > 5
+    storm = data["storm"]
+    assert storm["accepted"] + storm["refused"] == storm["creates"] == params["storm"]
+    assert storm["succeeded"] + storm["failed"] + storm["lost"] == storm["accepted"] > 0
+    assert storm["lost"] == 0 and storm["doubled"] == 0
+    assert storm["hosts_over_capacity"] == 0 and storm["hosts_used_unlike_their_vms"] == 0
+    assert data["targets_met"] is True
+
+
+def test_api_scale_walks_the_paging_contract() -> None:
+    """The list walk follows `continue` until it is absent (a fake API keeps the contract: no servers needed)."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from zstack_bench.api import ApiDriver
+    from zstack_bench.api_scale import PagingRefused, walk_pages
+
+    rows = [{"uuid": f"{i:032x}"} for i in range(2345)]
+
+    async def list_vms(request: web.Request) -> web.Response:
+        limit = int(request.query.get("limit", 100))
+        if limit > 1000:
+            return web.json_response({"error": {"code": "invalid", "message": "limit: at most 1000"}}, status=400)
+        start = int(request.query.get("continue", 0))
+        doc: dict[str, Any] = {"vms": rows[start:start + limit]}
+        if start + limit < len(rows):
+            doc["continue"] = str(start + limit)
+        return web.json_response(doc)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/vms", list_vms)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                api = ApiDriver(http, [url], "token")
+                for limit, pages in ((100, 24), (1000, 3)):
+                    walk = await walk_pages(api, url, limit, len(rows))
+                    assert (len(walk.pages), walk.rows, walk.duplicates, walk.oversized_pages) == (pages, 2345, 0, 0)
+                with pytest.raises(PagingRefused, match="at most 1000"):
+                    await walk_pages(api, url, 5000, len(rows))
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())

@@ -169,3 +169,40 @@ def k8s_scale(small: bool, dev_dir: Path | None, broker_url: str | None, databas
                                changes=pick(changes, small, 10, 30), progress=progress))
     except k8s_bench.BenchError as err:
         raise click.ClickException(str(err)) from None
+
+
+@main.command("api-scale")
+@click.option("--small", is_flag=True, help="CI smoke size: 50 hosts, 1000 VMs, storm 200, 100 timed creates")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use (a fresh database: hosts and VMs are seeded into it); without it a private "
+                   "one is started for the run")
+@click.option("--mns", type=click.IntRange(2), default=3, show_default=True, help="MNs of the scaled cluster")
+@click.option("--hosts", type=click.IntRange(1), default=None, help="Hosts seeded in SQL [10000; small 50]")
+@click.option("--vms", type=click.IntRange(1), default=None, help="Running VMs seeded in SQL [100000; small 1000]")
+@click.option("--storm", type=click.IntRange(1), default=None, help="Concurrent creates [10000; small 200]")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="Timed creates at 1 MN and at --mns MNs [2000; small 100]")
+@click.option("--connections", type=click.IntRange(1), default=384, show_default=True,
+              help="Storm requests open at once, across the MNs")
+@click.option("--seed", type=int, default=16, show_default=True, help="Seed of the seeded UUIDs and the GET sample")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
+def api_scale(small: bool, broker_url: str | None, database_url: str | None, mns: int, hosts: int | None,
+              vms: int | None, storm: int | None, jobs: int | None, connections: int, seed: int,
+              log_dir: Path | None) -> None:
+    """The API at scale: jobs/s and CPU per job at 1 and --mns MNs, job latency against the raw floor,
+    list pages and GET by UUID over the seeded VMs, and a storm of concurrent creates (lost, doubled,
+    hosts over capacity)."""
+    from zstack_bench import api_scale as scale_bench
+    from zstack_bench.servers import broker, database
+
+    scale = scale_bench.Scale(mns=mns, hosts=pick(hosts, small, 50, 10_000), vms=pick(vms, small, 1000, 100_000),
+                              storm=pick(storm, small, 200, 10_000), jobs=pick(jobs, small, 100, 2000),
+                              gets=pick(None, small, 200, 2000), connections=connections, seed=seed)
+    try:
+        scale.check()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vms/--hosts") from None
+    with broker(broker_url, progress) as mq, database(database_url, progress) as db:
+        emit(scale_bench.run(mq, db, scale, log_dir=log_dir, progress=progress))
