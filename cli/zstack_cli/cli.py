@@ -3,6 +3,11 @@
 Exit codes: 0 success; 1 the job failed, timed out, a pinged host did not answer, or the MN could not
 be reached (or answered 5xx); 2 bad input (a usage error, or the API answered 4xx); 130 interrupted while
 waiting (the job goes on).
+
+Every command that starts a job sends a fresh Idempotency-Key and, when the answer is lost or the MN
+answers 503/429, sends the same request again with the same key (at most 5 times within 60 s, saying so
+on stderr), so a retry never does the work twice. Lists show one page; `--all` fetches every page.
+Text from the MNs is shown with control and bidi characters escaped (`\\x1b`, `\\u202e`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,23 @@ from typing import IO, Any
 
 import click
 
-from zstack_cli.client import DEFAULT_URL, ApiClient, JobFailed, JobTimeout, Json, RequestFailed, check_url
-from zstack_cli.output import render
+from zstack_cli.client import (
+    DEFAULT_URL,
+    MAX_PAGE,
+    ApiClient,
+    JobFailed,
+    JobTimeout,
+    Json,
+    RequestFailed,
+    check_url,
+)
+from zstack_cli.output import escape, render
 
 VM_STATES = ("Created", "Starting", "Running", "Stopping", "Stopped", "Migrating", "Destroyed")
 JOB_STATES = ("Pending", "Running", "Succeeded", "Failed")
 SPINNER = "|/-\\"
+DEFAULT_PAGE = 100  # the API's default ?limit=
+NOUNS = {"hosts": "hosts", "vms": "VMs", "jobs": "jobs"}
 
 
 class CliError(click.ClickException):
@@ -31,7 +47,7 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {escape(self.format_message())}", err=True)
 
 
 class UuidType(click.ParamType):
@@ -97,8 +113,18 @@ def _check_token(_ctx: click.Context, _param: click.Parameter, value: str | None
               help="Seconds to wait for each HTTP answer")
 @click.pass_context
 def main(ctx: click.Context, url: str, token: str | None, output: str, timeout: float) -> None:
-    """Manage the hosts and VMs of a ZStack cloud through any of its management nodes."""
-    ctx.obj = State(ApiClient(url, token, timeout), output)
+    """Manage the hosts and VMs of a ZStack cloud through any of its management nodes.
+
+    Commands that start a job (add, create, start, ...) retry a lost answer with the same
+    Idempotency-Key, so nothing is done twice; any request answered 503/429 is retried after its
+    Retry-After. Lists print one page (100 rows); pass --all for every page or --limit N.
+    """
+    ctx.obj = State(ApiClient(url, token, timeout, on_retry=_warn), output)
+
+
+def _warn(message: str) -> None:
+    """A note on stderr (a retry, a truncated list), escaped like everything the MNs say."""
+    click.echo(escape(message), err=True)
 
 
 # -- jobs: waiting with a progress line ------------------------------------------------------------------
@@ -159,6 +185,61 @@ def finish(state: State, job: Json, wait: bool, wait_timeout: float) -> None:
     state.show(done, "job")
 
 
+# -- lists: one page, or every page with a progress line -------------------------------------------------
+
+
+class PageProgress:
+    """`fetched <n> <things> ...` on one updating stderr line while --all walks the pages, only on a TTY."""
+
+    def __init__(self, noun: str, stream: IO[str] | None = None) -> None:
+        self.noun = noun
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.width = 0
+
+    def update(self, fetched: int) -> None:
+        if not self.enabled:
+            return
+        line = f"fetched {fetched} {self.noun} ..."
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def list_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--limit and --all for a list command."""
+    func = click.option("--all", "all_pages", is_flag=True, default=False,
+                        help="Fetch every page (following the API's continue token), with progress on stderr "
+                             "when it is a terminal")(func)
+    return click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=None,
+                        help=f"Rows per page, 1-{MAX_PAGE} [default: {DEFAULT_PAGE}]; without --all only the "
+                             "first page is shown")(func)
+
+
+def show_list(state: State, kind: str, limit: int | None, all_pages: bool, filters: Json | None = None) -> None:
+    """Print the first page of a list (with a note on stderr if more remain) or, with --all, every page."""
+    noun, filters = NOUNS[kind], filters or {}
+    if all_pages:
+        progress = PageProgress(noun)
+        try:
+            rows = state.client.list_all(kind, limit, on_page=progress.update, **filters)
+        finally:
+            progress.clear()
+        state.show(rows, kind)
+        return
+    page = state.client.list_page(kind, limit, **filters)
+    state.show(page.rows, kind)
+    if page.next_token is not None:
+        _warn(f"note: showing the first {len(page.rows)} {noun}; more remain. Pass --all for every page, or "
+              f"--limit N (up to {MAX_PAGE}) for a bigger page")
+
+
 @main.group(cls=ApiGroup)
 def jobs() -> None:
     """Jobs: the durable record of every long operation."""
@@ -175,11 +256,13 @@ def jobs_get(state: State, job_id: str) -> None:
 @jobs.command("list")
 @click.option("--resource", "resource_uuid", type=UUID, default=None, help="Only jobs on this resource")
 @click.option("--state", "job_state", type=click.Choice(JOB_STATES, case_sensitive=False), default=None)
-@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many (newest first)")
+@list_options
 @pass_state
-def jobs_list(state: State, resource_uuid: str | None, job_state: str | None, limit: int | None) -> None:
-    """List jobs, newest first."""
-    state.show(state.client.list_jobs(resource_uuid, _canonical(job_state, JOB_STATES), limit), "jobs")
+def jobs_list(state: State, resource_uuid: str | None, job_state: str | None, limit: int | None,
+              all_pages: bool) -> None:
+    """List jobs, newest first: the first page (100), or every page with --all."""
+    show_list(state, "jobs", limit, all_pages, {"resource_uuid": resource_uuid,
+                                                "state": _canonical(job_state, JOB_STATES)})
 
 
 @jobs.command("wait")
@@ -208,10 +291,11 @@ def hosts() -> None:
 
 
 @hosts.command("list")
+@list_options
 @pass_state
-def hosts_list(state: State) -> None:
-    """List hosts."""
-    state.show(state.client.list_hosts(), "hosts")
+def hosts_list(state: State, limit: int | None, all_pages: bool) -> None:
+    """List hosts by UUID: the first page (100), or every page with --all."""
+    show_list(state, "hosts", limit, all_pages)
 
 
 @hosts.command("get")
@@ -275,10 +359,11 @@ def vms() -> None:
 @vms.command("list")
 @click.option("--state", "vm_state", type=click.Choice(VM_STATES, case_sensitive=False), default=None)
 @click.option("--host", "host_uuid", type=UUID, default=None, help="Only VMs placed on this host")
+@list_options
 @pass_state
-def vms_list(state: State, vm_state: str | None, host_uuid: str | None) -> None:
-    """List VMs."""
-    state.show(state.client.list_vms(_canonical(vm_state, VM_STATES), host_uuid), "vms")
+def vms_list(state: State, vm_state: str | None, host_uuid: str | None, limit: int | None, all_pages: bool) -> None:
+    """List VMs by UUID: the first page (100), or every page with --all."""
+    show_list(state, "vms", limit, all_pages, {"state": _canonical(vm_state, VM_STATES), "host_uuid": host_uuid})
 
 
 @vms.command("get")

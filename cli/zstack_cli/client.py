@@ -2,6 +2,11 @@
 
 Every failure surfaces as `RequestFailed` with a message that says what went wrong and, where it helps,
 what to do next. The bearer token is sent but never appears in a message.
+
+Each POST or DELETE that starts a job carries a fresh `Idempotency-Key`; when its answer is lost (the
+connection was refused, reset or timed out, or the answer was broken) the same request is sent again with
+the same key, so the MN hands back the first job instead of doing the work twice. Any request answered
+503 or 429 is retried after its `Retry-After`. Retries are bounded by a `RetryPolicy`.
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 UUID_RE = re.compile(r"^[0-9a-f]{32}$")
 TERMINAL_STATES = frozenset({"Succeeded", "Failed"})
 MAX_SERVER_WAIT = 60  # the API caps ?wait= at 60 s
 DEFAULT_URL = "http://127.0.0.1:8080"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+RETRY_STATUSES = frozenset({429, 503})
+MAX_PAGE = 1000  # the API's largest ?limit=
+LISTS = ("hosts", "vms", "jobs")
 
 Json = dict[str, Any]
 
@@ -28,9 +40,11 @@ class RequestFailed(Exception):
     """An API call failed. `status` is the HTTP status (None when the MN could not be reached)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, transport: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.field = status, code, field
+        self.transport = transport  # the answer was lost: the request may or may not have arrived
+        self.retry_after = retry_after  # seconds, from a 503/429's Retry-After header
 
     @property
     def exit_code(self) -> int:
@@ -71,6 +85,47 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long a request is retried: at most `attempts` sends within `budget` seconds.
+
+    A lost answer waits `first_delay`, doubling each time up to `max_delay`; a 503/429 waits its
+    Retry-After (else the same backoff). No retry starts that would end its wait past the budget.
+    """
+
+    attempts: int = 5
+    budget: float = 60.0
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, error: RequestFailed, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1 for the first retry)."""
+        if error.retry_after is not None:
+            return max(0.0, error.retry_after)
+        return min(self.first_delay * 2 ** (retry - 1), self.max_delay)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list: its rows and the token of the next page (None on the last page)."""
+
+    rows: list[Json]
+    next_token: str | None
+
+
+def new_idempotency_key() -> str:
+    """A fresh random key for one POST or DELETE and all its retries."""
+    return uuid.uuid4().hex
+
+
+def _retry_after(value: str | None) -> float | None:
+    """The seconds of a Retry-After header (an HTTP date or garbage counts as absent)."""
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _error_from_body(status: int, body: bytes, reason: str) -> RequestFailed:
     """Turn an error response into an RequestFailed, whatever shape its body has."""
     code = field = None
@@ -93,7 +148,12 @@ def _error_from_body(status: int, body: bytes, reason: str) -> RequestFailed:
 
 def _timed_out(method: str, url: str, limit: float) -> RequestFailed:
     return RequestFailed(f"{method} {url}: no answer within {limit:g}s; is the MN overloaded? Raise --timeout "
-                    "or try another MN with --url")
+                         "or try another MN with --url", transport=True)
+
+
+def _unreachable(base: str, reason: object) -> RequestFailed:
+    return RequestFailed(f"cannot reach {base}: {reason}. Is an MN running there? Set --url / ZSTACK_API_URL",
+                         transport=True)
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -107,12 +167,19 @@ _OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 class ApiClient:
-    """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it)."""
+    """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it).
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0) -> None:
+    `retry` bounds the retries of a request; `on_retry` is told (in a sentence) about each one.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, on_retry: Callable[[str], None] | None = None) -> None:
         self.url = check_url(url)
         self._token = token
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
+        self.sleep: Callable[[float], None] = time.sleep
 
     def __repr__(self) -> str:  # never show the token
         return f"ApiClient({self.url!r}, token={'set' if self._token else 'unset'})"
@@ -120,8 +187,47 @@ class ApiClient:
     # -- transport ---------------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                query: Mapping[str, Any] | None = None, timeout: float | None = None) -> Json:
-        """Send one request; return the decoded JSON document of a 2xx answer or raise RequestFailed."""
+                query: Mapping[str, Any] | None = None, timeout: float | None = None,
+                idempotency_key: str | None = None) -> Json:
+        """Send a request, retrying as the RetryPolicy allows; return the decoded JSON document of a 2xx
+        answer or raise RequestFailed.
+
+        503 and 429 answers are retried after their Retry-After. A lost answer is retried only with an
+        `idempotency_key` (the MN then answers a repeat with the first job), never a 4xx other than 429.
+        """
+        start = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                doc, headers = self._send(method, path, body, query, timeout, idempotency_key)
+            except RequestFailed as err:
+                delay = self._retry_delay(err, attempt, start, idempotency_key is not None)
+                if delay is None:
+                    raise
+                self._tell(f"{method} {path}: {err}; retrying in {delay:.1f}s (attempt {attempt + 1} of "
+                           f"{self.retry.attempts})")
+                self.sleep(delay)
+                attempt += 1
+                continue
+            if attempt > 1 and headers.get(REPLAYED_HEADER) == "true":
+                self._tell(f"{method} {path}: the MN had accepted an earlier attempt; that job is the answer "
+                           f"({REPLAYED_HEADER})")
+            return doc
+
+    def _retry_delay(self, err: RequestFailed, attempt: int, start: float, keyed: bool) -> float | None:
+        """Seconds to wait before sending again, or None when `err` is final."""
+        if not (err.status in RETRY_STATUSES or (err.transport and keyed)) or attempt >= self.retry.attempts:
+            return None
+        delay = self.retry.delay(err, attempt)
+        return None if time.monotonic() - start + delay > self.retry.budget else delay
+
+    def _tell(self, message: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(message)
+
+    def _send(self, method: str, path: str, body: Mapping[str, Any] | None, query: Mapping[str, Any] | None,
+              timeout: float | None, idempotency_key: str | None) -> tuple[Json, Mapping[str, str]]:
+        """Send one request; return the JSON document and the headers of a 2xx answer."""
         query = {k: v for k, v in (query or {}).items() if v is not None}
         url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         headers = {"Accept": "application/json"}
@@ -131,37 +237,52 @@ class ApiClient:
             headers["Content-Type"] = "application/json"
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         limit = self.timeout if timeout is None else timeout
         try:
             with _OPENER.open(req, timeout=limit) as response:
-                raw = response.read()
+                raw, answer_headers = response.read(), response.headers
         except urllib.error.HTTPError as err:
-            if 300 <= err.code < 400:
-                location = err.headers.get("Location")
-                raise RequestFailed(f"{method} {url}: answered a redirect ({err.code}) to {location}; an MN never "
-                                    "redirects, so the token was not sent on. Check --url / ZSTACK_API_URL",
-                                    status=err.code) from None
-            raise self._explain(_error_from_body(err.code, err.read(), err.reason)) from None
+            raise self._http_error(method, url, err) from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError):
                 raise _timed_out(method, url, limit) from None
-            raise RequestFailed(f"cannot reach {self.url}: {err.reason}. Is an MN running there? "
-                           "Set --url / ZSTACK_API_URL") from None
+            raise _unreachable(self.url, err.reason) from None
         except TimeoutError:
             raise _timed_out(method, url, limit) from None
         except OSError as err:  # includes a connection reset or closed mid-answer
-            raise RequestFailed(f"cannot reach {self.url}: {err or type(err).__name__}. Is an MN running there? "
-                           "Set --url / ZSTACK_API_URL") from None
+            raise _unreachable(self.url, err or type(err).__name__) from None
         except http.client.HTTPException as err:
             raise RequestFailed(f"{method} {url}: broken HTTP answer ({type(err).__name__}); is {self.url} a ZStack "
-                           "MN?") from None
+                                "MN?", transport=True) from None
+        return self._decode(method, url, raw), answer_headers
+
+    def _http_error(self, method: str, url: str, err: urllib.error.HTTPError) -> RequestFailed:
+        """The RequestFailed of a non-2xx answer."""
+        if 300 <= err.code < 400:
+            location = err.headers.get("Location")
+            return RequestFailed(f"{method} {url}: answered a redirect ({err.code}) to {location}; an MN never "
+                                 "redirects, so the token was not sent on. Check --url / ZSTACK_API_URL",
+                                 status=err.code)
+        try:
+            body = err.read()
+        except (OSError, http.client.HTTPException):
+            body = b""
+        error = self._explain(_error_from_body(err.code, body, err.reason))
+        error.retry_after = _retry_after(err.headers.get("Retry-After"))
+        return error
+
+    def _decode(self, method: str, url: str, raw: bytes) -> Json:
+        """The JSON object of a 2xx answer ({} for an empty one)."""
         if not raw:
             return {}
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise RequestFailed(f"{method} {url}: the answer is not JSON; is {self.url} a ZStack MN?") from None
+            raise RequestFailed(f"{method} {url}: the answer is not JSON; is {self.url} a ZStack MN?",
+                                transport=True) from None
         if not isinstance(doc, dict):
             raise RequestFailed(f"{method} {url}: expected a JSON object, got {type(doc).__name__}")
         return doc
@@ -180,15 +301,54 @@ class ApiClient:
         return self.request("GET", path, query=query)
 
     def post(self, path: str, body: Mapping[str, Any] | None = None) -> Json:
-        return self.request("POST", path, body=body if body is not None else {})
+        """POST with a fresh Idempotency-Key (kept for its retries)."""
+        return self.request("POST", path, body=body if body is not None else {},
+                            idempotency_key=new_idempotency_key())
 
     def delete(self, path: str) -> Json:
-        return self.request("DELETE", path)
+        """DELETE with a fresh Idempotency-Key (kept for its retries)."""
+        return self.request("DELETE", path, idempotency_key=new_idempotency_key())
+
+    # -- lists, a page at a time -------------------------------------------------------------------------
+
+    def list_page(self, kind: str, limit: int | None = None, token: str | None = None, **filters: Any) -> Page:
+        """One page of /v1/<kind> (hosts, vms or jobs); `token` is the previous page's `next_token`."""
+        if kind not in LISTS:
+            raise ValueError(f"unknown list {kind!r}")
+        doc = self.get(f"/v1/{kind}", limit=limit, **filters, **({"continue": token} if token else {}))
+        rows = doc.get(kind)
+        if not isinstance(rows, list):
+            raise RequestFailed(f"GET /v1/{kind}: the answer has no {kind!r} list; is {self.url} a ZStack MN?")
+        next_token = doc.get("continue")
+        return Page(rows, next_token if isinstance(next_token, str) and next_token else None)
+
+    def iter_pages(self, kind: str, limit: int | None = None, **filters: Any) -> Iterator[Page]:
+        """Every page of a list in turn, following `continue` with the same filters."""
+        token: str | None = None
+        while True:
+            page = self.list_page(kind, limit, token, **filters)
+            yield page
+            if page.next_token is None:
+                return
+            if page.next_token == token or not page.rows:
+                raise RequestFailed(f"GET /v1/{kind}: the MN sent a page that does not move on; stopped walking")
+            token = page.next_token
+
+    def list_all(self, kind: str, limit: int | None = None, on_page: Callable[[int], None] | None = None,
+                 **filters: Any) -> list[Json]:
+        """Every row of a list; `on_page` is called with the number of rows fetched so far after each page."""
+        rows: list[Json] = []
+        for page in self.iter_pages(kind, limit, **filters):
+            rows += page.rows
+            if on_page is not None:
+                on_page(len(rows))
+        return rows
 
     # -- hosts -------------------------------------------------------------------------------------------
 
-    def list_hosts(self) -> list[Json]:
-        return self.get("/v1/hosts").get("hosts", [])
+    def list_hosts(self, limit: int | None = None) -> list[Json]:
+        """The first page of hosts (see list_all for every one)."""
+        return self.list_page("hosts", limit).rows
 
     def get_host(self, uuid: str) -> Json:
         return self.get(f"/v1/hosts/{uuid}")
@@ -206,13 +366,17 @@ class ApiClient:
         return self.post(f"/v1/hosts/{uuid}/actions/reconnect")["job"]
 
     def ping_host(self, uuid: str) -> Json:
-        """Ping a host now through the MN that tracks it: {uuid, reachable, error, tracked_by, seconds}."""
-        return self.post(f"/v1/hosts/{uuid}/actions/ping")
+        """Ping a host now through the MN that tracks it: {uuid, reachable, error, tracked_by, seconds}.
+
+        A ping is a read, so it carries no Idempotency-Key and a lost answer is not retried."""
+        return self.request("POST", f"/v1/hosts/{uuid}/actions/ping", body={})
 
     # -- VMs ---------------------------------------------------------------------------------------------
 
-    def list_vms(self, state: str | None = None, host_uuid: str | None = None) -> list[Json]:
-        return self.get("/v1/vms", state=state, host_uuid=host_uuid).get("vms", [])
+    def list_vms(self, state: str | None = None, host_uuid: str | None = None, limit: int | None = None
+                 ) -> list[Json]:
+        """The first page of VMs (see list_all for every one)."""
+        return self.list_page("vms", limit, state=state, host_uuid=host_uuid).rows
 
     def get_vm(self, uuid: str) -> Json:
         return self.get(f"/v1/vms/{uuid}")
@@ -239,7 +403,8 @@ class ApiClient:
 
     def list_jobs(self, resource_uuid: str | None = None, state: str | None = None,
                   limit: int | None = None) -> list[Json]:
-        return self.get("/v1/jobs", resource_uuid=resource_uuid, state=state, limit=limit).get("jobs", [])
+        """The first page of jobs, newest first (see list_all for every one)."""
+        return self.list_page("jobs", limit, resource_uuid=resource_uuid, state=state).rows
 
     def wait_job(self, job: Json | str, timeout: float = 600.0, poll: float = 1.0,
                  on_progress: Callable[[Json, float], None] | None = None, outage_grace: float = 30.0) -> Json:

@@ -1,21 +1,50 @@
-"""What `zstack-cli` prints: aligned tables and records for people, JSON with `-o json` for scripts."""
+"""What `zstack-cli` prints: aligned tables and records for people, JSON with `-o json` for scripts.
+
+Names and messages come from the MNs, which may hold anything an old row or another client wrote, so
+every text shown escapes what a terminal would act on: control characters become `\\x1b`, `\\n` and
+the like, bidi controls and line separators `\\u202e`, `\\u2028`. JSON escapes all non-ASCII.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
 Json = dict[str, Any]
 Column = tuple[str, Callable[[Json], Any]]
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+LINE_SEPARATORS = frozenset("\u2028\u2029")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def _escape_char(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def unsafe(char: str) -> bool:
+    """Whether a terminal could act on `char`: a control (Cc), bidi control or line/paragraph separator."""
+    return unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS or char in LINE_SEPARATORS
+
+
+def escape(text: str) -> str:
+    """`text` with every unsafe character written as an escape (`\\x1b`, `\\n`, `\\u202e`)."""
+    return _UNSAFE_RE.sub(lambda match: _escape_char(match.group()), text)
+
 
 def _text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
-    return str(value)
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)  # ASCII: nothing to escape
+    return escape(str(value))
 
 
 def _used_of(used: str, capacity: str) -> Callable[[Json], str]:
@@ -27,8 +56,8 @@ def _error(row: Json) -> str:
     if not error:
         return ""
     if isinstance(error, dict):
-        return f"{error.get('code', 'error')}: {error.get('message', '')}".rstrip(": ")
-    return str(error)
+        return escape(f"{error.get('code', 'error')}: {error.get('message', '')}".rstrip(": "))
+    return escape(str(error))
 
 
 HOST_COLUMNS: list[Column] = [
@@ -78,11 +107,11 @@ def record(doc: Json, order: Sequence[str] = ()) -> str:
     keys = [k for k in order if k in doc] + [k for k in doc if k not in order]
     if not keys:
         return ""
-    width = max(len(k) for k in keys) + 1
+    width = max(len(escape(str(k))) for k in keys) + 1
     lines = []
     for key in keys:
         value = _error(doc) if key == "error" and doc.get("error") else _text(doc[key])
-        lines.append(f"{key + ':':<{width}} {value}")
+        lines.append(f"{escape(str(key)) + ':':<{width}} {value}")
     return "\n".join(lines)
 
 
@@ -99,7 +128,7 @@ def ring_record(ring: Json) -> str:
     me = ring.get("self")
     head = record({k: v for k, v in ring.items() if k != "members"}, ("self", "epoch", "state"))
     members = ring.get("members") or []
-    lines = [f"  {m}{'  (self)' if m == me else ''}" for m in members]
+    lines = [f"  {_text(m)}{'  (self)' if m == me else ''}" for m in members]
     return "\n".join([head, f"members ({len(members)}):", *lines])
 
 
@@ -112,7 +141,8 @@ def ping_record(doc: Json) -> str:
 
 
 def as_json(data: Any) -> str:
-    return json.dumps(data, indent=2)
+    """Indented JSON, ASCII only: control, bidi and every other non-ASCII character is a \\u escape."""
+    return json.dumps(data, indent=2, ensure_ascii=True)
 
 
 def render(data: Any, output: str, kind: str) -> str:

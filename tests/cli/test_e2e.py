@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
 import shutil
 import subprocess
+import threading
+import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,9 @@ class Mns:
         self.nodes = nodes
         self.sql = sql  # runs one statement on the MNs' database (to inject simulated faults)
 
-    def cli(self, *args: str, node: int = 0, token: str | None = TOKEN) -> Result:
-        """Run zstack-cli in-process against one MN (stdout and stderr apart)."""
-        env = {"ZSTACK_API_URL": self.nodes[node].url, "ZSTACK_API_TOKEN": token}
+    def cli(self, *args: str, node: int = 0, token: str | None = TOKEN, url: str | None = None) -> Result:
+        """Run zstack-cli in-process against one MN, or `url` (stdout and stderr apart)."""
+        env = {"ZSTACK_API_URL": url or self.nodes[node].url, "ZSTACK_API_TOKEN": token}
         return CliRunner().invoke(main, list(args), env=env)
 
     def ok(self, *args: str, node: int = 0) -> Any:
@@ -204,7 +209,7 @@ def test_an_invalid_transition_is_an_error_not_a_traceback(mns: Mns, host: dict[
 @pytest.mark.parametrize(("args", "status_words"), [
     (["vms", "get", "0" * 32], ("0" * 32,)),  # 404 naming the UUID
     (["vms", "create", "too-big", "--cpu", "100000", "--memory", "1"], ("cpu",)),
-    (["hosts", "add", "x" * 200, "--cpu", "1", "--memory", "1"], ("name",)),
+    (["hosts", "add", "x" * 256, "--cpu", "1", "--memory", "1"], ("name",)),  # names are 1-255 characters
     (["hosts", "ping", "0" * 32], ("0" * 32,)),  # 404 naming the UUID
 ])
 def test_bad_input_answered_4xx_exits_2_with_the_message(mns: Mns, args: list[str],
@@ -242,3 +247,144 @@ def test_an_mn_without_a_token_says_to_configure_it(fresh_vhost: str, fresh_data
     assert result.exit_code == 2
     assert result.stderr.startswith("error: unauthorized") and "on the MN" in result.stderr
     assert "refused" not in result.stderr and TOKEN not in result.output
+
+
+# -- paging and retries ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_vms_list_all_walks_every_page_and_the_default_page_says_more_remain(mns: Mns) -> None:
+    host = mns.ok("hosts", "add", "cli-host-paged", "--cpu", "1", "--memory", "1")["result"]
+    seeded = {uuid.uuid4().hex for _ in range(250)}
+    # Rows straight into the database (paging reads rows; how they got there does not matter).
+    mns.sql("INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state)"
+            " SELECT u, 'seeded-' || u, 1, 64, %s, 'Stopped' FROM unnest(%s::varchar[]) AS u",
+            (host["uuid"], sorted(seeded)))
+    try:
+        every = mns.cli("-o", "json", "vms", "list", "--host", host["uuid"], "--all", node=1)
+        first = mns.cli("vms", "list", "--host", host["uuid"], node=2)
+        bigger = mns.ok("vms", "list", "--host", host["uuid"], "--limit", "1000")
+    finally:
+        mns.sql("DELETE FROM vm_instances WHERE uuid = ANY(%s::varchar[])", (sorted(seeded),))
+    assert every.exit_code == 0 and every.stderr == "", every.output
+    rows = json.loads(every.stdout)["vms"]  # one JSON document for all 3 pages
+    assert len(rows) == 250 and {r["uuid"] for r in rows} == seeded
+    assert [r["uuid"] for r in rows] == sorted(seeded)
+    assert first.exit_code == 0 and len(first.stdout.splitlines()) == 1 + 100, first.output
+    assert first.stderr.startswith("note: showing the first 100 VMs; more remain") and "--all" in first.stderr
+    assert len(bigger["vms"]) == 250
+
+
+@pytest.mark.timeout(300)
+def test_jobs_list_all_in_small_pages_is_the_whole_list_newest_first(mns: Mns) -> None:
+    busy = mns.ok("hosts", "add", "cli-host-jobs", "--cpu", "1", "--memory", "1")["result"]
+    made = [mns.ok("hosts", "reconnect", busy["uuid"], node=n % 3)["id"] for n in range(4)]
+    whole = mns.ok("jobs", "list", "--resource", busy["uuid"], "--limit", "1000")["jobs"]
+    walked = mns.ok("jobs", "list", "--resource", busy["uuid"], "--all", "--limit", "2", node=1)["jobs"]
+    ids = [j["id"] for j in walked]
+    assert len(ids) >= 5 and len(ids) == len(set(ids)) and {j["id"] for j in whole} | set(made) <= set(ids)
+    assert [i for i in ids if i in made] == made[::-1]  # newest first
+    assert [j["created_at"] for j in walked] == sorted((j["created_at"] for j in walked), reverse=True)
+
+
+class DroppingProxy:
+    """Forwards every request to an MN, but drops the first POST's answer after the MN has answered it:
+    the request was done, the client never hears so."""
+
+    def __init__(self, target: str) -> None:
+        self.target = urllib.parse.urlsplit(target)
+        self.posts: list[dict[str, Any]] = []  # key sent, status and Idempotent-Replayed answered, job id
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> DroppingProxy:
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def forward(self, method: str, path: str, body: bytes, headers: dict[str, str]
+                ) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=90)
+        try:
+            conn.request(method, path, body or None, headers)
+            response = conn.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            conn.close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                status, answer_headers, data = proxy.forward(self.command, self.path, body, headers)
+                if self.command == "POST":
+                    answered = dict((k.lower(), v) for k, v in answer_headers)
+                    proxy.posts.append({"key": self.headers.get("Idempotency-Key"), "status": status,
+                                        "replayed": answered.get("idempotent-replayed"),
+                                        "job": json.loads(data).get("job", {}).get("id")})
+                    if len(proxy.posts) == 1:
+                        self.close_connection = True  # drop it: the client sees the connection closed
+                        return
+                self.send_response(status)
+                for name, value in answer_headers:
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _relay  # noqa: N815 - http.server's naming
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.mark.timeout(300)
+def test_a_create_whose_answer_was_lost_is_retried_and_done_once(mns: Mns, host: dict[str, Any]) -> None:
+    with DroppingProxy(mns.nodes[1].url) as proxy:
+        result = mns.cli("-o", "json", "vms", "create", "cli-vm-retried", "--cpu", "1", "--memory", "64",
+                         url=proxy.url)
+    assert result.exit_code == 0, f"{result.output}\n{mns.logs()}"
+    job = json.loads(result.stdout)
+    assert (job["operation"], job["state"]) == ("vm.create", "Succeeded")
+    first, retry = proxy.posts
+    assert first["key"] == retry["key"] and len(first["key"]) == 32
+    assert (first["status"], first["replayed"]) == (202, None)
+    assert (retry["status"], retry["replayed"]) == (202, "true")
+    assert first["job"] == retry["job"] == job["id"]
+    assert "retrying in" in result.stderr and "Idempotent-Replayed" in result.stderr
+    named = [v for v in mns.ok("vms", "list", "--all")["vms"] if v["name"] == "cli-vm-retried"]
+    assert [v["uuid"] for v in named] == [job["result"]["uuid"]]
+    creates = [j for j in mns.ok("jobs", "list", "--resource", job["resource_uuid"])["jobs"]
+               if j["operation"] == "vm.create"]
+    assert [j["id"] for j in creates] == [job["id"]]
+
+
+@pytest.mark.timeout(300)
+def test_a_hostile_name_in_the_database_is_shown_escaped(mns: Mns) -> None:
+    hostile = uuid.uuid4().hex
+    name = "\x1b[31mred\u202eevil\nrow"
+    mns.sql("INSERT INTO vm_instances (uuid, name, cpu, memory, state) VALUES (%s, %s, 1, 64, 'Stopped')",
+            (hostile, name))
+    try:
+        table = mns.cli("vms", "get", hostile)
+        listed = mns.cli("-o", "json", "vms", "list", "--all")
+    finally:
+        mns.sql("DELETE FROM vm_instances WHERE uuid = %s", (hostile,))
+    assert table.exit_code == 0, table.output
+    assert [line.split() for line in table.stdout.splitlines() if line.startswith("name:")] == [
+        ["name:", "\\x1b[31mred\\u202eevil\\nrow"]]
+    assert "\x1b" not in table.stdout and "\u202e" not in table.stdout
+    assert listed.exit_code == 0 and listed.stdout.isascii()
+    assert name in {v["name"] for v in json.loads(listed.stdout)["vms"]}
