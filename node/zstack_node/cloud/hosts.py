@@ -148,9 +148,11 @@ class HostService(JobDriver, Service):
 
     async def _track(self) -> None:
         tick = min(self.ping_interval / SLICES, TICK_MAX_S)
+        next_tick = time.monotonic()
         while True:
+            next_tick = max(next_tick + tick, time.monotonic())  # a fixed beat: a slow tick does not push the next
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), tick)
+                await asyncio.wait_for(self._wake.wait(), next_tick - time.monotonic())
             self._wake.clear()
             if self.ctx.state != "running" or not self.ctx.may_act() or self.ctx.uuid is None:
                 continue
@@ -162,16 +164,22 @@ class HostService(JobDriver, Service):
                 log.exception("host tracking tick failed")
 
     async def _tick(self, me: str) -> None:
-        """Bring the owned set up to date if it is due, then ping the hosts whose slot has come."""
+        """Ping the hosts whose slot has come, and bring the owned set up to date when that is due. A ring
+        change (or a rejoin) is read first, so that the hosts it gives this MN are pinged in this tick."""
         ring = self.ctx.ring
+        if self._cached_for != (me, ring.members):
+            await self._refresh(me, ring)
+        await self._ping_due(me)
         now = time.monotonic()
-        if self._cached_for != (me, ring.members) or now >= self._refresh_at:
+        if now >= self._refresh_at:
             await self._refresh(me, ring)
         elif now >= self._scan_at:
             await self._scan_new(me, ring)
+
+    async def _ping_due(self, me: str) -> None:
         now = time.monotonic()
         due = [t for t in self._owned.values() if t.due <= now]
-        if due and self.ctx.may_act():  # the read may have outlasted my heartbeat
+        if due and self.ctx.may_act():  # a read may have outlasted my heartbeat
             await self._ping(due, me)
 
     async def _refresh(self, me: str, ring: Ring) -> None:
