@@ -85,6 +85,27 @@ def test_failover_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hosts_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
+    data = bench("hosts", "--small", "--broker-url", rabbitmq.url, "--database-url", fresh_database,
+                 "--log-dir", str(tmp_path))
+    assert data["benchmark"] == "hosts"
+    assert data["params"] == {"mns": 3, "hosts": 300, "interval_s": 1.0, "rounds": 5}
+    steady = data["steady"]
+    assert steady["lag_source"] == "metrics"
+    assert sum(mn["hosts"] for mn in steady["per_mn"].values()) == 300
+    for stats in [steady["lag"]] + [mn["lag"] for mn in steady["per_mn"].values()]:
+        assert stats["count"] > 0 and 0 <= stats["p50_s"] <= stats["p99_s"] <= stats["max_s"]
+    assert steady["pings_per_interval_per_host"] > 0
+    assert steady["cpu_s_per_s"]["mns"] >= 0 and steady["cpu_s_per_s"]["postgresql"] is not None
+    failover = data["failover"]
+    assert 0 < failover["convergence_s"] <= failover["takeover_s"] + 1 and failover["hosts_moved"] > 0
+    assert sum(mn["hosts"] for mn in data["after_failover"]["per_mn"].values()) == 300
+    assert set(data["checks"]) == {"p99_lag_at_most_interval", "every_host_pinged_every_interval",
+                                   "takeover_within_convergence_plus_interval"}
+
+
+@pytest.mark.slow
 def test_api_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> None:
     data = bench("api", "--small", "--broker-url", rabbitmq.url, "--database-url", fresh_database,
                  "--log-dir", str(tmp_path))

@@ -93,6 +93,29 @@ def failover(small: bool, broker_url: str | None, database_url: str | None, roun
 
 
 @main.command()
+@click.option("--small", is_flag=True, help="CI smoke size: 300 hosts, 5 intervals")
+@broker_option
+@click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
+              help="PostgreSQL to use; without it a private one is started for the run")
+@click.option("--mns", type=click.IntRange(2), default=3, show_default=True, help="MNs tracking the hosts")
+@click.option("--hosts", type=click.IntRange(1), default=None, help="Hosts seeded in the database [10000; small 300]")
+@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True,
+              help="ZSTACK_HOST_PING_INTERVAL of the MNs, in seconds")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Intervals in the measured window [20; small 5]")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the MN logs here (default: a temp dir, removed after a successful run)")
+def hosts(small: bool, broker_url: str | None, database_url: str | None, mns: int, hosts: int | None,
+          interval: float, rounds: int | None, log_dir: Path | None) -> None:
+    """Host tracking at scale: ping lag, pings and CPU per MN; kill -9 one MN and time its hosts' takeover."""
+    from zstack_bench import host_tracking
+    from zstack_bench.servers import broker, database
+
+    with broker(broker_url, progress) as mq, database(database_url, progress) as db:
+        emit(host_tracking.run(mq, db, mns=mns, hosts=pick(hosts, small, 300, 10_000), interval=interval,
+                               rounds=pick(rounds, small, 5, 20), log_dir=log_dir, progress=progress))
+
+
+@main.command()
 @click.option("--small", is_flag=True, help="CI smoke size: outages of 5 s only")
 @click.option("--outage", "outages", type=click.FloatRange(1), multiple=True,
               help="Seconds each shared outage lasts, repeatable [5 and 30; small 5]")

@@ -32,6 +32,16 @@ TAKEOVERS = Counter("zstack_cloud_takeovers_total", "MNs that left while this MN
 HOSTS_TRACKED = Gauge("zstack_hosts_tracked", "Hosts this MN owns and pings")
 HOST_PINGS = Counter("zstack_host_pings_total", "Host pings by outcome", ["outcome"])
 HOSTS_DISCONNECTED = Counter("zstack_hosts_disconnected_total", "Hosts this MN marked Disconnected")
+# Per tracker ping: the time it was sent minus the time it was due. A tracked host is due at its slot, one
+# interval after its previous slot (slots are spread over the interval by a hash of its UUID); a host this MN
+# just gained (join, takeover) is due the moment the MN learns it owns it, and a host just created one
+# interval after the MN found it. Manual pings are not counted.
+HOST_PING_LAG = Histogram(
+    "zstack_host_ping_lag_seconds",
+    "How late each tracker ping of a host was sent, against the time it was due (its slot in the ping interval, "
+    "or the moment this MN gained the host)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+)
 
 PURGE_KINDS = ("job", "vm", "idempotency_key")
 TAKEOVER_KINDS = ("host", "vm")  # what HostService and VmService count when an MN leaves

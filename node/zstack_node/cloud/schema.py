@@ -98,6 +98,8 @@ DROP INDEX IF EXISTS jobs_resource;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS vm_instances_destroyed ON vm_instances (uuid) WHERE state = 'Destroyed';
 -- the allocator's candidates (most free CPU first) from an index, not a sort of every host per create
+-- the host tracker's read of hosts added since its last read
+CREATE INDEX IF NOT EXISTS hosts_created ON hosts (created_at);
 CREATE INDEX IF NOT EXISTS hosts_free_cpu ON hosts ((cpu_capacity - cpu_used) DESC, uuid) WHERE state = 'Connected';
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key varchar(255) PRIMARY KEY,
