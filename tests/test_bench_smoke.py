@@ -180,48 +180,9 @@ def test_api_scale_small(rabbitmq: Any, fresh_database: str, tmp_path: Any) -> N
     assert storm["succeeded"] + storm["failed"] + storm["lost"] == storm["accepted"] > 0
     assert storm["lost"] == 0 and storm["doubled"] == 0
     assert storm["hosts_over_capacity"] == 0 and storm["hosts_used_unlike_their_vms"] == 0
-    assert data["targets_met"] is True
-
-
-def test_api_scale_walks_the_paging_contract() -> None:
-    """The list walk follows `continue` until it is absent (a fake API keeps the contract: no servers needed)."""
-    import asyncio
-
-    import aiohttp
-    from aiohttp import web
-
-    from zstack_bench.api import ApiDriver
-    from zstack_bench.api_scale import PagingRefused, walk_pages
-
-    rows = [{"uuid": f"{i:032x}"} for i in range(2345)]
-
-    async def list_vms(request: web.Request) -> web.Response:
-        limit = int(request.query.get("limit", 100))
-        if limit > 1000:
-            return web.json_response({"error": {"code": "invalid", "message": "limit: at most 1000"}}, status=400)
-        start = int(request.query.get("continue", 0))
-        doc: dict[str, Any] = {"vms": rows[start:start + limit]}
-        if start + limit < len(rows):
-            doc["continue"] = str(start + limit)
-        return web.json_response(doc)
-
-    async def go() -> None:
-        app = web.Application()
-        app.router.add_get("/v1/vms", list_vms)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        try:
-            async with aiohttp.ClientSession() as http:
-                api = ApiDriver(http, [url], "token")
-                for limit, pages in ((100, 24), (1000, 3)):
-                    walk = await walk_pages(api, url, limit, len(rows))
-                    assert (len(walk.pages), walk.rows, walk.duplicates, walk.oversized_pages) == (pages, 2345, 0, 0)
-                with pytest.raises(PagingRefused, match="at most 1000"):
-                    await walk_pages(api, url, 5000, len(rows))
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(go())
+    tracking = data["host_tracking"]
+    assert tracking["steady"]["per_mn"] and tracking["failover"]["hosts_moved"] > 0
+    assert set(tracking["checks"]) == {"p99_lag_at_most_interval", "every_host_pinged_every_interval",
+                                       "takeover_within_convergence_plus_interval"}
+    assert {k for k in data["checks"] if k.startswith("host_tracking.")} == {
+        f"host_tracking.{k}" for k in tracking["checks"]}

@@ -11,8 +11,7 @@ cpu_used/memory_used matching, so capacity is consistent. Every timed phase goes
    job per part (MNs, RabbitMQ, PostgreSQL, by ServerCpu over the timed phase; idle CPU apart).
 3. reads (at `mns` MNs): GET /v1/vms/{uuid} p99 over random seeded UUIDs, and the list walk:
    GET /v1/vms?limit=N following `continue` until it is absent (N = 100 and 1000), per-page p50/p99,
-   rows seen against the VM count, the MN's RSS before and after. An API without paging (400 on
-   `limit`) is walked as one unpaged GET and reported so.
+   rows seen against the VM count, the MN's RSS before and after.
 4. storm: `storm` concurrent creates over at most `connections` open requests, each with its own
    Idempotency-Key (kept across its retries), retried on transport errors and 503/429 (Retry-After).
    Then every accepted job is awaited in SQL: succeeded, failed by code, lost, doubled (a storm name
@@ -389,8 +388,8 @@ async def get_by_uuid(api: ApiDriver, urls: Sequence[str], uuids: Sequence[str],
             "first_errors": dict(errors.most_common(3)), "concurrency": concurrency}
 
 
-class PagingRefused(Exception):
-    """The API answered a paged list request with an error (today's API: 400 on `limit`)."""
+class ListFailed(Exception):
+    """The API answered a list page with an error."""
 
 
 @dataclass
@@ -420,7 +419,7 @@ async def walk_pages(api: ApiDriver, url: str, limit: int, expected: int, say: S
         params: dict[str, Any] = {"limit": limit} | ({"continue": token} if token is not None else {})
         status, doc, seconds, size = await get_json(api, url, "/v1/vms", params)
         if status != 200:
-            raise PagingRefused(error_text(status, doc))
+            raise ListFailed(error_text(status, doc))
         page = doc.get("vms") or []
         walk.pages.append(seconds)
         walk.bytes += size
@@ -438,29 +437,15 @@ async def walk_pages(api: ApiDriver, url: str, limit: int, expected: int, say: S
     return walk
 
 
-async def list_unpaged(api: ApiDriver, url: str) -> dict[str, Any]:
-    """Today's API: the whole list in one GET."""
-    status, doc, seconds, size = await get_json(api, url, "/v1/vms")
-    if status != 200:
-        return {"error": error_text(status, doc)}
-    return {"rows": len(doc.get("vms") or []), "ms": round(seconds * 1e3, 1), "mib": round(size / 2**20, 2)}
-
-
 async def list_walks(api: ApiDriver, url: str, pid: int, expected: int, say: Say) -> dict[str, Any]:
-    """Each page limit's walk with the MN's RSS around it; one unpaged GET if paging is refused."""
+    """Each page limit's walk with the MN's RSS around it."""
     result: dict[str, Any] = {"rows_expected": expected, "mn_memory_mib_before": rss_mib(pid), "walks": {}}
     for limit in PAGE_LIMITS:
         say(f"api-scale: walking GET /v1/vms?limit={limit} ({expected} rows)")
-        try:
-            walk = await walk_pages(api, url, limit, expected, say)
-        except PagingRefused as exc:
-            say(f"api-scale: paging refused ({exc}): one unpaged GET instead")
-            result.update(paged=False, paging_refused=str(exc), unpaged=await list_unpaged(api, url))
-            result["rows_seen"] = result["unpaged"].get("rows", 0)
-            break
+        walk = await walk_pages(api, url, limit, expected, say)
         result["walks"][str(limit)] = {**walk.summary(), "mn_memory_mib_after": rss_mib(pid)}
         distinct = walk.rows - walk.duplicates
-        result.update(paged=True, rows_seen=min(distinct, result.get("rows_seen", distinct)))
+        result["rows_seen"] = min(distinct, result.get("rows_seen", distinct))
     result["mn_memory_mib_after"] = rss_mib(pid)
     return result
 

@@ -218,6 +218,7 @@ def api_scale(small: bool, broker_url: str | None, database_url: str | None, mns
     list pages and GET by UUID over the seeded VMs, and a storm of concurrent creates (lost, doubled,
     hosts over capacity)."""
     from zstack_bench import api_scale as scale_bench
+    from zstack_bench import host_tracking
     from zstack_bench.servers import broker, database
 
     scale = scale_bench.Scale(mns=mns, hosts=pick(hosts, small, 50, 10_000), vms=pick(vms, small, 1000, 100_000),
@@ -228,4 +229,5 @@ def api_scale(small: bool, broker_url: str | None, database_url: str | None, mns
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--vms/--hosts") from None
     with broker(broker_url, progress) as mq, database(database_url, progress) as db:
-        emit(scale_bench.run(mq, db, scale, log_dir=log_dir, progress=progress))
+        tracking = host_tracking.api_scale_section(rounds=pick(None, small, 5, 20))
+        emit(scale_bench.run(mq, db, scale, log_dir=log_dir, progress=progress, sections={"host_tracking": tracking}))
