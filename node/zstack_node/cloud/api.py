@@ -167,8 +167,9 @@ class ApiService(Service):
 
     async def add_host(self, request: web.Request, params: Params) -> web.Response:
         body = params["body"]
-        host_uuid = body.pop("uuid", None) or repo.new_uuid()
-        if await self.db(repo.get_host, host_uuid) is not None:
+        given = body.pop("uuid", None)
+        host_uuid = given or repo.new_uuid()
+        if given is not None and await self.db(repo.get_host, host_uuid) is not None:  # a new uuid4 is unused
             raise HttpError(409, "already_exists", f"uuid: host {host_uuid} already exists", "uuid")
         return await self._accept(request, "host.add", host_uuid, body, hosts.SERVICE, hosts.MESSAGE, host_uuid)
 
@@ -237,8 +238,9 @@ class ApiService(Service):
 
     async def create_vm(self, request: web.Request, params: Params) -> web.Response:
         body = params["body"]
-        vm_uuid = body.pop("uuid", None) or repo.new_uuid()
-        if await self.db(repo.get_vm, vm_uuid) is not None:
+        given = body.pop("uuid", None)
+        vm_uuid = given or repo.new_uuid()
+        if given is not None and await self.db(repo.get_vm, vm_uuid) is not None:  # a new uuid4 is unused
             raise HttpError(409, "already_exists", f"uuid: VM {vm_uuid} already exists", "uuid")
         pinned = body.get("host_uuid")
         if pinned is not None and await self.db(repo.get_host, pinned) is None:
