@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 _ROUTE_KEY: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("cloud_routes")
 _CLAIM = "idempotency_claim"  # request key of the request's idempotency Claim
-_POLL = 0.5  # seconds between DB polls of a waited job (a job.done event wakes the waiter sooner)
+_POLL = 1.0  # seconds between DB polls of a waited job: a safety net, as its job.done event wakes the waiter
 RETRY_AFTER = 2  # seconds a client is told to wait after a 503 (the broker or the database is away)
 
 
@@ -52,7 +53,7 @@ class ApiService(Service):
         self.db = Database(ctx)
         self.sweeper = Sweeper(ctx)
         self.purger = Purger(ctx)
-        self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._long_polls = 0
         self.max_long_polls = ctx.settings.cloud.api_max_long_polls
         self._document = openapi_document()
@@ -76,7 +77,8 @@ class ApiService(Service):
     def _on_job_done(self, _topic: str, body: dict[str, Any]) -> None:
         waiter = self._waiters.get(str(body.get("id")))
         if waiter is not None:
-            waiter[0].set()
+            waiter.job = body.get("job")  # the terminal job: no read needed to answer
+            waiter.done.set()
 
     # ---- HTTP plumbing -----------------------------------------------------------------------
 
@@ -292,15 +294,20 @@ class ApiService(Service):
                                                    "without wait", "wait", retry_after=1)
         deadline = time.monotonic() + wait
         # Watch before the first read: a job.done event arriving during the read must not be missed.
-        with self._watching(job_id) as done, self._long_poll(wait > 0):
+        with self._watching(job_id) as waiter, self._long_poll(wait > 0):
             row = await self.db(repo.get_job, job_id)
             if row is None:
                 raise _not_found("job", job_id)
-            while row.state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+            job = repo.job_dict(row)
+            while job["state"] not in TERMINAL and (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), min(_POLL, left))
-                row = await self.db(repo.get_job, job_id)
-        return web.json_response(repo.job_dict(row))
+                    await asyncio.wait_for(waiter.done.wait(), min(_POLL, left))
+                if waiter.job is not None and waiter.job.get("state") in TERMINAL:
+                    job = waiter.job
+                else:  # no event yet (the poll is the safety net for a lost one), or one without the job
+                    row = await self.db(repo.get_job, job_id)
+                    job = repo.job_dict(row) if row is not None else job
+        return web.json_response(job)
 
     @contextlib.contextmanager
     def _long_poll(self, waiting: bool) -> Iterator[None]:
@@ -314,18 +321,16 @@ class ApiService(Service):
             metrics.LONG_POLLS.set(self._long_polls)
 
     @contextlib.contextmanager
-    def _watching(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set when this job's job.done event arrives, shared by every request waiting on it."""
-        event, count = self._waiters.get(job_id) or (asyncio.Event(), 0)
-        self._waiters[job_id] = (event, count + 1)
+    def _watching(self, job_id: str) -> Iterator[_Waiter]:
+        """What this job's job.done event brings, shared by every request waiting on it."""
+        waiter = self._waiters.setdefault(job_id, _Waiter())
+        waiter.count += 1
         try:
-            yield event
+            yield waiter
         finally:
-            event, count = self._waiters[job_id]
-            if count <= 1:
+            waiter.count -= 1
+            if waiter.count == 0:
                 del self._waiters[job_id]
-            else:
-                self._waiters[job_id] = (event, count - 1)
 
     async def openapi(self, _request: web.Request, _params: Params) -> web.Response:
         return web.json_response(self._document)
@@ -378,6 +383,15 @@ def _refuse_job(conn: Any, job_id: str, error: dict[str, Any]) -> bool:
         return False
     idempotency.forget(conn, job_id)
     return True
+
+
+@dataclasses.dataclass
+class _Waiter:
+    """The requests waiting on one job: set `done` (with the terminal `job`) when its job.done event arrives."""
+
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    job: dict[str, Any] | None = None
+    count: int = 0
 
 
 def _with_open_jobs(conn: Any, read: Callable[[Any, str], Row | None], uuid: str) -> tuple[Row | None, bool]:
