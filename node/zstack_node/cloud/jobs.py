@@ -100,21 +100,48 @@ class JobDriver:
         return future
 
     async def _drive(self, job_id: str) -> None:
+        me = self.ctx.uuid
         try:
-            jobs = await self.db(repo.open_jobs_up_to, job_id)
+            jobs, started = await self.db(self._open_and_start, job_id, me)
+        except _NotStarted as slow:
+            jobs, started = slow.jobs, None
         except SQLAlchemyError as exc:
             log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
             return
         for job in jobs:
             if job.operation not in self.operations:
                 continue
-            await self.run(job)
-            if not await self._ended(job.id):
+            if started is not None and started[0].id == job.id:
+                ended = await self.run(started[0], prepared=started[1])
+            else:
+                ended = await self.run(job)
+            if not ended and not await self._ended(job.id):
                 # Running a newer job now would reorder the resource's operations (stop then start
                 # applied as start then stop): leave it, and the rest, to the sweeper.
                 log.info("job %s (%s) is not finished; the newer jobs on %s wait for the sweeper", job.id,
                          job.operation, job.resource_uuid)
                 return
+
+    def _open_and_start(self, conn: Connection, job_id: str, me: str | None) -> tuple[list[Row], tuple[Row, Any]
+                                                                                       | None]:
+        """The open jobs up to `job_id` (`repo.open_jobs_up_to`); when the job is the only one and nobody
+        has claimed it, also its claim and the first step of its work (`begin`), in the same transaction.
+
+        That is the common case, and one transaction instead of three. If the first step fails, the
+        transaction rolls back, claim included, and `run` does it all again the general way."""
+        jobs = repo.open_jobs_up_to(conn, job_id)
+        if me is None or len(jobs) != 1 or not self.ctx.may_act():
+            return jobs, None
+        job = jobs[0]
+        if job.id != job_id or job.operation not in self.operations or job.state != "Pending" or job.mn is not None:
+            return jobs, None
+        claimed = repo.claim_job(conn, job.id, me, None)
+        if claimed is None:
+            return jobs, None
+        try:
+            return jobs, (claimed, self.begin(conn, claimed, me))
+        except Exception as exc:  # noqa: BLE001 - JobFailure, StaleWrite, a bug: `run` meets it again
+            raise _NotStarted(jobs) from exc
 
     async def _ended(self, job_id: str) -> bool:
         """Whether the job is terminal now; False if the database cannot say."""
@@ -125,32 +152,38 @@ class JobDriver:
             return False
         return row is None or row.state in TERMINAL
 
-    async def run(self, job: Row) -> None:
-        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
+    async def run(self, job: Row, prepared: Any = None) -> bool:
+        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now.
+
+        `prepared` is what `begin` returned when the job's claim and first step are done already.
+        True if the job is known to be terminal now; False if it may not be."""
         me = self.ctx.uuid
         if me is None or not self.ctx.may_act():
-            return  # suspended or fenced: my sweeper once I resume, or the new owner's, drives it
+            return False  # suspended or fenced: my sweeper once I resume, or the new owner's, drives it
         metrics.JOBS_IN_FLIGHT.inc()
         self.active.add(job.id)
         try:
-            await self._run(job, me)
+            return await self._run(job, me, prepared)
         finally:
             self.active.discard(job.id)
             metrics.JOBS_IN_FLIGHT.dec()
 
-    async def _run(self, job: Row | None, me: str) -> None:
+    async def _run(self, job: Row | None, me: str, prepared: Any = None) -> bool:
         for attempt in range(_ATTEMPTS):
             if not self.ctx.may_act():
-                return  # suspended mid-job: my claim ages, and a sweeper drives the job later
+                return False  # suspended mid-job: my claim ages, and a sweeper drives the job later
             if attempt:
+                prepared = None  # an attempt after a stale write starts from what the database says
                 await asyncio.sleep(0.05 * attempt)
                 job = await self._reread(job)  # type: ignore[arg-type]
             if job is None or job.state in TERMINAL:
-                return
+                return True
             if job.mn not in (None, me) and job.mn in self.ctx.ring.members:
                 job = await self._wait_for_other(job)
-                if job is None or job.state in TERMINAL or job.mn in self.ctx.ring.members:
-                    return  # finished there, or still run by a live MN: not ours to touch
+                if job is None or job.state in TERMINAL:
+                    return True  # finished there
+                if job.mn in self.ctx.ring.members:
+                    return False  # still run by a live MN: not ours to touch
             try:
                 if job.mn != me:
                     claimed = await self.db(repo.claim_job, job.id, me, job.mn)
@@ -158,10 +191,11 @@ class JobDriver:
                         raise StaleWrite("another MN claimed the job first, or it ended")
                     job = claimed
                 try:
-                    self._finished(await self.apply(job, me))
+                    self._finished(await (self.apply(job, me) if prepared is None else
+                                          self.apply(job, me, prepared)))  # type: ignore[call-arg]
                 except JobFailure as failure:
                     self._finished(await self.db(self.abort, job, me, failure))
-                return
+                return True
             except StaleWrite as exc:
                 metrics.STALE_WRITES.labels(job.operation).inc()
                 log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
@@ -176,11 +210,13 @@ class JobDriver:
                 except (StaleWrite, SQLAlchemyError) as again:
                     log.warning("job %s (%s): could not record the failure (%s); the sweeper will drive it", job.id,
                                 job.operation, first_line(again))
-                return
+                    return False
+                return True
         with contextlib.suppress(SQLAlchemyError):
             await self.db(repo.release_job, job.id, me)
         log.warning("job %s (%s): gave up after %d attempts; the sweeper will drive it", job.id, job.operation,
                     _ATTEMPTS)
+        return False
 
     async def _reread(self, job: Row) -> Row | None:
         """The job's row now; the row we had if the database does not answer (the next write fails anyway)."""
@@ -223,8 +259,17 @@ class JobDriver:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def begin(self, conn: Connection, job: Row, me: str) -> Any:
+        """The first step of a job just claimed, in the claim's transaction (which fences it); None if
+        the driver has none. What it returns is passed to `apply` as `prepared`. Raise JobFailure or
+        StaleWrite to roll back the claim with it: `run` then does the job the general way."""
+        return None
+
     async def apply(self, job: Row, me: str) -> Row:
-        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""
+        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite.
+
+        A driver whose `begin` returns something takes it as a third argument, `prepared`: the first
+        step is done, in this attempt's claim transaction."""
         raise NotImplementedError
 
     def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
@@ -243,6 +288,14 @@ class JobDriver:
         if self.ctx.state == "leaving":
             await self.queues.drain(grace)
         await self.queues.close()
+
+
+class _NotStarted(Exception):
+    """The fast start rolled back (`JobDriver._open_and_start`): `jobs` are the open jobs it read."""
+
+    def __init__(self, jobs: list[Row]) -> None:
+        super().__init__("the first step failed; the job runs the general way")
+        self.jobs = jobs
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
