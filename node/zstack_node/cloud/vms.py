@@ -169,11 +169,7 @@ class VmService(JobDriver, Service):
         """Allocate a host and insert the VM, Starting (in the transaction of the job's fence)."""
         params = job.parameters
         host = allocator.allocate(conn, params["cpu"], params["memory"], pinned=params.get("host_uuid"))
-        row = conn.execute(text(
-            "INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state, job_id)"
-            " VALUES (:u, :n, :c, :m, :h, 'Starting', :j) ON CONFLICT (uuid) DO NOTHING RETURNING *"),
-            {"u": job.resource_uuid, "n": params["name"], "c": params["cpu"], "m": params["memory"], "h": host,
-             "j": job.id}).first()
+        row = repo.insert_vm(conn, job.resource_uuid, params["name"], params["cpu"], params["memory"], host, job.id)
         if row is None:
             raise repo.StaleWrite(f"VM {job.resource_uuid} was inserted by someone else")
         repo.record_vm_change(conn, row, job.id, me, None)
