@@ -246,12 +246,22 @@ _UPDATE_VM: dict[tuple[str, ...], str] = {}  # statement by the columns set
 _RECORD_VM_CHANGE = _sql(
     "INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn) VALUES (:u, :j, :f, :t, :v, :m)")
 _INSERT_VM = _sql(
-    "INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state, job_id)"
-    " VALUES (:u, :n, :c, :m, :h, 'Starting', :j) ON CONFLICT (uuid) DO NOTHING RETURNING *")
+    "WITH v AS (INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state, job_id)"
+    " VALUES (:u, :n, :c, :m, :h, 'Starting', :j) ON CONFLICT (uuid) DO NOTHING RETURNING *),"
+    " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
+    " SELECT uuid, :j, NULL, state, version, :me FROM v)"
+    " SELECT * FROM v")
 _TAKE_CAPACITY = _sql(
     "UPDATE hosts SET cpu_used = cpu_used + :c, memory_used = memory_used + :m"
     " WHERE uuid = :h AND state = 'Connected' AND cpu_used + :c <= cpu_capacity"
     " AND memory_used + :m <= memory_capacity")
+_TAKE_FREE_HOST = _sql(
+    "UPDATE hosts h SET cpu_used = h.cpu_used + :c, memory_used = h.memory_used + :m"
+    " FROM (SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
+    " AND memory_capacity - memory_used >= :m AND uuid IS DISTINCT FROM :x"
+    " ORDER BY cpu_capacity - cpu_used DESC, uuid LIMIT 1 FOR UPDATE SKIP LOCKED) free"
+    " WHERE h.uuid = free.uuid AND h.cpu_used + :c <= h.cpu_capacity AND h.memory_used + :m <= h.memory_capacity"
+    " RETURNING h.uuid")
 _GIVE_CAPACITY = _sql("UPDATE hosts SET cpu_used = cpu_used - :c, memory_used = memory_used - :m WHERE uuid = :h")
 _CAPACITY_CANDIDATES = _sql(
     "SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
@@ -260,31 +270,48 @@ _CAPACITY_CANDIDATES = _sql(
 
 
 def update_vm(conn: Connection, vm: Row | Record, job_id: str, me: str, **values: Any) -> Record:
-    """Change a VM fenced by its version, stamp the job on it, and record the change in its history."""
+    """Change a VM fenced by its version, stamp the job on it, and record the change in its history
+    (one statement: the history row is written only when the state changed)."""
     names = tuple(values)
     statement = _UPDATE_VM.get(names)
     if statement is None:
         sets = ", ".join(f"{name} = :{name}" for name in names)
         statement = _UPDATE_VM[names] = _sql(
-            f"UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
-            " WHERE uuid = :u AND version = :v RETURNING *")
-    row = _first(conn, statement, {**values, "job": job_id, "u": vm.uuid, "v": vm.version})
+            f"WITH v AS (UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
+            " WHERE uuid = :u AND version = :v RETURNING *),"
+            " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
+            " SELECT uuid, :job, :prior, state, version, :me FROM v WHERE state IS DISTINCT FROM :prior)"
+            " SELECT * FROM v")
+    row = _first(conn, statement, {**values, "job": job_id, "u": vm.uuid, "v": vm.version, "prior": vm.state,
+                                   "me": me})
     if row is None:
         raise StaleWrite(f"VM {vm.uuid} changed after version {vm.version}")
-    if row.state != vm.state:
-        record_vm_change(conn, row, job_id, me, vm.state)
     return row
 
 
-def insert_vm(conn: Connection, vm_uuid: str, name: str, cpu: int, memory: int, host_uuid: str,
-              job_id: str) -> Record | None:
-    """Insert a VM, Starting, stamped with its create job; None if the UUID is taken."""
-    return _first(conn, _INSERT_VM, {"u": vm_uuid, "n": name, "c": cpu, "m": memory, "h": host_uuid, "j": job_id})
+def insert_vm(conn: Connection, vm_uuid: str, name: str, cpu: int, memory: int, host_uuid: str, job_id: str,
+              me: str) -> Record | None:
+    """Insert a VM, Starting, stamped with its create job, and its first history row; None if the UUID
+    is taken."""
+    return _first(conn, _INSERT_VM, {"u": vm_uuid, "n": name, "c": cpu, "m": memory, "h": host_uuid, "j": job_id,
+                                     "me": me})
 
 
 def record_vm_change(conn: Connection, vm: Row | Record, job_id: str, me: str, from_state: str | None) -> None:
     _rowcount(conn, _RECORD_VM_CHANGE,
               {"u": vm.uuid, "j": job_id, "f": from_state, "t": vm.state, "v": vm.version, "m": me})
+
+
+def take_free_host(conn: Connection, cpu: int, memory: int, exclude: str | None) -> str | None:
+    """Reserve capacity on the Connected host with the most free CPU where the VM fits and that no
+    concurrent transaction holds (SKIP LOCKED: concurrent creates spread instead of queueing on one
+    host); None if there is none."""
+    cursor = _execute(conn, _TAKE_FREE_HOST, {"c": cpu, "m": memory, "x": exclude})
+    try:
+        row = cursor.fetchone()
+        return None if row is None else row[0]
+    finally:
+        cursor.close()
 
 
 def take_capacity(conn: Connection, host_uuid: str, cpu: int, memory: int) -> bool:

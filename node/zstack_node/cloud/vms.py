@@ -88,7 +88,11 @@ class VmService(JobDriver, Service):
         """Step 1 in one transaction: read the VM, check the action, and move the VM to its transitional
         state (create: allocate a host and insert it, Starting); the VM row the agent call needs.
 
-        `fence` touches the job first; a caller whose transaction just claimed the job needs no fence."""
+        `fence` touches the job first. A caller whose transaction just claimed the job needs no fence;
+        its create places the VM without reading it first (the insert fails if it exists, and the
+        transaction rolls back, for `run` to do it the general way)."""
+        if job.operation == "vm.create" and not fence:
+            return self._place(conn, job, me)
         vm = repo.get_vm(conn, job.resource_uuid)
         if job.operation == "vm.create":
             if vm is None:
@@ -169,10 +173,10 @@ class VmService(JobDriver, Service):
         """Allocate a host and insert the VM, Starting (in the transaction of the job's fence)."""
         params = job.parameters
         host = allocator.allocate(conn, params["cpu"], params["memory"], pinned=params.get("host_uuid"))
-        row = repo.insert_vm(conn, job.resource_uuid, params["name"], params["cpu"], params["memory"], host, job.id)
+        row = repo.insert_vm(conn, job.resource_uuid, params["name"], params["cpu"], params["memory"], host, job.id,
+                             me)
         if row is None:
             raise repo.StaleWrite(f"VM {job.resource_uuid} was inserted by someone else")
-        repo.record_vm_change(conn, row, job.id, me, None)
         return row
 
     def _undo_create(self, conn: Connection, job: Row, me: str, vm: Row, failure: JobFailure) -> Row:
