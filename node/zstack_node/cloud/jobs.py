@@ -102,16 +102,18 @@ class JobDriver:
     async def _drive(self, job_id: str) -> None:
         me = self.ctx.uuid
         try:
-            jobs, started = await self.db(self._open_and_start, job_id, me)
-        except _NotStarted as slow:
-            jobs, started = slow.jobs, None
+            try:
+                started = await self.db(self._start, job_id, me)
+            except _NotStarted:
+                started = None
+            jobs = [started[0]] if started is not None else await self.db(repo.open_jobs_up_to, job_id)
         except SQLAlchemyError as exc:
             log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
             return
         for job in jobs:
             if job.operation not in self.operations:
                 continue
-            if started is not None and started[0].id == job.id:
+            if started is not None:
                 ended = await self.run(started[0], prepared=started[1])
             else:
                 ended = await self.run(job)
@@ -122,26 +124,20 @@ class JobDriver:
                          job.operation, job.resource_uuid)
                 return
 
-    def _open_and_start(self, conn: Connection, job_id: str, me: str | None) -> tuple[list[Row], tuple[Row, Any]
-                                                                                       | None]:
-        """The open jobs up to `job_id` (`repo.open_jobs_up_to`); when the job is the only one and nobody
-        has claimed it, also its claim and the first step of its work (`begin`), in the same transaction.
-
-        That is the common case, and one transaction instead of three. If the first step fails, the
-        transaction rolls back, claim included, and `run` does it all again the general way."""
-        jobs = repo.open_jobs_up_to(conn, job_id)
-        if me is None or len(jobs) != 1 or not self.ctx.may_act():
-            return jobs, None
-        job = jobs[0]
-        if job.id != job_id or job.operation not in self.operations or job.state != "Pending" or job.mn is not None:
-            return jobs, None
-        claimed = repo.claim_job(conn, job.id, me, None)
+    def _start(self, conn: Connection, job_id: str, me: str | None) -> tuple[Row, Any] | None:
+        """The common case in one transaction instead of three: the job is Pending, unclaimed and the
+        oldest open job on its resource (`repo.claim_if_first`): claim it and do the first step of its
+        work (`begin`). None if it is not that case; `_NotStarted` if the first step failed: the
+        transaction rolls back, claim included, and `run` does the job the general way."""
+        if me is None or not self.ctx.may_act():
+            return None
+        claimed = repo.claim_if_first(conn, job_id, me, sorted(self.operations))
         if claimed is None:
-            return jobs, None
+            return None
         try:
-            return jobs, (claimed, self.begin(conn, claimed, me))
+            return claimed, self.begin(conn, claimed, me)
         except Exception as exc:  # noqa: BLE001 - JobFailure, StaleWrite, a bug: `run` meets it again
-            raise _NotStarted(jobs) from exc
+            raise _NotStarted() from exc
 
     async def _ended(self, job_id: str) -> bool:
         """Whether the job is terminal now; False if the database cannot say."""
@@ -291,11 +287,7 @@ class JobDriver:
 
 
 class _NotStarted(Exception):
-    """The fast start rolled back (`JobDriver._open_and_start`): `jobs` are the open jobs it read."""
-
-    def __init__(self, jobs: list[Row]) -> None:
-        super().__init__("the first step failed; the job runs the general way")
-        self.jobs = jobs
+    """The first step of a job claimed by `JobDriver._start` failed: its transaction rolled back."""
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -193,6 +193,11 @@ _FAIL_UNCLAIMED = _sql(
 _CLAIM_JOB = _sql(
     "UPDATE jobs SET state = 'Running', mn = :me, updated_at = clock_timestamp()"
     " WHERE id = :j AND state IN ('Pending', 'Running') AND mn IS NOT DISTINCT FROM :prev RETURNING *")
+_CLAIM_IF_FIRST = _sql(
+    "UPDATE jobs j SET state = 'Running', mn = :me, updated_at = clock_timestamp()"
+    " WHERE j.id = :j AND j.state = 'Pending' AND j.mn IS NULL AND j.operation = ANY(:ops)"
+    " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.resource_uuid = j.resource_uuid"
+    " AND o.state IN ('Pending', 'Running') AND (o.created_at, o.id) < (j.created_at, j.id)) RETURNING *")
 _RELEASE_JOB = _sql("UPDATE jobs SET mn = NULL, updated_at = clock_timestamp()"
                     " WHERE id = :j AND mn = :me AND state = 'Running'")
 _TOUCH_JOB = _sql("UPDATE jobs SET updated_at = clock_timestamp() WHERE id = :j AND mn = :me AND state = 'Running'")
@@ -216,6 +221,12 @@ def fail_unclaimed(conn: Connection, job_id: str, error: dict[str, Any]) -> bool
 def claim_job(conn: Connection, job_id: str, me: str, previous: str | None) -> Record | None:
     """Make `me` the MN running the job if its MN is still `previous` (compare-and-set)."""
     return _first(conn, _CLAIM_JOB, {"j": job_id, "me": me, "prev": previous})
+
+
+def claim_if_first(conn: Connection, job_id: str, me: str, operations: list[str]) -> Record | None:
+    """Claim a Pending job nobody claimed if it is one of `operations` and no older job on its resource
+    is open (`open_jobs_up_to` would return it alone): the common case, in one statement."""
+    return _first(conn, _CLAIM_IF_FIRST, {"j": job_id, "me": me, "ops": operations})
 
 
 def release_job(conn: Connection, job_id: str, me: str) -> None:
