@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from zstack_node.cloud import metrics, repo
 from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL, StaleWrite
 from zstack_node.cloud.syncqueue import SyncQueues
+from zstack_node.db import PING_AFTER_IDLE
 from zstack_node.errors import first_line
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ JOB_DONE_TOPIC = "cloud.job.done"
 _ATTEMPTS = 6
 _WAIT_FOR_OTHER = 30.0  # seconds a job waits for an older one still run by another live MN
 _DB_THREADS = 4  # with the runtime's threads, within the engine's pool of 10 connections
-_EXECUTORS: weakref.WeakKeyDictionary[Any, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+_EXECUTORS: weakref.WeakKeyDictionary[Any, tuple[ThreadPoolExecutor, threading.local]] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
 
 
@@ -67,18 +69,45 @@ class Database:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        executor = _EXECUTORS.get(ctx)
-        if executor is None:
-            executor = _EXECUTORS[ctx] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
-        self._executor = executor
+        shared = _EXECUTORS.get(ctx)
+        if shared is None:
+            shared = _EXECUTORS[ctx] = (ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db"),
+                                        threading.local())
+        self._executor, self._held = shared
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(self._in_transaction, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self.ctx.engine.begin() as conn:
-            return fn(conn, *args, **kwargs)
+        conn = self._connection()
+        try:
+            with conn.begin():
+                return fn(conn, *args, **kwargs)
+        except BaseException:
+            self._release()  # it may have lost its connection: the pool drops an invalidated one
+            raise
+
+    def _connection(self) -> Connection:
+        """This worker thread's connection, kept between transactions while it is busy: a checkout and
+        a checkin of the pool per transaction cost a fifth of the thread's CPU. One idle for longer
+        than PING_AFTER_IDLE goes back to the pool, whose checkout pings it."""
+        held, now = self._held, time.monotonic()
+        conn: Connection | None = getattr(held, "conn", None)
+        if conn is not None and (conn.closed or conn.invalidated or now - held.used > PING_AFTER_IDLE):
+            self._release()
+            conn = None
+        if conn is None:
+            conn = held.conn = self.ctx.engine.connect()
+        held.used = now
+        return conn
+
+    def _release(self) -> None:
+        conn = getattr(self._held, "conn", None)
+        self._held.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 class JobDriver:
