@@ -266,13 +266,16 @@ _TAKE_CAPACITY = _sql(
     "UPDATE hosts SET cpu_used = cpu_used + :c, memory_used = memory_used + :m"
     " WHERE uuid = :h AND state = 'Connected' AND cpu_used + :c <= cpu_capacity"
     " AND memory_used + :m <= memory_capacity")
+# The host is chosen by an uncorrelated scalar subquery: PostgreSQL runs it once (an InitPlan). As a
+# joined subquery (UPDATE ... FROM) it may be run again per row scanned, and with SKIP LOCKED each run
+# may pick another host: one statement then reserved capacity on two.
 _TAKE_FREE_HOST = _sql(
-    "UPDATE hosts h SET cpu_used = h.cpu_used + :c, memory_used = h.memory_used + :m"
-    " FROM (SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
+    "UPDATE hosts SET cpu_used = cpu_used + :c, memory_used = memory_used + :m"
+    " WHERE uuid = (SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
     " AND memory_capacity - memory_used >= :m AND uuid IS DISTINCT FROM :x"
-    " ORDER BY cpu_capacity - cpu_used DESC, uuid LIMIT 1 FOR UPDATE SKIP LOCKED) free"
-    " WHERE h.uuid = free.uuid AND h.cpu_used + :c <= h.cpu_capacity AND h.memory_used + :m <= h.memory_capacity"
-    " RETURNING h.uuid")
+    " ORDER BY cpu_capacity - cpu_used DESC, uuid LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " AND state = 'Connected' AND cpu_used + :c <= cpu_capacity AND memory_used + :m <= memory_capacity"
+    " RETURNING uuid")
 _GIVE_CAPACITY = _sql("UPDATE hosts SET cpu_used = cpu_used - :c, memory_used = memory_used - :m WHERE uuid = :h")
 _CAPACITY_CANDIDATES = _sql(
     "SELECT uuid FROM hosts WHERE state = 'Connected' AND cpu_capacity - cpu_used >= :c"
@@ -319,10 +322,12 @@ def take_free_host(conn: Connection, cpu: int, memory: int, exclude: str | None)
     host); None if there is none."""
     cursor = _execute(conn, _TAKE_FREE_HOST, {"c": cpu, "m": memory, "x": exclude})
     try:
-        row = cursor.fetchone()
-        return None if row is None else row[0]
+        rows = cursor.fetchall()
     finally:
         cursor.close()
+    if len(rows) > 1:  # never, by the statement's form; a reservation on two hosts must not commit
+        raise RuntimeError(f"one allocation reserved capacity on {len(rows)} hosts")
+    return rows[0][0] if rows else None
 
 
 def take_capacity(conn: Connection, host_uuid: str, cpu: int, memory: int) -> bool:
