@@ -332,6 +332,38 @@ def update_vm(conn: Connection, vm: Row | Record, job_id: str, me: str, **values
     return row
 
 
+_FINISH_WITH_VM: dict[tuple[str, ...], _Statement] = {}  # statement by the VM columns set
+
+
+def update_vm_and_finish_job(conn: Connection, vm: Row | Record, job_id: str, me: str, **values: Any) -> Record:
+    """`update_vm`, then `finish_job` with the new VM as the result, in one statement: the job ends
+    only if the VM was still at its version and the job is still this MN's; StaleWrite otherwise.
+
+    The result is the VM as the UPDATE leaves it (the row we had, the values, the job's stamp and the
+    next version); the statement checks that version."""
+    names = tuple(values)
+    statement = _FINISH_WITH_VM.get(names)
+    if statement is None:
+        sets = ", ".join(f"{name} = :{name}" for name in names)
+        statement = _FINISH_WITH_VM[names] = _sql(
+            f"WITH v AS (UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
+            " WHERE uuid = :u AND version = :v RETURNING *),"
+            " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
+            " SELECT uuid, CAST(:job AS varchar), CAST(:prior AS varchar), state, version, CAST(:me AS varchar)"
+            " FROM v WHERE state IS DISTINCT FROM CAST(:prior AS varchar)),"
+            " j AS (UPDATE jobs SET state = 'Succeeded', result = CAST(:r AS jsonb), error = NULL,"
+            " updated_at = clock_timestamp(), finished_at = clock_timestamp()"
+            " WHERE id = :job AND mn = :me AND state = 'Running'"
+            " AND EXISTS (SELECT 1 FROM v WHERE version = CAST(:v AS bigint) + 1) RETURNING *)"
+            " SELECT * FROM j")
+    after = {**(vm._mapping if isinstance(vm, Row) else vm), **values, "job_id": job_id, "version": vm.version + 1}
+    row = _first(conn, statement, {**values, "job": job_id, "u": vm.uuid, "v": vm.version, "prior": vm.state,
+                                   "me": me, "r": json.dumps(vm_dict(after))})
+    if row is None:
+        raise StaleWrite(f"VM {vm.uuid} changed after version {vm.version}, or job {job_id} is no longer run by {me}")
+    return row
+
+
 def insert_vm(conn: Connection, vm_uuid: str, name: str, cpu: int, memory: int, host_uuid: str, job_id: str,
               me: str) -> Record | None:
     """Insert a VM, Starting, stamped with its create job, and its first history row; None if the UUID

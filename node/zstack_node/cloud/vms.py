@@ -166,8 +166,7 @@ class VmService(JobDriver, Service):
         elif action == "destroy":
             allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
             values.update(host_uuid=None)
-        vm = repo.update_vm(conn, vm, job.id, me, **values)
-        return repo.finish_job(conn, job.id, me, result=repo.vm_dict(vm))
+        return repo.update_vm_and_finish_job(conn, vm, job.id, me, **values)
 
     def _place(self, conn: Connection, job: Row, me: str) -> Row:
         """Allocate a host and insert the VM, Starting (in the transaction of the job's fence)."""
