@@ -1,8 +1,10 @@
-"""The host allocator: an atomic conditional UPDATE per candidate, no lock, never oversubscribed.
+"""The host allocator: an atomic conditional UPDATE, no lock of our own, never oversubscribed.
 
 It runs inside the caller's transaction, so the reservation commits together with the VM row
-that holds it (or rolls back with it). Candidates are tried in random order, so concurrent
-creates spread over the hosts instead of queueing on the emptiest one.
+that holds it (or rolls back with it). First one statement takes the host with the most free CPU
+among those no concurrent transaction holds (SKIP LOCKED), so concurrent creates spread over the
+hosts instead of queueing on the emptiest one. Only if every host that fits is held does it try
+the candidates one by one, in random order, waiting for the holders.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ def allocate(conn: Connection, cpu: int, memory: int, *, pinned: str | None = No
         raise JobFailure("no_capacity", f"host_uuid: host {pinned} has no room for {cpu} CPU and {memory} MiB "
                                         f"({host.cpu_capacity - host.cpu_used} CPU, "
                                         f"{host.memory_capacity - host.memory_used} MiB free)")
+    host_uuid = repo.take_free_host(conn, cpu, memory, exclude)
+    if host_uuid is not None:
+        return host_uuid
     for _ in range(_ROUNDS):
         candidates = repo.capacity_candidates(conn, cpu, memory, exclude)
         if not candidates:
             break
         random.shuffle(candidates)
-        for host_uuid in candidates:
-            if repo.take_capacity(conn, host_uuid, cpu, memory):
-                return host_uuid
+        for candidate in candidates:
+            if repo.take_capacity(conn, candidate, cpu, memory):
+                return candidate
     raise JobFailure("no_capacity", f"no Connected host has room for {cpu} CPU and {memory} MiB")
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from zstack_node.cloud import metrics, repo
 from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL, StaleWrite
 from zstack_node.cloud.syncqueue import SyncQueues
+from zstack_node.db import PING_AFTER_IDLE
 from zstack_node.errors import first_line
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ JOB_DONE_TOPIC = "cloud.job.done"
 _ATTEMPTS = 6
 _WAIT_FOR_OTHER = 30.0  # seconds a job waits for an older one still run by another live MN
 _DB_THREADS = 4  # with the runtime's threads, within the engine's pool of 10 connections
-_EXECUTORS: weakref.WeakKeyDictionary[Any, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+_EXECUTORS: weakref.WeakKeyDictionary[Any, tuple[ThreadPoolExecutor, threading.local]] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
 
 
@@ -67,18 +69,45 @@ class Database:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        executor = _EXECUTORS.get(ctx)
-        if executor is None:
-            executor = _EXECUTORS[ctx] = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db")
-        self._executor = executor
+        shared = _EXECUTORS.get(ctx)
+        if shared is None:
+            shared = _EXECUTORS[ctx] = (ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="cloud-db"),
+                                        threading.local())
+        self._executor, self._held = shared
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = functools.partial(self._in_transaction, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _in_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self.ctx.engine.begin() as conn:
-            return fn(conn, *args, **kwargs)
+        conn = self._connection()
+        try:
+            with conn.begin():
+                return fn(conn, *args, **kwargs)
+        except BaseException:
+            self._release()  # it may have lost its connection: the pool drops an invalidated one
+            raise
+
+    def _connection(self) -> Connection:
+        """This worker thread's connection, kept between transactions while it is busy: a checkout and
+        a checkin of the pool per transaction cost a fifth of the thread's CPU. One idle for longer
+        than PING_AFTER_IDLE goes back to the pool, whose checkout pings it."""
+        held, now = self._held, time.monotonic()
+        conn: Connection | None = getattr(held, "conn", None)
+        if conn is not None and (conn.closed or conn.invalidated or now - held.used > PING_AFTER_IDLE):
+            self._release()
+            conn = None
+        if conn is None:
+            conn = held.conn = self.ctx.engine.connect()
+        held.used = now
+        return conn
+
+    def _release(self) -> None:
+        conn = getattr(self._held, "conn", None)
+        self._held.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 class JobDriver:
@@ -100,21 +129,44 @@ class JobDriver:
         return future
 
     async def _drive(self, job_id: str) -> None:
+        me = self.ctx.uuid
         try:
-            jobs = await self.db(repo.open_jobs_up_to, job_id)
+            try:
+                started = await self.db(self._start, job_id, me)
+            except _NotStarted:
+                started = None
+            jobs = [started[0]] if started is not None else await self.db(repo.open_jobs_up_to, job_id)
         except SQLAlchemyError as exc:
             log.warning("cannot read job %s (%s); the sweeper will drive it", job_id, first_line(exc))
             return
         for job in jobs:
             if job.operation not in self.operations:
                 continue
-            await self.run(job)
-            if not await self._ended(job.id):
+            if started is not None:
+                ended = await self.run(started[0], prepared=started[1])
+            else:
+                ended = await self.run(job)
+            if not ended and not await self._ended(job.id):
                 # Running a newer job now would reorder the resource's operations (stop then start
                 # applied as start then stop): leave it, and the rest, to the sweeper.
                 log.info("job %s (%s) is not finished; the newer jobs on %s wait for the sweeper", job.id,
                          job.operation, job.resource_uuid)
                 return
+
+    def _start(self, conn: Connection, job_id: str, me: str | None) -> tuple[Row, Any] | None:
+        """The common case in one transaction instead of three: the job is Pending, unclaimed and the
+        oldest open job on its resource (`repo.claim_if_first`): claim it and do the first step of its
+        work (`begin`). None if it is not that case; `_NotStarted` if the first step failed: the
+        transaction rolls back, claim included, and `run` does the job the general way."""
+        if me is None or not self.ctx.may_act():
+            return None
+        claimed = repo.claim_if_first(conn, job_id, me, sorted(self.operations))
+        if claimed is None:
+            return None
+        try:
+            return claimed, self.begin(conn, claimed, me)
+        except Exception as exc:  # noqa: BLE001 - JobFailure, StaleWrite, a bug: `run` meets it again
+            raise _NotStarted() from exc
 
     async def _ended(self, job_id: str) -> bool:
         """Whether the job is terminal now; False if the database cannot say."""
@@ -125,32 +177,38 @@ class JobDriver:
             return False
         return row is None or row.state in TERMINAL
 
-    async def run(self, job: Row) -> None:
-        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now."""
+    async def run(self, job: Row, prepared: Any = None) -> bool:
+        """Drive one job to a terminal state, or leave it for the sweeper if that is impossible now.
+
+        `prepared` is what `begin` returned when the job's claim and first step are done already.
+        True if the job is known to be terminal now; False if it may not be."""
         me = self.ctx.uuid
         if me is None or not self.ctx.may_act():
-            return  # suspended or fenced: my sweeper once I resume, or the new owner's, drives it
+            return False  # suspended or fenced: my sweeper once I resume, or the new owner's, drives it
         metrics.JOBS_IN_FLIGHT.inc()
         self.active.add(job.id)
         try:
-            await self._run(job, me)
+            return await self._run(job, me, prepared)
         finally:
             self.active.discard(job.id)
             metrics.JOBS_IN_FLIGHT.dec()
 
-    async def _run(self, job: Row | None, me: str) -> None:
+    async def _run(self, job: Row | None, me: str, prepared: Any = None) -> bool:
         for attempt in range(_ATTEMPTS):
             if not self.ctx.may_act():
-                return  # suspended mid-job: my claim ages, and a sweeper drives the job later
+                return False  # suspended mid-job: my claim ages, and a sweeper drives the job later
             if attempt:
+                prepared = None  # an attempt after a stale write starts from what the database says
                 await asyncio.sleep(0.05 * attempt)
                 job = await self._reread(job)  # type: ignore[arg-type]
             if job is None or job.state in TERMINAL:
-                return
+                return True
             if job.mn not in (None, me) and job.mn in self.ctx.ring.members:
                 job = await self._wait_for_other(job)
-                if job is None or job.state in TERMINAL or job.mn in self.ctx.ring.members:
-                    return  # finished there, or still run by a live MN: not ours to touch
+                if job is None or job.state in TERMINAL:
+                    return True  # finished there
+                if job.mn in self.ctx.ring.members:
+                    return False  # still run by a live MN: not ours to touch
             try:
                 if job.mn != me:
                     claimed = await self.db(repo.claim_job, job.id, me, job.mn)
@@ -158,10 +216,11 @@ class JobDriver:
                         raise StaleWrite("another MN claimed the job first, or it ended")
                     job = claimed
                 try:
-                    self._finished(await self.apply(job, me))
+                    self._finished(await (self.apply(job, me) if prepared is None else
+                                          self.apply(job, me, prepared)))  # type: ignore[call-arg]
                 except JobFailure as failure:
                     self._finished(await self.db(self.abort, job, me, failure))
-                return
+                return True
             except StaleWrite as exc:
                 metrics.STALE_WRITES.labels(job.operation).inc()
                 log.info("job %s (%s): %s; reading it again", job.id, job.operation, exc)
@@ -176,11 +235,13 @@ class JobDriver:
                 except (StaleWrite, SQLAlchemyError) as again:
                     log.warning("job %s (%s): could not record the failure (%s); the sweeper will drive it", job.id,
                                 job.operation, first_line(again))
-                return
+                    return False
+                return True
         with contextlib.suppress(SQLAlchemyError):
             await self.db(repo.release_job, job.id, me)
         log.warning("job %s (%s): gave up after %d attempts; the sweeper will drive it", job.id, job.operation,
                     _ATTEMPTS)
+        return False
 
     async def _reread(self, job: Row) -> Row | None:
         """The job's row now; the row we had if the database does not answer (the next write fails anyway)."""
@@ -223,8 +284,17 @@ class JobDriver:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def begin(self, conn: Connection, job: Row, me: str) -> Any:
+        """The first step of a job just claimed, in the claim's transaction (which fences it); None if
+        the driver has none. What it returns is passed to `apply` as `prepared`. Raise JobFailure or
+        StaleWrite to roll back the claim with it: `run` then does the job the general way."""
+        return None
+
     async def apply(self, job: Row, me: str) -> Row:
-        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite."""
+        """Do the job's work and return its terminal row; raise JobFailure or StaleWrite.
+
+        A driver whose `begin` returns something takes it as a third argument, `prepared`: the first
+        step is done, in this attempt's claim transaction."""
         raise NotImplementedError
 
     def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
@@ -243,6 +313,10 @@ class JobDriver:
         if self.ctx.state == "leaving":
             await self.queues.drain(grace)
         await self.queues.close()
+
+
+class _NotStarted(Exception):
+    """The first step of a job claimed by `JobDriver._start` failed: its transaction rolled back."""
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

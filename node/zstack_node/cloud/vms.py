@@ -84,12 +84,26 @@ class VmService(JobDriver, Service):
 
     # ---- the work ----------------------------------------------------------------------------
 
-    async def apply(self, job: Row, me: str) -> Row:
+    def begin(self, conn: Connection, job: Row, me: str, *, fence: bool = False) -> Row:
+        """Step 1 in one transaction: read the VM, check the action, and move the VM to its transitional
+        state (create: allocate a host and insert it, Starting); the VM row the agent call needs.
+
+        `fence` touches the job first. A caller whose transaction just claimed the job needs no fence;
+        its create places the VM without reading it first (the insert fails if it exists, and the
+        transaction rolls back, for `run` to do it the general way)."""
+        if job.operation == "vm.create" and not fence:
+            return self._place(conn, job, me)
+        vm = repo.get_vm(conn, job.resource_uuid)
         if job.operation == "vm.create":
-            return await self._create(job, me)
+            if vm is None:
+                if fence:
+                    repo.touch_job(conn, job.id, me)
+                return self._place(conn, job, me)
+            if not (vm.job_id == job.id and vm.state == "Starting"):
+                raise JobFailure("already_exists", f"uuid: VM {job.resource_uuid} already exists")
+            return vm
         action = job.operation.removeprefix("vm.")
         spec = ACTIONS[action]
-        vm = await self.db(repo.get_vm, job.resource_uuid)
         if vm is None:
             raise JobFailure("not_found", f"VM {job.resource_uuid} does not exist")
         resuming = vm.job_id == job.id and spec.transit is not None and vm.state == spec.transit
@@ -98,10 +112,23 @@ class VmService(JobDriver, Service):
             if reason:
                 raise JobFailure("invalid_state", reason)
             if spec.transit is not None:
-                vm = await self.db(self._begin, job, me, vm, action, spec)
-        source = vm.host_uuid
+                if fence:
+                    repo.touch_job(conn, job.id, me)
+                return self._begin(conn, job, me, vm, action, spec)
+        return vm
+
+    async def apply(self, job: Row, me: str, prepared: Row | None = None) -> Row:
+        vm = prepared if prepared is not None else await self.db(self.begin, job, me, fence=True)
+        if job.operation == "vm.create":
+            try:
+                await self.agent.call(vm.host_uuid, "start", vm.uuid)
+            except AgentError as exc:
+                return await self.db(self._undo_create, job, me, vm, JobFailure("agent_error", str(exc)))
+            return await self.db(self._complete, job, me, vm, "start", ACTIONS["start"])
+        action = job.operation.removeprefix("vm.")
+        spec = ACTIONS[action]
         try:
-            await self.agent.call(source or "-", action, vm.uuid)
+            await self.agent.call(vm.host_uuid or "-", action, vm.uuid)
         except AgentError as exc:
             return await self.db(self._undo, job, me, vm, spec, JobFailure("agent_error", str(exc)))
         return await self.db(self._complete, job, me, vm, action, spec)
@@ -116,7 +143,6 @@ class VmService(JobDriver, Service):
         return self._undo(conn, job, me, vm, ACTIONS[job.operation.removeprefix("vm.")], failure)
 
     def _begin(self, conn: Connection, job: Row, me: str, vm: Row, action: str, spec: Action) -> Row:
-        repo.touch_job(conn, job.id, me)
         values: dict[str, Any] = {"state": spec.transit}
         if action == "migrate":
             pinned = job.parameters.get("host_uuid")
@@ -140,34 +166,16 @@ class VmService(JobDriver, Service):
         elif action == "destroy":
             allocator.release(conn, vm.host_uuid, vm.cpu, vm.memory)
             values.update(host_uuid=None)
-        vm = repo.update_vm(conn, vm, job.id, me, **values)
-        return repo.finish_job(conn, job.id, me, result=repo.vm_dict(vm))
-
-    async def _create(self, job: Row, me: str) -> Row:
-        vm = await self.db(repo.get_vm, job.resource_uuid)
-        if vm is None:
-            vm = await self.db(self._place, job, me)
-        elif not (vm.job_id == job.id and vm.state == "Starting"):
-            raise JobFailure("already_exists", f"uuid: VM {job.resource_uuid} already exists")
-        try:
-            await self.agent.call(vm.host_uuid, "start", vm.uuid)
-        except AgentError as exc:
-            return await self.db(self._undo_create, job, me, vm, JobFailure("agent_error", str(exc)))
-        return await self.db(self._complete, job, me, vm, "start", ACTIONS["start"])
+        return repo.update_vm_and_finish_job(conn, vm, job.id, me, **values)
 
     def _place(self, conn: Connection, job: Row, me: str) -> Row:
-        """Allocate a host and insert the VM, Starting, in one transaction with the job's fence."""
-        repo.touch_job(conn, job.id, me)
+        """Allocate a host and insert the VM, Starting (in the transaction of the job's fence)."""
         params = job.parameters
         host = allocator.allocate(conn, params["cpu"], params["memory"], pinned=params.get("host_uuid"))
-        row = conn.execute(text(
-            "INSERT INTO vm_instances (uuid, name, cpu, memory, host_uuid, state, job_id)"
-            " VALUES (:u, :n, :c, :m, :h, 'Starting', :j) ON CONFLICT (uuid) DO NOTHING RETURNING *"),
-            {"u": job.resource_uuid, "n": params["name"], "c": params["cpu"], "m": params["memory"], "h": host,
-             "j": job.id}).first()
+        row = repo.insert_vm(conn, job.resource_uuid, params["name"], params["cpu"], params["memory"], host, job.id,
+                             me)
         if row is None:
             raise repo.StaleWrite(f"VM {job.resource_uuid} was inserted by someone else")
-        repo.record_vm_change(conn, row, job.id, me, None)
         return row
 
     def _undo_create(self, conn: Connection, job: Row, me: str, vm: Row, failure: JobFailure) -> Row:
