@@ -306,7 +306,8 @@ class JobDriver:
         if row.finished_at is not None:
             metrics.JOB_SECONDS.labels(row.operation).observe((row.finished_at - row.created_at).total_seconds())
         with contextlib.suppress(Exception):
-            self.ctx.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state})
+            # The terminal job itself, so that an MN with a request waiting on it answers without a read.
+            self.ctx.bus.publish_event(JOB_DONE_TOPIC, {"id": row.id, "state": row.state, "job": repo.job_dict(row)})
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop running jobs; when leaving gracefully, let the running ones finish first (up to `grace`)."""
