@@ -287,7 +287,7 @@ class HostService(JobDriver, Service):
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    async def apply(self, job: Row, me: str) -> Row:
+    async def apply(self, job: Row, me: str, prepared: Any = None) -> Row:
         if job.operation == "host.add":
             await self._agent("connect", job.resource_uuid)
             return await self.db(self._add, job, me)

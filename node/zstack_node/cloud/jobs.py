@@ -216,8 +216,7 @@ class JobDriver:
                         raise StaleWrite("another MN claimed the job first, or it ended")
                     job = claimed
                 try:
-                    self._finished(await (self.apply(job, me) if prepared is None else
-                                          self.apply(job, me, prepared)))  # type: ignore[call-arg]
+                    self._finished(await self.apply(job, me, prepared))
                 except JobFailure as failure:
                     self._finished(await self.db(self.abort, job, me, failure))
                 return True
@@ -290,11 +289,11 @@ class JobDriver:
         StaleWrite to roll back the claim with it: `run` then does the job the general way."""
         return None
 
-    async def apply(self, job: Row, me: str) -> Row:
+    async def apply(self, job: Row, me: str, prepared: Any = None) -> Row:
         """Do the job's work and return its terminal row; raise JobFailure or StaleWrite.
 
-        A driver whose `begin` returns something takes it as a third argument, `prepared`: the first
-        step is done, in this attempt's claim transaction."""
+        `prepared` is what `begin` returned when the first step is done already, in this attempt's claim
+        transaction; None otherwise."""
         raise NotImplementedError
 
     def abort(self, conn: Connection, job: Row, me: str, failure: JobFailure) -> Row:
