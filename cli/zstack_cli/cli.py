@@ -130,21 +130,17 @@ def _warn(message: str) -> None:
 # -- jobs: waiting with a progress line ------------------------------------------------------------------
 
 
-class Progress:
-    """`<spinner> job <id> <operation> <state> <elapsed>s` on one updating stderr line, only on a TTY."""
+class StatusLine:
+    """One stderr line rewritten in place (a progress display), shown only when stderr is a terminal."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
-        self.ticks = 0
         self.width = 0
 
-    def update(self, job: Json, elapsed: float) -> None:
+    def show(self, line: str) -> None:
         if not self.enabled:
             return
-        self.ticks += 1
-        line = (f"{SPINNER[self.ticks % len(SPINNER)]} job {job.get('id')} {job.get('operation')} "
-                f"{job.get('state')} {elapsed:.0f}s")
         self.stream.write("\r" + line.ljust(self.width))
         self.stream.flush()
         self.width = len(line)
@@ -154,6 +150,19 @@ class Progress:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
             self.width = 0
+
+
+class Progress(StatusLine):
+    """`<spinner> job <id> <operation> <state> <elapsed>s` while a job is waited for."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
+        self.ticks = 0
+
+    def update(self, job: Json, elapsed: float) -> None:
+        self.ticks += 1
+        self.show(f"{SPINNER[self.ticks % len(SPINNER)]} job {job.get('id')} {job.get('operation')} "
+                  f"{job.get('state')} {elapsed:.0f}s")
 
 
 def wait_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,28 +197,15 @@ def finish(state: State, job: Json, wait: bool, wait_timeout: float) -> None:
 # -- lists: one page, or every page with a progress line -------------------------------------------------
 
 
-class PageProgress:
-    """`fetched <n> <things> ...` on one updating stderr line while --all walks the pages, only on a TTY."""
+class PageProgress(StatusLine):
+    """`fetched <n> <things> ...` while --all walks the pages."""
 
     def __init__(self, noun: str, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
         self.noun = noun
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
-        self.width = 0
 
     def update(self, fetched: int) -> None:
-        if not self.enabled:
-            return
-        line = f"fetched {fetched} {self.noun} ..."
-        self.stream.write("\r" + line.ljust(self.width))
-        self.stream.flush()
-        self.width = len(line)
-
-    def clear(self) -> None:
-        if self.enabled and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
+        self.show(f"fetched {fetched} {self.noun} ...")
 
 
 def list_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -327,20 +327,24 @@ _CAPACITY_CANDIDATES = _sql(
     " ORDER BY cpu_capacity - cpu_used DESC, uuid LIMIT :n")
 
 
+def _vm_change(names: tuple[str, ...]) -> str:
+    """`WITH v AS (the fenced VM update), h AS (its history row, only when the state changed)` for the columns
+    `names`: the head of the statements that change a VM."""
+    sets = ", ".join(f"{name} = :{name}" for name in names)
+    return (f"WITH v AS (UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
+            " WHERE uuid = :u AND version = :v RETURNING *),"
+            " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
+            " SELECT uuid, CAST(:job AS varchar), CAST(:prior AS varchar), state, version, CAST(:me AS varchar)"
+            " FROM v WHERE state IS DISTINCT FROM CAST(:prior AS varchar))")
+
+
 def update_vm(conn: Connection, vm: Row | Record, job_id: str, me: str, **values: Any) -> Record:
     """Change a VM fenced by its version, stamp the job on it, and record the change in its history
     (one statement: the history row is written only when the state changed)."""
     names = tuple(values)
     statement = _UPDATE_VM.get(names)
     if statement is None:
-        sets = ", ".join(f"{name} = :{name}" for name in names)
-        statement = _UPDATE_VM[names] = _sql(
-            f"WITH v AS (UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
-            " WHERE uuid = :u AND version = :v RETURNING *),"
-            " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
-            " SELECT uuid, CAST(:job AS varchar), CAST(:prior AS varchar), state, version, CAST(:me AS varchar)"
-            " FROM v WHERE state IS DISTINCT FROM CAST(:prior AS varchar))"
-            " SELECT * FROM v")
+        statement = _UPDATE_VM[names] = _sql(f"{_vm_change(names)} SELECT * FROM v")
     row = _first(conn, statement, {**values, "job": job_id, "u": vm.uuid, "v": vm.version, "prior": vm.state,
                                    "me": me})
     if row is None:
@@ -360,14 +364,8 @@ def update_vm_and_finish_job(conn: Connection, vm: Row | Record, job_id: str, me
     names = tuple(values)
     statement = _FINISH_WITH_VM.get(names)
     if statement is None:
-        sets = ", ".join(f"{name} = :{name}" for name in names)
         statement = _FINISH_WITH_VM[names] = _sql(
-            f"WITH v AS (UPDATE vm_instances SET {sets}, job_id = :job, version = version + 1"
-            " WHERE uuid = :u AND version = :v RETURNING *),"
-            " h AS (INSERT INTO vm_history (vm_uuid, job_id, from_state, to_state, version, mn)"
-            " SELECT uuid, CAST(:job AS varchar), CAST(:prior AS varchar), state, version, CAST(:me AS varchar)"
-            " FROM v WHERE state IS DISTINCT FROM CAST(:prior AS varchar)),"
-            " j AS (UPDATE jobs SET state = 'Succeeded', result = CAST(:r AS jsonb), error = NULL,"
+            f"{_vm_change(names)}, j AS (UPDATE jobs SET state = 'Succeeded', result = CAST(:r AS jsonb), error = NULL,"
             " updated_at = clock_timestamp(), finished_at = clock_timestamp()"
             " WHERE id = :job AND mn = :me AND state = 'Running'"
             " AND EXISTS (SELECT 1 FROM v WHERE version = CAST(:v AS bigint) + 1) RETURNING *)"
