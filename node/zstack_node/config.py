@@ -25,6 +25,9 @@ def _where(name: str) -> str:
     return f"{flag} / ZSTACK_{name.upper()}"
 
 
+MAX_SECONDS = 86400.0  # the longest duration a setting may have: a day
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything one MN needs to run. Build it with `Settings(...)` and call `validate()`."""
@@ -70,8 +73,9 @@ class Settings:
             raise ConfigError(f"{_where('http_port')}: {self.http_port} is not a TCP port (0-65535)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "lease_duration", "call_timeout"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(f"{_where(name)}: must be a positive number of seconds, got {value!r}")
+            if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf, which float() accepts
+                raise ConfigError(f"{_where(name)}: must be a positive number of seconds up to {MAX_SECONDS:g}, "
+                                  f"got {value!r}")
         if self.heartbeat_timeout < 2 * self.heartbeat_interval:
             raise ConfigError(
                 f"{_where('heartbeat_timeout')}: {self.heartbeat_timeout}s must be at least twice "

@@ -18,6 +18,11 @@ GOOD = {"broker_url": "amqp://u:p@127.0.0.1:5672/%2F", "database_url": "postgres
         ({"database_url": "postgresql://u@h:99999/db"}, "--database-url"),
         ({"heartbeat_interval": 0}, "--heartbeat-interval"),
         ({"heartbeat_timeout": 1.5}, "--heartbeat-timeout"),
+        ({"heartbeat_timeout": float("inf")}, "--heartbeat-timeout"),
+        ({"heartbeat_timeout": float("nan")}, "--heartbeat-timeout"),
+        ({"heartbeat_interval": float("inf"), "heartbeat_timeout": float("inf")}, "--heartbeat-interval"),
+        ({"lease_duration": float("inf")}, "--lease-duration"),
+        ({"call_timeout": 1e12}, "--call-timeout"),
         ({"ring_vnodes": 0}, "--ring-vnodes"),
         ({"http_port": 70000}, "--http-port"),
     ],
@@ -43,6 +48,14 @@ def test_cli_reports_a_bad_env_var_by_name():
     result = CliRunner().invoke(main, [], env={"ZSTACK_BROKER_URL": "amqp://h", "ZSTACK_DATABASE_URL": "x://h/db"})
     assert result.exit_code == 2
     assert "ZSTACK_DATABASE_URL" in result.output
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e400"])
+def test_cli_refuses_a_non_finite_timeout_without_a_traceback(value):
+    result = CliRunner().invoke(main, ["--heartbeat-timeout", value], env={
+        "ZSTACK_BROKER_URL": GOOD["broker_url"], "ZSTACK_DATABASE_URL": GOOD["database_url"]})
+    assert result.exit_code == 2, result.output
+    assert "--heartbeat-timeout" in result.output and "Traceback" not in result.output
 
 
 def test_cli_reports_an_unloadable_service():
