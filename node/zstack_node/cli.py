@@ -64,7 +64,9 @@ def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN2
       help="Extra service to host, as package.module:ClassName")
 @_opt("log-level", default="INFO",
       type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@_opt("api-token", help="Bearer token the HTTP API requires")
+@_opt("api-token", help="Bearer token the HTTP API requires (visible in the environment: prefer --api-token-file)")
+@_opt("api-token-file", help="File of the bearer token(s), one per line, two during a rotation; read again when it "
+                             "changes")
 @_opt("kubernetes", type=click.Choice(["auto", "on", "off"]),
       help="Lease membership: auto is on when POD_NAME is set")
 @_opt("pod-name", env="POD_NAME", help="This MN's pod (downward API): the name of its Lease")

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from zstack_node.cloud.settings import CloudSettings
+from zstack_node.cloud.tokens import ApiTokens
 from zstack_node.errors import ConfigError
 from zstack_node.ring import DEFAULT_VNODES
 
@@ -41,6 +42,7 @@ class Settings:
     lease_duration: float = 5.0
     ring_vnodes: int = DEFAULT_VNODES
     api_token: str | None = None
+    api_token_file: str | None = None  # one token per line, two during a rotation; read again when it changes
     cluster: str = "default"
     hostname: str = field(default_factory=socket.gethostname)
     services: tuple[str, ...] = ()
@@ -69,6 +71,8 @@ class Settings:
             ("postgresql", "postgresql+psycopg2", "postgres"),
             "postgresql://user:pass@host:5432/zstack",
         )
+        if self.api_token_file:
+            ApiTokens(path=self.api_token_file)  # raises ConfigError naming the flag if it cannot be used
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"{_where('http_port')}: {self.http_port} is not a TCP port (0-65535)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "lease_duration", "call_timeout"):

@@ -35,7 +35,7 @@ class Context:
 
     def __init__(self) -> None:
         self.engine = create_engine("sqlite://")
-        self.settings = SimpleNamespace(api_token=TOKEN, cloud=CloudSettings())
+        self.settings = SimpleNamespace(api_token=TOKEN, api_token_file=None, cloud=CloudSettings())
         self.bus = Bus()
         self.uuid = None
         self.state = "running"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,6 +28,7 @@ from zstack_node.cloud.repo import DB_UNAVAILABLE, TERMINAL
 from zstack_node.cloud.retention import Purger
 from zstack_node.cloud.routes import ROUTES, Route, openapi_document
 from zstack_node.cloud.sweeper import Sweeper
+from zstack_node.cloud.tokens import ApiTokens
 from zstack_node.cloud.validation import MAX_BODY, HttpError, check_query, check_uuid, parse_json
 from zstack_node.errors import first_line
 from zstack_node.ring import Ring, RingChange
@@ -53,6 +53,7 @@ class ApiService(Service):
         self.db = Database(ctx)
         self.sweeper = Sweeper(ctx)
         self.purger = Purger(ctx)
+        self.tokens = ApiTokens(ctx.settings.api_token, ctx.settings.api_token_file)
         self._waiters: dict[str, _Waiter] = {}
         self._long_polls = 0
         self.max_long_polls = ctx.settings.cloud.api_max_long_polls
@@ -145,12 +146,11 @@ class ApiService(Service):
         return _accepted(job, replayed=True)
 
     def _authenticate(self, request: web.Request) -> None:
-        token = self.ctx.settings.api_token
-        if not token:
-            raise HttpError(401, "no_token_configured",
-                           "this MN has no API token: set --api-token / ZSTACK_API_TOKEN on the MN")
+        if not self.tokens.configured:
+            raise HttpError(401, "no_token_configured", "this MN has no API token: set --api-token-file / "
+                                                        "ZSTACK_API_TOKEN_FILE (or --api-token) on the MN")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if scheme.lower() != "bearer" or not self.tokens.accepts(given.strip()):
             raise HttpError(401, "unauthorized", "missing or wrong bearer token in the Authorization header")
 
     # ---- hosts -------------------------------------------------------------------------------
