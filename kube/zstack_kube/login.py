@@ -66,14 +66,23 @@ def without_retries(api_client: Any) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
+def in_pod(path: str | Path) -> Path:
+    """An absolute path of the pod's filesystem. The process kubelet of the dev cluster cannot give a process
+    its own /, so it puts a pod's mounts below $ZSTACK_POD_ROOT: a file there wins."""
+    root = os.environ.get("ZSTACK_POD_ROOT")
+    if root and Path(path).is_absolute():
+        below = Path(root) / Path(path).relative_to("/")
+        if below.exists():
+            return below
+    return Path(path)
+
+
 def namespace(explicit: str | None) -> str:
     """The namespace: --pod-namespace / POD_NAMESPACE, else the ServiceAccount's namespace file."""
     if explicit:
         return explicit
-    roots = [os.environ.get("ZSTACK_POD_ROOT"), "/"]  # the process kubelet mounts below ZSTACK_POD_ROOT
-    for root in filter(None, roots):
-        path = Path(root) / SA_NAMESPACE_FILE
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+    path = in_pod("/" + SA_NAMESPACE_FILE)
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
     raise KubeError("Kubernetes is on but the namespace is unknown: set --pod-namespace / POD_NAMESPACE "
                     "(the downward API's metadata.namespace)")

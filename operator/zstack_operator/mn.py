@@ -22,6 +22,8 @@ METRICS_RELABELINGS: list[dict[str, Any]] = [
     {"sourceLabels": ["__meta_kubernetes_pod_label_zstack_io_cluster"], "targetLabel": "zstack_cluster"},
 ]
 
+TOKEN_VOLUME = "api-token"
+TOKEN_DIR = "/var/run/zstack/api-token"  # the API token Secret, mounted read-only
 
 def config_map(cluster: Cluster) -> dict[str, Any]:
     """`<cluster>-mn-config`: the MN settings from spec.node, as zstack-node's env vars."""
@@ -80,6 +82,10 @@ def statefulset(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         "terminationGracePeriodSeconds": int(cluster.spec.get("terminationGracePeriodSeconds", 30)),
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_container(cluster, config)],
+        # The token as a file, not an env var (which `kubectl describe` and /proc show); the kubelet updates
+        # the file in place when the Secret changes, and the MN reads it again: a rotation needs no restart.
+        "volumes": [{"name": TOKEN_VOLUME, "secret": {"secretName": api_token_ref(cluster)[0],
+                                                      "items": [{"key": api_token_ref(cluster)[1], "path": "token"}]}}],
     }
     for key in ("nodeSelector", "tolerations", "affinity"):
         if pod.get(key):
@@ -112,7 +118,7 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         {"name": "ZSTACK_ADVERTISE_ADDRESS", "value": "$(POD_IP)"},
         secret_env("ZSTACK_BROKER_URL", secret_ref(cluster, "broker")),
         secret_env("ZSTACK_DATABASE_URL", secret_ref(cluster, "database")),
-        secret_env("ZSTACK_API_TOKEN", api_token_ref(cluster)),
+        {"name": "ZSTACK_API_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
     ]
     container: dict[str, Any] = {
         "name": MN_CONTAINER,
@@ -122,6 +128,7 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": cluster.api_port, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config["metadata"]["name"]}}],
         "env": env,
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1,
                            "timeoutSeconds": 1, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,

@@ -46,7 +46,13 @@ def test_external_mode_wires_the_users_secrets_and_runs_no_broker_or_database() 
     values = env(mn_container(next(o for o in objects if o["kind"] == "StatefulSet")))
     assert values["ZSTACK_BROKER_URL"] == {"secretKeyRef": {"name": "my-amqp", "key": "uri"}}
     assert values["ZSTACK_DATABASE_URL"] == {"secretKeyRef": {"name": "my-pg", "key": "url"}}
-    assert values["ZSTACK_API_TOKEN"] == {"secretKeyRef": {"name": "demo-api-token", "key": "token"}}
+    assert "ZSTACK_API_TOKEN" not in values, "a token in the environment shows in kubectl describe and /proc"
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")
+    (volume,) = sts["spec"]["template"]["spec"]["volumes"]
+    assert volume["secret"] == {"secretName": "demo-api-token", "items": [{"key": "token", "path": "token"}]}
+    (mount,) = mn_container(sts)["volumeMounts"]
+    assert mount["name"] == volume["name"] and mount["readOnly"] is True
+    assert values["ZSTACK_API_TOKEN_FILE"] == f"{mount['mountPath']}/token"
     assert [s["metadata"]["name"] for s in generated_secrets(cluster(**EXTERNAL))] == ["demo-api-token"]
 
 
