@@ -14,6 +14,7 @@ import yaml
 
 from zstack_node.config import default
 from zstack_node.version import NODE_IMAGE, VERSION
+from zstack_operator.managed import POSTGRES_IMAGE, RABBITMQ_IMAGE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,18 @@ def test_crd_api_port_and_image_defaults_are_the_mns() -> None:
     assert spec["api"]["properties"]["port"]["default"] == default("http_port")
     assert spec["image"]["default"] == NODE_IMAGE
     assert NODE_IMAGE in spec["image"]["description"]
+
+
+# A patch release: RabbitMQ numbers it major.minor.patch, PostgreSQL (10 and later) major.minor.
+@pytest.mark.parametrize(("section", "image", "release"), [("broker", RABBITMQ_IMAGE, r"\d+\.\d+\.\d+"),
+                                                           ("database", POSTGRES_IMAGE, r"\d+\.\d+")])
+def test_managed_images_are_the_operators_and_pinned_to_a_patch_release(section: str, image: str,
+                                                                         release: str) -> None:
+    managed = crd_spec()[section]["properties"]["managed"]["properties"]["image"]
+    assert managed["default"] == image and image in managed["description"], f"spec.{section}.managed.image"
+    assert re.fullmatch(rf"[a-z0-9/._-]+:{release}(-[a-z0-9.]+)?", image), f"{image}: not a pinned patch release"
+    example = yaml.safe_load((REPO / "examples" / "zstackcluster.yaml").read_text())
+    assert example["spec"][section]["managed"]["image"] == image
 
 
 @pytest.mark.parametrize("example", ["zstackcluster.yaml", "zstackcluster-kind.yaml"])

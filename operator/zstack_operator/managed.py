@@ -11,13 +11,17 @@ from typing import Any
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import AMQP_PORT, POSTGRES_PORT
 
+# The public images users pull, pinned to a patch release (a floating tag changes under a running cluster);
+# spec.*.managed.image may name another, by tag or by digest (image@sha256:...).
+RABBITMQ_IMAGE = "rabbitmq:3.13.7-alpine"
+POSTGRES_IMAGE = "postgres:16.4-alpine"
 
 def rabbitmq(cluster: Cluster) -> list[dict[str, Any]]:
     """StatefulSet and Service `<cluster>-rabbitmq`."""
     name, secret = cluster.child("rabbitmq"), cluster.child("broker")
     container = {
         "name": "rabbitmq",
-        "image": cluster.section("broker", "managed").get("image", "rabbitmq:3.13-alpine"),
+        "image": cluster.section("broker", "managed").get("image", RABBITMQ_IMAGE),
         "ports": [{"name": "amqp", "containerPort": AMQP_PORT, "protocol": "TCP"}],
         "env": [_secret_env("RABBITMQ_DEFAULT_USER", secret, "username"),
                 _secret_env("RABBITMQ_DEFAULT_PASS", secret, "password")],
@@ -37,7 +41,7 @@ def postgresql(cluster: Cluster) -> list[dict[str, Any]]:
     ready = ["sh", "-c", 'pg_isready -h 127.0.0.1 -U "$POSTGRES_USER" -d "$POSTGRES_DB"']
     container = {
         "name": "postgresql",
-        "image": cluster.section("database", "managed").get("image", "postgres:16-alpine"),
+        "image": cluster.section("database", "managed").get("image", POSTGRES_IMAGE),
         "ports": [{"name": "postgresql", "containerPort": POSTGRES_PORT, "protocol": "TCP"}],
         "env": [_secret_env("POSTGRES_USER", secret, "username"),
                 _secret_env("POSTGRES_PASSWORD", secret, "password"),

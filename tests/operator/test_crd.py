@@ -37,8 +37,8 @@ DEFAULT_SPEC = {
     "node": {"heartbeatIntervalSeconds": 1, "heartbeatTimeoutSeconds": 4, "leaseDurationSeconds": 5,
              "ringVirtualNodes": 4000},
     "api": {"serviceType": "ClusterIP", "port": 8080},
-    "broker": {"managed": {"image": "rabbitmq:3.13-alpine", "storage": {"size": "1Gi"}}},
-    "database": {"managed": {"image": "postgres:16-alpine", "storage": {"size": "1Gi"}}},
+    "broker": {"managed": {"image": "rabbitmq:3.13.7-alpine", "storage": {"size": "1Gi"}}},
+    "database": {"managed": {"image": "postgres:16.4-alpine", "storage": {"size": "1Gi"}}},
     "metrics": {"serviceMonitor": False, "podMonitor": False},
     "podDisruptionBudget": {"enabled": True},
 }
@@ -158,6 +158,17 @@ def test_partial_node_settings_keep_the_other_defaults(ns: Namespace) -> None:
                                         "leaseDurationSeconds": 5, "ringVirtualNodes": 4000}
 
 
+def test_images_by_registry_tag_and_digest_are_accepted(ns: Namespace) -> None:
+    digest = "sha256:" + "0123456789abcdef" * 4
+    images = {"image": f"registry.example.com:5000/zstack/zstack-node:0.1.0@{digest}",
+              "broker": {"managed": {"image": f"rabbitmq@{digest}"}},
+              "database": {"managed": {"image": "ghcr.io/me/postgres:16.4-alpine"}}}
+    expect_accepted(ns, images)
+    spec = ns.get()["spec"]
+    assert spec["image"] == images["image"]
+    assert spec["broker"]["managed"]["image"] == f"rabbitmq@{digest}"
+
+
 def test_pod_overrides_and_node_port_are_accepted(ns: Namespace) -> None:
     pod = {"nodeSelector": {"kubernetes.io/os": "linux"},
            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "zstack", "effect": "NoSchedule"}],
@@ -179,6 +190,13 @@ BAD_SPECS = [
     pytest.param({"replicas": -1}, "spec.replicas", "greater than or equal to 0", id="negative-replicas"),
     pytest.param({"replicas": 101}, "spec.replicas", "less than or equal to 100", id="too-many-replicas"),
     pytest.param({"image": ""}, "spec.image", "", id="empty-image"),
+    pytest.param({"image": "Zstack-Node:1"}, "spec.image", "should match", id="image-uppercase"),
+    pytest.param({"image": "zstack node:1"}, "spec.image", "should match", id="image-with-a-space"),
+    pytest.param({"image": "zstack-node@sha256:abc"}, "spec.image", "should match", id="image-short-digest"),
+    pytest.param({"broker": {"managed": {"image": "rabbitmq:"}}}, "spec.broker.managed.image", "should match",
+                 id="broker-image-empty-tag"),
+    pytest.param({"database": {"managed": {"image": "postgres:16 --evil"}}}, "spec.database.managed.image",
+                 "should match", id="database-image-with-arguments"),
     pytest.param({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy", "Sometimes", id="unknown-pull-policy"),
     pytest.param({"terminationGracePeriodSeconds": 1}, "spec.terminationGracePeriodSeconds", "",
                  id="grace-period-too-short"),
