@@ -27,6 +27,7 @@ from zstack_operator.events import EventRecorder
 from zstack_operator.handlers import build_registry, quiet_kopf_logs
 from zstack_operator.kubeapi import Kube
 from zstack_operator.leader import LeaderElector, default_identity
+from zstack_operator.mn import MN_CLUSTER_ROLE
 
 log = logging.getLogger("zstack_operator")
 KOPF_STOP_TIMEOUT = 20.0
@@ -46,6 +47,7 @@ class OperatorOptions:
     resync_interval: float
     status_interval: float
     idle_status_interval: float
+    mn_cluster_role: str = MN_CLUSTER_ROLE
 
 
 def run(options: OperatorOptions) -> int:
@@ -64,7 +66,7 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
     identity = default_identity()
     kube = Kube(api_client)
     controller = Controller(kube, EventRecorder(kube, identity), options.status_interval, options.resync_interval,
-                            options.idle_status_interval)
+                            options.idle_status_interval, options.mn_cluster_role)
     stopping, leading = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

@@ -9,6 +9,7 @@ import sys
 import click
 
 from zstack_operator.app import OperatorOptions, run
+from zstack_operator.mn import MN_CLUSTER_ROLE
 
 
 def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
@@ -33,6 +34,8 @@ def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
 @_opt("lease-duration", default=15.0, type=click.FloatRange(min=1), help="Seconds a standby waits for a silent leader")
 @_opt("renew-deadline", default=10.0, type=click.FloatRange(min=0.5), help="Seconds a leader may fail to renew")
 @_opt("retry-period", default=2.0, type=click.FloatRange(min=0.1), help="Seconds between Lease attempts")
+@_opt("mn-cluster-role", default=MN_CLUSTER_ROLE,
+      help="ClusterRole each cluster's MNs are bound to (the chart's rbac.mnClusterRole)")
 @_opt("resync-interval", default=30.0, type=click.FloatRange(min=1), help="Seconds between periodic reconciles")
 @_opt("status-interval", default=1.0, type=click.FloatRange(min=0.1),
       help="Seconds between status refreshes (pods and MN rings) of a cluster that is changing")
@@ -41,8 +44,8 @@ def _opt(name: str, **kwargs):  # noqa: ANN202 - a click decorator
 @_opt("log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(namespaces: tuple[str, ...], all_namespaces: bool, http_bind: str, http_port: int, leader_election: bool,
          leader_election_namespace: str | None, leader_election_id: str, lease_duration: float,
-         renew_deadline: float, retry_period: float, resync_interval: float, status_interval: float,
-         idle_status_interval: float, log_level: str) -> None:
+         renew_deadline: float, retry_period: float, mn_cluster_role: str, resync_interval: float,
+         status_interval: float, idle_status_interval: float, log_level: str) -> None:
     """Reconcile ZStackCluster resources into management-node StatefulSets, Services, Secrets and more."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("pass --namespace NS (repeatable) or --all-namespaces, not both and not neither")
@@ -57,6 +60,6 @@ def main(namespaces: tuple[str, ...], all_namespaces: bool, http_bind: str, http
         namespaces=namespaces, http_bind=http_bind, http_port=http_port, leader_election=leader_election,
         leader_election_namespace=leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default",
         leader_election_id=leader_election_id, lease_duration=lease_duration, renew_deadline=renew_deadline,
-        retry_period=retry_period, resync_interval=resync_interval, status_interval=status_interval,
-        idle_status_interval=idle_status_interval)
+        retry_period=retry_period, mn_cluster_role=mn_cluster_role, resync_interval=resync_interval,
+        status_interval=status_interval, idle_status_interval=idle_status_interval)
     sys.exit(run(options))

@@ -75,7 +75,7 @@ class Cluster:
 
     @property
     def mn(self) -> str:
-        """The MN StatefulSet, its headless Service, PDB, ServiceAccount, Role and RoleBinding."""
+        """The MN StatefulSet, its headless Service, PDB and ServiceAccount."""
         return self.child("mn")
 
     def labels(self, component: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from zstack_operator import metrics
 from zstack_operator.cluster import Cluster
 from zstack_operator.events import EventRecorder
 from zstack_operator.kubeapi import Kube
+from zstack_operator.mn import MN_CLUSTER_ROLE
 from zstack_operator.observe import observe
 from zstack_operator.reconcile import Outcome, ReconcileError, Stopping, reconcile
 from zstack_operator.status import ReconcileState, build_status, same_status
@@ -52,8 +53,9 @@ class Controller:
     """Reconciles and reports on the ZStackClusters kopf tells it about."""
 
     def __init__(self, kube: Kube, events: EventRecorder, status_interval: float, resync_interval: float,
-                 idle_status_interval: float = 10.0) -> None:
+                 idle_status_interval: float = 10.0, mn_cluster_role: str = MN_CLUSTER_ROLE) -> None:
         self.kube = kube
+        self.mn_cluster_role = mn_cluster_role
         self.events = events
         self.status_interval = status_interval
         self.idle_status_interval = max(idle_status_interval, status_interval)
@@ -122,7 +124,8 @@ class Controller:
                 return
             started = time.monotonic()
             try:
-                outcome = reconcile(self.kube, cluster, self.events, should_stop=self._stop.is_set)
+                outcome = reconcile(self.kube, cluster, self.events, should_stop=self._stop.is_set,
+                                    mn_cluster_role=self.mn_cluster_role)
             except ReconcileError as exc:
                 self._failed(cluster, tracked, exc)
                 raise

@@ -25,7 +25,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Event": ("v1", "events"),
     "StatefulSet": ("apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
-    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),

@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from importlib import resources
 from typing import Any
-
-import yaml
 
 from zstack_node.config import default
 from zstack_node.version import NODE_IMAGE
@@ -22,6 +19,9 @@ METRICS_RELABELINGS: list[dict[str, Any]] = [
     {"sourceLabels": ["__meta_kubernetes_pod_label_zstack_io_cluster"], "targetLabel": "zstack_cluster"},
 ]
 
+# The MNs' rights (their Leases, a read of their own Pod): a ClusterRole the chart ships, the same as
+# zstack_node's manifests/mn-rbac.yaml. The operator may bind it and no other role.
+MN_CLUSTER_ROLE = "zstack-mn"
 TOKEN_VOLUME = "api-token"
 TOKEN_DIR = "/var/run/zstack/api-token"  # the API token Secret, mounted read-only
 
@@ -40,18 +40,16 @@ def config_map(cluster: Cluster) -> dict[str, Any]:
             "data": data}
 
 
-def access(cluster: Cluster) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding `<cluster>-mn`, from zstack_node's mn-rbac.yaml (Leases, own Pod)."""
-    text = resources.files("zstack_node").joinpath("manifests/mn-rbac.yaml").read_text()
-    objects = []
-    for doc in yaml.safe_load_all(text):
-        obj = copy.deepcopy(doc)
-        obj["metadata"] = cluster.metadata(cluster.mn, "mn")
-        if obj["kind"] == "RoleBinding":
-            obj["roleRef"]["name"] = cluster.mn
-            obj["subjects"] = [{"kind": "ServiceAccount", "name": cluster.mn, "namespace": cluster.namespace}]
-        objects.append(obj)
-    return objects
+def access(cluster: Cluster, cluster_role: str = MN_CLUSTER_ROLE) -> list[dict[str, Any]]:
+    """ServiceAccount `<cluster>-mn` and its RoleBinding to the MNs' ClusterRole in the cluster's namespace.
+
+    The binding is named after the role too: roleRef is immutable, so another role means another binding."""
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": cluster.metadata(cluster.mn, "mn")}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": cluster.metadata(f"{cluster.mn}-{cluster_role}", "mn"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+               "subjects": [{"kind": "ServiceAccount", "name": cluster.mn, "namespace": cluster.namespace}]}
+    return [account, binding]
 
 
 def services(cluster: Cluster) -> list[dict[str, Any]]:

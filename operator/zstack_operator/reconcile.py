@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zstack_kube.errors import ApiError
-from zstack_operator import managed, mn
+from zstack_operator import managed, mn, netpol
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import generated_secrets
 from zstack_operator.events import EventRecorder
@@ -48,10 +48,12 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def desired_children(cluster: Cluster, monitoring: dict[str, bool]) -> list[dict[str, Any]]:
+def desired_children(cluster: Cluster, monitoring: dict[str, bool],
+                     mn_cluster_role: str = mn.MN_CLUSTER_ROLE) -> list[dict[str, Any]]:
     """Every child the spec asks for, in apply order (what pods need comes before the pods)."""
     config = mn.config_map(cluster)
-    objects = [config, *mn.access(cluster), *mn.services(cluster)]
+    # Policies come before the pods they guard, so that no pod ever runs unguarded.
+    objects = [config, *mn.access(cluster, mn_cluster_role), *mn.services(cluster), *netpol.policies(cluster)]
     if cluster.mode("broker") == "managed":
         objects += managed.rabbitmq(cluster)
     if cluster.mode("database") == "managed":
@@ -71,11 +73,12 @@ def optional_children(cluster: Cluster) -> list[tuple[str, str]]:
     """(kind, name) of every child some spec may turn off: candidates for pruning."""
     return [("PodDisruptionBudget", cluster.mn), ("ServiceMonitor", cluster.mn), ("PodMonitor", cluster.mn),
             ("StatefulSet", cluster.child("rabbitmq")), ("Service", cluster.child("rabbitmq")),
-            ("StatefulSet", cluster.child("postgresql")), ("Service", cluster.child("postgresql"))]
+            ("StatefulSet", cluster.child("postgresql")), ("Service", cluster.child("postgresql")),
+            *(("NetworkPolicy", name) for name in netpol.names(cluster))]
 
 
 def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder,
-              should_stop: Callable[[], bool] = lambda: False) -> Outcome:
+              should_stop: Callable[[], bool] = lambda: False, mn_cluster_role: str = mn.MN_CLUSTER_ROLE) -> Outcome:
     """Apply the desired children, create missing Secrets, prune what the spec turned off.
 
     A child that fails does not stop the others (a broken managed database must not block `kubectl scale`);
@@ -99,7 +102,7 @@ def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder,
             outcome.created.append(f"Secret {secret['metadata']['name']}")
 
     before = attempt("StatefulSet", cluster.mn, kube.get, "StatefulSet", cluster.namespace, cluster.mn)
-    wanted = desired_children(cluster, monitoring)
+    wanted = desired_children(cluster, monitoring, mn_cluster_role)
     for obj in wanted:
         attempt(obj["kind"], obj["metadata"]["name"], kube.apply, obj)
     if before is None and not failures:

@@ -39,6 +39,10 @@ class Release:
     install_output: str
 
     @property
+    def mn_cluster_role(self) -> str:
+        return f"{self.name}-mn"
+
+    @property
     def fullname(self) -> str:
         return f"{self.name}-zstack-operator"
 
@@ -65,8 +69,10 @@ def _apply_example(cluster: KubeCluster, namespace: str, broker: str, database: 
 def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[Release]:
     suffix = uuid.uuid4().hex[:6]
     rel = Release(devcluster, f"zso-{suffix}", f"zso-{suffix}", f"zsw-{suffix}", f"zsu-{suffix}", "")
-    for ns in (rel.watched, rel.unwatched):
+    for ns in (rel.watched, rel.unwatched, rel.namespace):
         devcluster.kubectl("create", "namespace", ns)
+        # The operator's pod and every pod it makes must pass Pod Security "restricted".
+        devcluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
     postgres.start()
     rabbitmq.start()
     database = postgres.create_database(f"zsw_{suffix}")
@@ -74,10 +80,12 @@ def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[R
     urls = (rabbitmq.add_vhost(vhost), postgres.url_for(database))
     try:
         rel.install_output = helm(
-            "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace", "--wait",
+            "install", rel.name, str(CHART), "--namespace", rel.namespace, "--wait",
             "--timeout", "3m", "--set-json", f"watchNamespaces={json.dumps([rel.watched])}",
             # The process kubelet runs pods in the host's network: each listens on its own pod IP only.
             "--set-string", "metrics.bindAddress=$(POD_IP)",
+            # The default name belongs to `make demo`'s release, which may share this devcluster.
+            "--set-string", f"rbac.mnClusterRole={rel.mn_cluster_role}",
             kubeconfig=devcluster.kubeconfig).stdout
         for ns in (rel.watched, rel.unwatched):
             _apply_example(devcluster, ns, *urls)
@@ -127,12 +135,42 @@ def test_the_example_becomes_ready_in_the_watched_namespace_only(release: Releas
     assert release.get("statefulset", "demo-mn", "-n", release.unwatched) is None
 
 
+def test_rbac_is_least_privilege_and_only_in_the_watched_namespace(release: Release) -> None:
+    release.get("zsc", "demo", "-n", release.watched)  # the example exists: its MN account is bound by now
+    wait_for("the MNs' RoleBinding", lambda: release.get(
+        "rolebinding", f"demo-mn-{release.mn_cluster_role}", "-n", release.watched), timeout=60)
+    can = release.cluster.can_i
+    operator = f"{release.namespace}/{release.fullname}"
+    assert can(operator, "patch", "statefulsets", release.watched)
+    assert can(operator, "bind", f"clusterroles/{release.mn_cluster_role}", release.watched)
+    for ns in (release.unwatched, "kube-system", "default"):
+        assert not can(operator, "patch", "statefulsets", ns), f"the operator can write StatefulSets in {ns}"
+        assert not can(operator, "create", "secrets", ns)
+        assert not can(operator, "bind", f"clusterroles/{release.mn_cluster_role}", ns)
+    for verb in ("get", "update", "create"):
+        assert not can(operator, verb, "leases", "kube-system")
+        assert not can(operator, verb, "leases", release.watched)
+        assert can(operator, verb, "leases", release.namespace), "the leader Lease lives in the release namespace"
+    assert not can(operator, "list", "secrets", "kube-system")
+    for verb in ("create", "escalate"):
+        assert not can(operator, verb, "roles", release.watched)
+    assert not can(operator, "bind", "clusterroles/cluster-admin", release.watched)
+
+    mn = f"{release.watched}/demo-mn"
+    assert can(mn, "update", "leases", release.watched)
+    for ns in (release.unwatched, release.namespace, "kube-system"):
+        assert not can(mn, "update", "leases", ns), f"an MN can update Leases in {ns}"
+    assert not can(mn, "list", "secrets", release.watched)
+    assert not can(mn, "create", "pods", release.watched)
+
+
 def test_uninstall_removes_the_operator_and_keeps_the_crd(release: Release) -> None:
     helm("uninstall", release.name, "--namespace", release.namespace, "--wait", "--timeout", "2m",
          kubeconfig=release.cluster.kubeconfig)
     assert release.get("deployment", release.fullname, "-n", release.namespace) is None
     assert release.get("role", release.fullname, "-n", release.watched) is None
     assert release.get("clusterrole", f"{release.fullname}-crds") is None
+    assert release.get("clusterrole", release.mn_cluster_role) is None
     wait_for("the operator pod to go", lambda: not release.operator_pods(), timeout=60)
     assert release.get("crd", "zstackclusters.zstack.io") is not None, "helm uninstall must keep the CRD"
     assert release.get("zsc", "demo", "-n", release.watched) is not None, "clusters outlive the operator"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.fixtures.kube import KubeCluster
 from zstack_devcluster.layout import Layout
@@ -29,9 +30,22 @@ RBAC = REPO / "node" / "zstack_node" / "manifests" / "mn-rbac.yaml"
 CLUSTER = "demo"
 STS = f"{CLUSTER}-mn"
 SA = "zstack-mn"
+# The manifest's ClusterRole, renamed: a `make demo` release on the same devcluster owns the name zstack-mn.
+MN_CLUSTER_ROLE = "zstack-mn-k8s-tests"
 LEASE_DURATION = 5.0  # the defaults of zstack-node
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 4.0
+
+
+def mn_rbac(cluster_role: str) -> str:
+    """node/zstack_node/manifests/mn-rbac.yaml with its ClusterRole (and the binding's roleRef) renamed."""
+    docs = list(yaml.safe_load_all(RBAC.read_text()))
+    for doc in docs:
+        if doc["kind"] == "ClusterRole":
+            doc["metadata"]["name"] = cluster_role
+        elif doc["kind"] == "RoleBinding":
+            doc["roleRef"]["name"] = cluster_role
+    return yaml.safe_dump_all(docs)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.1,
@@ -272,7 +286,7 @@ def mn_pods(devcluster: KubeCluster, fresh_database: str, fresh_vhost: str) -> I
     """A fresh namespace with the MN ServiceAccount and RBAC; `deploy()` starts the 3 MN pods."""
     ns = f"mn-{uuid.uuid4().hex[:8]}"
     devcluster.kubectl("create", "namespace", ns)
-    devcluster.kubectl("-n", ns, "apply", "-f", str(RBAC))
+    devcluster.kubectl("-n", ns, "apply", "-f", "-", input=mn_rbac(MN_CLUSTER_ROLE))
     pods = MnPods(devcluster, ns, free_port(), fresh_vhost, fresh_database)
     try:
         yield pods

@@ -44,10 +44,13 @@ OPERATOR_NS = "zstack-system"
 # The chart's ServiceAccount and RBAC, rendered for a release of this name (a `make demo` release on the same
 # devcluster is called zstack-operator: distinct names keep the two apart).
 OPERATOR_RELEASE = OPERATOR_SA = "zstack-operator-e2e"
+# The MNs' ClusterRole of that release (a `make demo` release owns the default name, zstack-mn).
+MN_CLUSTER_ROLE = "zstack-mn-e2e"
 CLUSTER = "demo"
 MN_SELECTOR = f"app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component=mn"
 PAUSE = "zstack.io/pause-reconciliation"
 TIMEOUT = 120.0
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 MANAGER = "zstack-operator"  # the fieldManager of the operator's server-side applies
 LEADER_LEASE = "zstack-operator"  # the operator's leader Lease in OPERATOR_NS
@@ -55,7 +58,7 @@ LEADER_LEASE = "zstack-operator"  # the operator's leader Lease in OPERATOR_NS
 # The children of an external-mode ZStackCluster `demo`, as "Kind/name".
 CHILDREN = [
     "StatefulSet/demo-mn", "Service/demo-mn", "Service/demo-api", "ConfigMap/demo-mn-config",
-    "Secret/demo-api-token", "ServiceAccount/demo-mn", "Role/demo-mn", "RoleBinding/demo-mn",
+    "Secret/demo-api-token", "ServiceAccount/demo-mn", f"RoleBinding/demo-mn-{MN_CLUSTER_ROLE}",
     "PodDisruptionBudget/demo-mn",
 ]
 # Children whose status a Kubernetes controller writes (the StatefulSet and disruption controllers): their
@@ -95,7 +98,7 @@ def operator_rbac(devcluster: KubeCluster, crd: None, tmp_path_factory: pytest.T
     """A kubeconfig of the chart's ServiceAccount in zstack-system, bound by the chart's RBAC (cluster-wide)."""
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}
     devcluster.kubectl("apply", "-f", "-", input=json.dumps(namespace))
-    rbac = render(OPERATOR_RELEASE, OPERATOR_NS,
+    rbac = render(OPERATOR_RELEASE, OPERATOR_NS, values={"rbac": {"mnClusterRole": MN_CLUSTER_ROLE}},
                   show_only=("templates/serviceaccount.yaml", "templates/rbac.yaml"))
     devcluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     token = devcluster.kubectl("create", "token", OPERATOR_SA, "-n", OPERATOR_NS,
@@ -143,7 +146,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         argv = [sys.executable, "-m", "zstack_operator", "--all-namespaces",
                 "--http-bind", "127.0.0.1", "--http-port", str(self.port),
-                "--leader-election-namespace", OPERATOR_NS,
+                "--leader-election-namespace", OPERATOR_NS, "--mn-cluster-role", MN_CLUSTER_ROLE,
                 *LEASE_ARGS, *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "POD_", "ZSTACK_"))}
         env["KUBECONFIG"] = str(self.kubeconfig)
@@ -497,6 +500,8 @@ def zsc(devcluster: KubeCluster, crd: None, operator_factory: OperatorFactory, f
     dropped, and before the operators stop."""
     ns = f"zsc-{uuid.uuid4().hex[:8]}"
     devcluster.kubectl("create", "namespace", ns)
+    # Every pod the operator makes must pass Pod Security "restricted": the API server refuses any other here.
+    devcluster.kubectl("label", "namespace", ns, f"{PSA_ENFORCE}=restricted")
     for secret, url in (("external-broker", fresh_vhost), ("external-database", fresh_database)):
         devcluster.kubectl("-n", ns, "create", "secret", "generic", secret, f"--from-literal=url={url}")
     cluster = Zsc(devcluster, ns, free_port(), operator_factory)

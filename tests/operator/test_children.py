@@ -8,9 +8,10 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from tests.fixtures.chart import render
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import broker_secret, database_secret, generated_secrets
-from zstack_operator.mn import METRICS_RELABELINGS, access, config_map, statefulset
+from zstack_operator.mn import METRICS_RELABELINGS, MN_CLUSTER_ROLE, access, config_map, statefulset
 from zstack_operator.reconcile import desired_children
 
 EXTERNAL = {"broker": {"external": {"secretRef": {"name": "my-amqp", "key": "uri"}}},
@@ -132,11 +133,48 @@ def test_both_monitors_label_every_mn_series_with_its_cluster_and_keep_the_bus_s
     assert (service_endpoint["port"], pod_endpoint["port"]) == ("http", "http")
 
 
-def test_mn_access_is_the_lease_rbac_of_the_node_renamed_per_cluster() -> None:
+def test_mn_access_binds_the_fixed_cluster_role_in_the_cluster_namespace_only() -> None:
+    objects = {o["kind"]: o for o in access(cluster(), "zstack-mn")}
+    assert set(objects) == {"ServiceAccount", "RoleBinding"}, "the operator writes no Role of its own"
+    binding = objects["RoleBinding"]
+    assert binding["metadata"]["namespace"] == "prod"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "zstack-mn"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-mn", "namespace": "prod"}]
+    assert objects["ServiceAccount"]["metadata"]["name"] == "demo-mn"
+    # roleRef is immutable: binding another role must be another object, never a failing patch.
+    other = {o["kind"]: o for o in access(cluster(), "zstack-mn-other")}["RoleBinding"]
+    assert other["metadata"]["name"] != binding["metadata"]["name"]
+
+
+def test_the_chart_grants_the_mns_exactly_what_the_node_manifest_does() -> None:
     text = resources.files("zstack_node").joinpath("manifests/mn-rbac.yaml").read_text()
-    node_role = next(d for d in yaml.safe_load_all(text) if d["kind"] == "Role")
-    objects = {o["kind"]: o for o in access(cluster())}
-    assert objects["Role"]["rules"] == node_role["rules"]
-    assert objects["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "demo-mn", "namespace": "prod"}]
-    assert objects["RoleBinding"]["roleRef"]["name"] == "demo-mn" and objects["ServiceAccount"]["metadata"]["name"] \
-        == "demo-mn"
+    (node_role,) = [d for d in yaml.safe_load_all(text) if d["kind"] == "ClusterRole"]
+    (chart_role,) = [d for d in render() if d["kind"] == "ClusterRole" and d["metadata"]["name"] == MN_CLUSTER_ROLE]
+    assert chart_role["rules"] == node_role["rules"]
+    assert node_role["metadata"]["name"] == MN_CLUSTER_ROLE
+
+
+def test_network_policies_guard_every_pod_by_default_and_go_when_turned_off() -> None:
+    managed = {"broker": {"managed": {}}, "database": {"managed": {}}}
+    policies = {o["metadata"]["name"]: o for o in desired_children(cluster(**managed), {})
+                if o["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == ["demo-mn", "demo-postgresql", "demo-rabbitmq"]
+    external = [o for o in desired_children(cluster(**EXTERNAL), {}) if o["kind"] == "NetworkPolicy"]
+    assert [o["metadata"]["name"] for o in external] == ["demo-mn"]
+    off = desired_children(cluster(networkPolicy={"enabled": False}, **managed), {})
+    assert not [o for o in off if o["kind"] == "NetworkPolicy"]
+
+
+def test_an_exposed_api_accepts_from_anywhere_unless_allow_from_says_otherwise() -> None:
+    def mn_rule(**spec: Any) -> dict[str, Any]:
+        (policy,) = [o for o in desired_children(cluster(**spec, **EXTERNAL), {})
+                     if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "demo-mn"]
+        (rule,) = policy["spec"]["ingress"]
+        return rule
+
+    assert "from" not in mn_rule(api={"serviceType": "LoadBalancer"}), "a LoadBalancer's clients come from outside"
+    assert mn_rule()["from"] == [{"namespaceSelector": {}}]
+    peers = [{"ipBlock": {"cidr": "10.1.0.0/16"}}]
+    narrowed = mn_rule(api={"serviceType": "NodePort", "allowFrom": peers})["from"]
+    assert narrowed[0] == peers[0] and narrowed[1]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "zstack-operator"}

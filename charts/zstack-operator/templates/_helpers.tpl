@@ -36,14 +36,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 The rights the operator needs in every namespace it watches, and nothing more: one list, used by the
 ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's e2e tests run it with these.
   - ZStackClusters: watch them, write their status; kopf keeps its progress in their annotations (patch).
-  - Children it creates and owns: StatefulSets, Services, ConfigMaps, ServiceAccounts, Roles, RoleBindings,
-    PodDisruptionBudgets, ServiceMonitors/PodMonitors. Server-side apply is a patch; pruning a child that a
+  - Children it creates and owns: StatefulSets, Services, ConfigMaps, ServiceAccounts, RoleBindings,
+    PodDisruptionBudgets, NetworkPolicies, ServiceMonitors/PodMonitors. Server-side apply is a patch; pruning a child that a
     spec turned off is get + delete.
   - Secrets: create (generated credentials) only. It never reads, lists or updates a Secret: MN pods take
     URLs and tokens from them by secretKeyRef.
   - Pods: list and watch (status: readiness and the MNs' rings; a pod event refreshes it); Events: create.
-  - Leases: the MN Role grants Lease access, which RBAC lets the operator grant only if it holds that access
-    itself (no "escalate" verb). Same for "get" on pods.
+  - MN rights: no Lease access and no Roles. Each cluster's RoleBinding points at the fixed ClusterRole
+    rbac.mnClusterRole; "bind" on that one name lets the operator grant it without holding its rights.
 */}}
 {{- define "zstack-operator.namespacedRules" -}}
 - apiGroups: ["zstack.io"]
@@ -61,15 +61,24 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors", "podmonitors"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
   verbs: ["create", "patch"]
+# Each cluster's MNs get their rights from one RoleBinding to the fixed ClusterRole below. The operator may
+# bind that ClusterRole and no other: it holds no Lease rights itself and cannot write Roles.
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
+  resources: ["rolebindings"]
   verbs: ["create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["clusterroles"]
+  verbs: ["bind"]
+  resourceNames: [{{ .Values.rbac.mnClusterRole | quote }}]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
@@ -79,9 +88,16 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end -}}
+
+{{/* The MN's rights: the same rules as node/zstack_node/manifests/mn-rbac.yaml (a test keeps them equal). */}}
+{{- define "zstack-operator.mnRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "list", "watch", "create", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get"]
 {{- end -}}
 
 {{/* kopf lists and watches CRDs to notice resources appearing and going: cluster-scoped in both modes. */}}

@@ -191,6 +191,10 @@ class Service:
         """Logs whose tails explain a failed start."""
         raise NotImplementedError
 
+    def log_files(self) -> list[Path]:
+        """The server's logs (tests read them, e.g. to prove no secret is ever written there)."""
+        return [path for path in self._log_files() if path.exists()]
+
     def _hint(self) -> str:
         """What to check when the server does not come up."""
         return ""
