@@ -9,6 +9,7 @@ from typing import Any
 
 from zstack_node.config import default
 from zstack_node.version import NODE_IMAGE
+from zstack_operator import tls
 from zstack_operator.cluster import CONFIG_HASH_ANNOTATION, MN_CONTAINER, Cluster
 from zstack_operator.credentials import api_token_ref, secret_ref
 
@@ -85,6 +86,10 @@ def statefulset(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         "volumes": [{"name": TOKEN_VOLUME, "secret": {"secretName": api_token_ref(cluster)[0],
                                                       "items": [{"key": api_token_ref(cluster)[1], "path": "token"}]}}],
     }
+    if tls.enabled(cluster):
+        pod_spec["volumes"].append({"name": tls.VOLUME, "secret": {"secretName": tls.secret_name(cluster),
+                                                                  "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                                                            {"key": "tls.key", "path": "tls.key"}]}})
     for key in ("nodeSelector", "tolerations", "affinity"):
         if pod.get(key):
             pod_spec[key] = pod[key]
@@ -118,6 +123,13 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         secret_env("ZSTACK_DATABASE_URL", secret_ref(cluster, "database")),
         {"name": "ZSTACK_API_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
     ]
+    mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
+    scheme = "HTTP"
+    if tls.enabled(cluster):  # the kubelet updates the files in place; the MN serves a new pair without a restart
+        env += [{"name": "ZSTACK_TLS_CERT_FILE", "value": f"{tls.MOUNT_DIR}/tls.crt"},
+                {"name": "ZSTACK_TLS_KEY_FILE", "value": f"{tls.MOUNT_DIR}/tls.key"}]
+        mounts.append({"name": tls.VOLUME, "mountPath": tls.MOUNT_DIR, "readOnly": True})
+        scheme = "HTTPS"
     container: dict[str, Any] = {
         "name": MN_CONTAINER,
         "image": cluster.spec.get("image", NODE_IMAGE),
@@ -126,10 +138,10 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": cluster.api_port, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config["metadata"]["name"]}}],
         "env": env,
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1,
+        "volumeMounts": mounts,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http", "scheme": scheme}, "periodSeconds": 1,
                            "timeoutSeconds": 1, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http", "scheme": scheme}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -150,7 +162,7 @@ def service_monitor(cluster: Cluster) -> dict[str, Any]:
     """Scrapes the MNs through the headless Service. `honorLabels`: the target label `service` (the Kubernetes
     Service) would otherwise rename the MN's own `service` label (the bus service) to `exported_service`."""
     endpoint = {"port": "http", "path": "/metrics", "honorLabels": True,
-                "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
+                "relabelings": copy.deepcopy(METRICS_RELABELINGS), **_scrape_tls(cluster)}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
             "metadata": cluster.metadata(cluster.mn, "mn"),
             "spec": {"selector": {"matchLabels": {**cluster.selector_labels("mn"), "zstack.io/metrics": "true"}},
@@ -159,11 +171,22 @@ def service_monitor(cluster: Cluster) -> dict[str, Any]:
 
 def pod_monitor(cluster: Cluster) -> dict[str, Any]:
     """Scrapes the MN pods directly."""
-    endpoint = {"port": "http", "path": "/metrics", "relabelings": copy.deepcopy(METRICS_RELABELINGS)}
+    endpoint = {"port": "http", "path": "/metrics", "relabelings": copy.deepcopy(METRICS_RELABELINGS),
+                **_scrape_tls(cluster)}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
             "metadata": cluster.metadata(cluster.mn, "mn"),
             "spec": {"selector": {"matchLabels": cluster.selector_labels("mn")},
                      "podMetricsEndpoints": [endpoint]}}
+
+
+def _scrape_tls(cluster: Cluster) -> dict[str, Any]:
+    """Prometheus scrapes over HTTPS, verifying against the CA's ConfigMap and the API Service's name (one of
+    the certificate's names)."""
+    if not tls.enabled(cluster):
+        return {}
+    return {"scheme": "https",
+            "tlsConfig": {"ca": {"configMap": {"name": tls.ca_config_map_name(cluster), "key": tls.CA_KEY}},
+                          "serverName": f"{cluster.child('api')}.{cluster.namespace}.svc"}}
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from zstack_operator import tls
 from zstack_operator.cluster import MN_CONTAINER, Cluster
 from zstack_operator.kubeapi import Kube
 
@@ -45,7 +48,8 @@ def observe(kube: Kube, cluster: Cluster, pool: ThreadPoolExecutor) -> Observati
     """Read the StatefulSets and pods from the API server, and each MN's ring over HTTP (in parallel)."""
     sts = kube.get("StatefulSet", cluster.namespace, cluster.mn)
     raw_pods = kube.list("Pod", cluster.namespace, cluster.mn_selector)
-    rings = list(pool.map(lambda p: fetch_ring(p, cluster.api_port), raw_pods))
+    context = ring_context(kube, cluster) if tls.enabled(cluster) else None
+    rings = list(pool.map(lambda p: fetch_ring(p, cluster.api_port, context), raw_pods))
     pods = [_mn_pod(p, ring) for p, ring in zip(raw_pods, rings, strict=True)]
     broker = (kube.get("StatefulSet", cluster.namespace, cluster.child("rabbitmq"))
               if cluster.mode("broker") == "managed" else None)
@@ -55,16 +59,39 @@ def observe(kube: Kube, cluster: Cluster, pool: ThreadPoolExecutor) -> Observati
     return Observation(sts, sorted(pods, key=lambda p: ordinal(p.name)), broker, database, members, agreed, epochs)
 
 
-def fetch_ring(pod: dict[str, Any], port: int) -> dict[str, Any] | None:
-    """The MN's view of the ring, or None when it does not answer (not started, gone, or unreachable).
+def ring_context(kube: Kube, cluster: Cluster) -> ssl.SSLContext:
+    """How to verify the cluster's MNs: against the CA in ConfigMap `<cluster>-api-ca` (the operator writes it
+    with a generated certificate; with your own Secret, put its CA there). Without it the ring, which is
+    public and sent without a token, is read unverified."""
+    config_map = kube.get("ConfigMap", cluster.namespace, tls.ca_config_map_name(cluster)) or {}
+    return _context((config_map.get("data") or {}).get(tls.CA_KEY))
+
+
+@functools.lru_cache(maxsize=256)
+def _context(ca_pem: str | None) -> ssl.SSLContext:
+    if ca_pem:
+        try:
+            return tls.client_context(ca_pem)
+        except (ssl.SSLError, ValueError):
+            pass  # a damaged CA: read unverified, as without one
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def fetch_ring(pod: dict[str, Any], port: int, context: ssl.SSLContext | None = None) -> dict[str, Any] | None:
+    """The MN's view of the ring (over HTTPS with `context`), or None when it does not answer (not started,
+    gone, or unreachable).
 
     A ready MN gets a second try, so one slow answer on a busy node does not flap the status."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
+    url = f"{'https' if context else 'http'}://{ip}:{port}/v1/cluster/ring"
     for _ in range(2 if _ready(pod) else 1):
         try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/v1/cluster/ring", timeout=RING_TIMEOUT) as response:
+            with urllib.request.urlopen(url, timeout=RING_TIMEOUT, context=context) as response:
                 return json.load(response)
         except (OSError, ValueError):
             continue

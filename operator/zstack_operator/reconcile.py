@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zstack_kube.errors import ApiError
-from zstack_operator import managed, mn, netpol
+from zstack_operator import managed, mn, netpol, tls
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import generated_secrets
 from zstack_operator.events import EventRecorder
@@ -101,6 +101,9 @@ def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder,
         if attempt("Secret", secret["metadata"]["name"], kube.create_once, secret):
             outcome.created.append(f"Secret {secret['metadata']['name']}")
 
+    if tls.generated(cluster):
+        _create_certificate(kube, cluster, outcome, attempt)
+
     before = attempt("StatefulSet", cluster.mn, kube.get, "StatefulSet", cluster.namespace, cluster.mn)
     wanted = desired_children(cluster, monitoring, mn_cluster_role)
     for obj in wanted:
@@ -121,6 +124,20 @@ def reconcile(kube: Kube, cluster: Cluster, events: EventRecorder,
     if failures:
         raise ReconcileError(failures)
     return outcome
+
+
+def _create_certificate(kube: Kube, cluster: Cluster, outcome: Outcome, attempt: Callable[..., Any]) -> None:
+    """Create the API's Secret `<cluster>-api-tls` unless it exists, and then the CA's ConfigMap.
+
+    A certificate is issued at every reconcile (well under a millisecond of CPU) because the operator cannot
+    read Secrets to learn whether one exists; the API server keeps the first and refuses the rest."""
+    issued = tls.issue(cluster)
+    secret = tls.secret(cluster, issued)
+    name = secret["metadata"]["name"]
+    if attempt("Secret", name, kube.create_once, secret):
+        outcome.created.append(f"Secret {name}")
+        config_map = tls.ca_config_map(cluster, issued)
+        attempt("ConfigMap", config_map["metadata"]["name"], kube.apply, config_map)
 
 
 def _announce(cluster: Cluster, outcome: Outcome, events: EventRecorder) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 import threading
 import time
@@ -64,9 +65,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval:
         time.sleep(interval)
 
 
-def get_json(url: str, timeout: float = 2.0) -> Any:
+def get_json(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return json.load(response)
     except urllib.error.HTTPError as err:
         return json.load(err)

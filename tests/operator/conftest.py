@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ LEADER_LEASE = "zstack-operator"  # the operator's leader Lease in OPERATOR_NS
 CHILDREN = [
     "StatefulSet/demo-mn", "Service/demo-mn", "Service/demo-api", "ConfigMap/demo-mn-config",
     "Secret/demo-api-token", "ServiceAccount/demo-mn", f"RoleBinding/demo-mn-{MN_CLUSTER_ROLE}",
-    "PodDisruptionBudget/demo-mn",
+    "PodDisruptionBudget/demo-mn", "Secret/demo-api-tls", "ConfigMap/demo-api-ca", "NetworkPolicy/demo-mn",
 ]
 # Children whose status a Kubernetes controller writes (the StatefulSet and disruption controllers): their
 # resourceVersion moves without the operator, so its own writes show in their generation and managedFields.
@@ -431,9 +432,24 @@ class Zsc(InNamespace):
     def ip(self, name: str) -> str:
         return pod_ip(self.pod(name), name)
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """Verifies the MNs against the cluster's CA (ConfigMap <name>-api-ca). Pod IPs are in no certificate:
+        like the operator, tests dial them and check the chain only."""
+        ca = json.loads(self.read("get", "configmap", f"{self.name}-api-ca", "-o", "json"))["data"]["ca.crt"]
+        context = ssl.create_default_context(cadata=ca)
+        context.check_hostname = False
+        return context
+
+    def url(self, name: str, path: str) -> str:
+        """`path` on MN pod `name`, over HTTPS unless the spec opts out."""
+        tls = (self.cr()["spec"].get("api") or {}).get("tls") or {}
+        scheme = "http" if tls.get("enabled") is False else "https"
+        return f"{scheme}://{self.ip(name)}:{self.port}{path}"
+
     def ring(self, name: str) -> dict[str, Any]:
         """The MN's GET /v1/cluster/ring: self, epoch, members, state."""
-        return get_json(f"http://{self.ip(name)}:{self.port}/v1/cluster/ring", timeout=1.0)
+        url = self.url(name, "/v1/cluster/ring")
+        return get_json(url, timeout=1.0, context=self.ssl_context() if url.startswith("https") else None)
 
     def rings(self, names: list[str]) -> dict[str, dict[str, Any]]:
         return {name: self.ring(name) for name in names}

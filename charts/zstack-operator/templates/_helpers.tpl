@@ -39,7 +39,7 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
   - Children it creates and owns: StatefulSets, Services, ConfigMaps, ServiceAccounts, RoleBindings,
     PodDisruptionBudgets, NetworkPolicies, ServiceMonitors/PodMonitors. Server-side apply is a patch; pruning a child that a
     spec turned off is get + delete.
-  - Secrets: create (generated credentials) only. It never reads, lists or updates a Secret: MN pods take
+  - Secrets: create (generated credentials and the API's certificate) only. It never reads, lists or updates a Secret: MN pods take
     URLs and tokens from them by secretKeyRef.
   - Pods: list and watch (status: readiness and the MNs' rings; a pod event refreshes it); Events: create.
   - MN rights: no Lease access and no Roles. Each cluster's RoleBinding points at the fixed ClusterRole
@@ -68,8 +68,12 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
   resources: ["servicemonitors", "podmonitors"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts"]
+  resources: ["serviceaccounts"]
   verbs: ["create", "patch"]
+# ConfigMaps: the MN settings, and the API's CA certificate, which the operator reads to verify the MNs.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 # Each cluster's MNs get their rights from one RoleBinding to the fixed ClusterRole below. The operator may
 # bind that ClusterRole and no other: it holds no Lease rights itself and cannot write Roles.
 - apiGroups: ["rbac.authorization.k8s.io"]
