@@ -36,11 +36,12 @@ DEFAULT_SPEC = {
     "terminationGracePeriodSeconds": 30,
     "node": {"heartbeatIntervalSeconds": 1, "heartbeatTimeoutSeconds": 4, "leaseDurationSeconds": 5,
              "ringVirtualNodes": 4000},
-    "api": {"serviceType": "ClusterIP", "port": 8080},
+    "api": {"serviceType": "ClusterIP", "port": 8080, "tls": {"enabled": True}},
     "broker": {"managed": {"image": "rabbitmq:3.13.7-alpine", "storage": {"size": "1Gi"}}},
     "database": {"managed": {"image": "postgres:16.4-alpine", "storage": {"size": "1Gi"}}},
     "metrics": {"serviceMonitor": False, "podMonitor": False},
     "podDisruptionBudget": {"enabled": True},
+    "networkPolicy": {"enabled": True},
 }
 
 
@@ -182,6 +183,35 @@ def test_pod_overrides_and_node_port_are_accepted(ns: Namespace) -> None:
     assert spec["api"]["authSecret"] == {"name": "tok", "key": "token"}
 
 
+def test_tls_allow_from_and_backend_resources_are_accepted(ns: Namespace) -> None:
+    allow_from = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cloud-clients"}}},
+        {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "zstack-cli"}}},
+        {"podSelector": {"matchExpressions": [{"key": "zstack.io/client", "operator": "Exists"}]}},
+        {"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}},
+        {"ipBlock": {"cidr": "2001:db8::/32"}},
+    ]
+    resources = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    # cert-manager's Certificate writes a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt.
+    expect_accepted(ns, {"api": {"tls": {"secretName": "demo-api-tls.cert-manager"}, "allowFrom": allow_from},
+                         "broker": {"managed": {"resources": resources}},
+                         "database": {"managed": {"resources": resources}},
+                         "networkPolicy": {"enabled": False}})
+    spec = ns.get()["spec"]
+    assert spec["api"]["tls"] == {"enabled": True, "secretName": "demo-api-tls.cert-manager"}
+    assert spec["api"]["allowFrom"] == allow_from
+    assert spec["broker"]["managed"]["resources"] == spec["database"]["managed"]["resources"] == resources
+    assert spec["networkPolicy"] == {"enabled": False}
+
+
+def test_plain_http_is_an_explicit_opt_out(ns: Namespace) -> None:
+    expect_accepted(ns, {"api": {"port": 8443}})
+    assert ns.get()["spec"]["api"]["tls"] == {"enabled": True}, "tls.enabled must default to true"
+    expect_accepted(ns, {"api": {"tls": {"enabled": False}}})
+    assert ns.get()["spec"]["api"]["tls"] == {"enabled": False}
+
+
 # ---- rejected specs ------------------------------------------------------------------------------
 
 EXTERNAL = {"external": {"secretRef": {"name": "url-secret"}}}
@@ -236,6 +266,45 @@ BAD_SPECS = [
     pytest.param({"database": {"external": {}}}, "spec.database.external.secretRef", "Required",
                  id="database-external-without-secret"),
     pytest.param({"replica": 3}, "spec.replica", "", id="unknown-field"),
+    # TLS
+    pytest.param({"api": {"tls": {"enabled": False, "secretName": "my-cert"}}}, "spec.api.tls.secretName",
+                 "needs spec.api.tls.enabled true", id="tls-secret-with-tls-off"),
+    pytest.param({"api": {"tls": {"secretName": "My_Cert"}}}, "spec.api.tls.secretName", "should match",
+                 id="tls-secret-not-a-dns-name"),
+    pytest.param({"api": {"tls": {"secretName": "c" * 254}}}, "spec.api.tls.secretName", "253",
+                 id="tls-secret-name-too-long"),
+    pytest.param({"api": {"tls": {"enabled": "yes"}}}, "spec.api.tls.enabled", "boolean", id="tls-enabled-not-a-bool"),
+    pytest.param({"api": {"tls": {"cert": "x"}}}, "spec.api.tls.cert", "", id="tls-unknown-field"),
+    # allowFrom
+    pytest.param({"api": {"allowFrom": [{}]}}, "spec.api.allowFrom",
+                 "each peer needs a podSelector, a namespaceSelector or an ipBlock", id="allow-from-empty-peer"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}]}},
+                 "spec.api.allowFrom", "an ipBlock peer takes no podSelector or namespaceSelector",
+                 id="allow-from-ip-block-and-selector"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}},
+                 "spec.api.allowFrom", "ipBlock.cidr must be a CIDR", id="allow-from-bad-cidr"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}},
+                 "spec.api.allowFrom", "ipBlock.except must hold CIDRs strictly inside ipBlock.cidr",
+                 id="allow-from-except-outside-cidr"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"except": ["10.1.0.0/16"]}}]}},
+                 "spec.api.allowFrom[0].ipBlock.cidr", "Required", id="allow-from-ip-block-without-cidr"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]}},
+                 "spec.api.allowFrom", "In or NotIn needs values", id="allow-from-in-without-values"),
+    pytest.param({"api": {"allowFrom": [{"namespaceSelector": {"matchExpressions": [
+                     {"key": "a", "operator": "Matches", "values": ["b"]}]}}]}},
+                 "spec.api.allowFrom[0].namespaceSelector.matchExpressions[0].operator", "Matches",
+                 id="allow-from-unknown-operator"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {}}] * 33}}, "spec.api.allowFrom", "32",
+                 id="allow-from-too-many-peers"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {}, "ports": [8080]}]}}, "spec.api.allowFrom[0].ports", "",
+                 id="allow-from-unknown-field"),
+    # resources of the managed backends
+    pytest.param({"broker": {"managed": {"resources": {"requests": {"memory": "lots"}}}}},
+                 "spec.broker.managed.resources.requests.memory", "lots", id="broker-resource-not-a-quantity"),
+    pytest.param({"database": {"managed": {"resources": {"limit": {"memory": "1Gi"}}}}},
+                 "spec.database.managed.resources.limit", "", id="database-resources-unknown-field"),
+    pytest.param({"networkPolicy": {"enabled": "no"}}, "spec.networkPolicy.enabled", "boolean",
+                 id="network-policy-enabled-not-a-bool"),
 ]
 
 
