@@ -65,9 +65,10 @@ class Namespace:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.cluster.kubectl("-n", self.name, *args, check=check, input=input)
 
-    def apply(self, spec: dict[str, Any], name: str = "demo") -> subprocess.CompletedProcess[str]:
-        """`kubectl apply --validate=strict` a ZStackCluster with this spec; never raises."""
-        return self.kubectl("apply", "--validate=strict", "-f", "-", check=False,
+    def apply(self, spec: dict[str, Any], name: str = "demo", verb: str = "apply") -> subprocess.CompletedProcess[str]:
+        """`kubectl apply --validate=strict` a ZStackCluster with this spec; never raises. verb "create" leaves out
+        the last-applied-configuration annotation, a copy of the spec that counts against its own 256 KiB."""
+        return self.kubectl(verb, "--validate=strict", "-f", "-", check=False,
                             input=json.dumps(zstackcluster(spec, name)))
 
     def get(self, name: str = "demo") -> dict[str, Any]:
@@ -88,9 +89,9 @@ def zstackcluster(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
     return {"apiVersion": "zstack.io/v1alpha1", "kind": "ZStackCluster", "metadata": {"name": name}, "spec": spec}
 
 
-def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str = "") -> None:
+def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str = "", verb: str = "apply") -> None:
     """The API server refuses `spec`, naming `field` (and saying `says`), and stores nothing."""
-    proc = ns.apply(spec)
+    proc = ns.apply(spec, verb=verb)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"spec {spec} was accepted:\n{output}"
     named = [line for line in output.splitlines() if f"{field}:" in line or f'unknown field "{field}"' in line]
@@ -99,8 +100,8 @@ def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str =
     assert ns.kubectl("get", "zstackcluster", "demo", check=False).returncode != 0
 
 
-def expect_accepted(ns: Namespace, spec: dict[str, Any]) -> None:
-    proc = ns.apply(spec)
+def expect_accepted(ns: Namespace, spec: dict[str, Any], verb: str = "apply") -> None:
+    proc = ns.apply(spec, verb=verb)
     assert proc.returncode == 0, f"spec {spec} was rejected:\n{proc.stdout}{proc.stderr}"
 
 
@@ -212,6 +213,16 @@ def test_plain_http_is_an_explicit_opt_out(ns: Namespace) -> None:
     assert ns.get()["spec"]["api"]["tls"] == {"enabled": False}
 
 
+def test_labels_and_annotations_within_the_rules_are_accepted(ns: Namespace) -> None:
+    labels = {"team": "cloud", "example.com/tier": "", "a.b-c.example/Name_1.x": "V-1_2.3", "x": "y" * 63,
+              "k" * 63: "v", "p" * 253 + "/n": "v", "kubernetes.io/arch": "amd64"}
+    annotations = {"example.com/owner": "cloud team <cloud@example.com>", "note": "free text:\n anything goes",
+                   "big": "x" * 262_000}
+    expect_accepted(ns, {"pod": {"labels": labels, "annotations": annotations}}, verb="create")
+    spec = ns.get()["spec"]
+    assert spec["pod"]["labels"] == labels and spec["pod"]["annotations"] == annotations
+
+
 # ---- rejected specs ------------------------------------------------------------------------------
 
 EXTERNAL = {"external": {"secretRef": {"name": "url-secret"}}}
@@ -266,6 +277,19 @@ BAD_SPECS = [
     pytest.param({"database": {"external": {}}}, "spec.database.external.secretRef", "Required",
                  id="database-external-without-secret"),
     pytest.param({"replica": 3}, "spec.replica", "", id="unknown-field"),
+    # durations: each has a maximum of at most a day; JSON cannot carry inf or NaN, but it can carry 1e300
+    pytest.param({"node": {"heartbeatIntervalSeconds": 1e300}}, "spec.node.heartbeatIntervalSeconds",
+                 "less than or equal to 60", id="huge-heartbeat-interval"),
+    pytest.param({"node": {"heartbeatTimeoutSeconds": 86401}}, "spec.node.heartbeatTimeoutSeconds",
+                 "less than or equal to 600", id="heartbeat-timeout-over-a-day"),
+    pytest.param({"node": {"leaseDurationSeconds": 1e18}}, "spec.node.leaseDurationSeconds",
+                 "less than or equal to 600", id="huge-lease-duration"),
+    pytest.param({"terminationGracePeriodSeconds": 2**62}, "spec.terminationGracePeriodSeconds",
+                 "less than or equal to 3600", id="huge-grace-period"),
+    pytest.param({"pod": {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoExecute",
+                                           "tolerationSeconds": 86401}]}},
+                 "spec.pod.tolerations[0].tolerationSeconds", "less than or equal to 86400",
+                 id="toleration-over-a-day"),
     # TLS
     pytest.param({"api": {"tls": {"enabled": False, "secretName": "my-cert"}}}, "spec.api.tls.secretName",
                  "needs spec.api.tls.enabled true", id="tls-secret-with-tls-off"),
@@ -307,10 +331,57 @@ BAD_SPECS = [
                  id="network-policy-enabled-not-a-bool"),
 ]
 
+LABEL_KEY_RULE = "keys must be qualified names (prefix/name)"
+RESERVED = "keys under app.kubernetes.io/ and zstack.io/ are reserved"
+LABEL_VALUE_RULE = "values must be empty or letters, digits"
+
+BAD_LABELS_AND_ANNOTATIONS = [
+    pytest.param({"labels": {"bad key": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-with-a-space"),
+    pytest.param({"labels": {"-team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-starts-with-dash"),
+    pytest.param({"labels": {"team.": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-ends-with-dot"),
+    pytest.param({"labels": {"k" * 64: "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-name-too-long"),
+    pytest.param({"labels": {"p" * 254 + "/n": "x"}}, "spec.pod.labels", LABEL_KEY_RULE,
+                 id="label-key-prefix-too-long"),
+    pytest.param({"labels": {"Example.com/team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE,
+                 id="label-key-prefix-uppercase"),
+    pytest.param({"labels": {"a/b/c": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-two-slashes"),
+    pytest.param({"labels": {"/team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty-prefix"),
+    pytest.param({"labels": {"example.com/": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty-name"),
+    pytest.param({"labels": {"": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty"),
+    pytest.param({"labels": {"team": "-cloud"}}, "spec.pod.labels[team]", LABEL_VALUE_RULE,
+                 id="label-value-starts-with-dash"),
+    pytest.param({"labels": {"team": "cloud team"}}, "spec.pod.labels[team]", LABEL_VALUE_RULE,
+                 id="label-value-with-a-space"),
+    pytest.param({"labels": {"team": "v" * 64}}, "spec.pod.labels.team", "63", id="label-value-too-long"),
+    pytest.param({"labels": {f"l{i}": "x" for i in range(65)}}, "spec.pod.labels", "64", id="too-many-labels"),
+    pytest.param({"labels": {"app.kubernetes.io/instance": "other"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-instance"),
+    pytest.param({"labels": {"app.kubernetes.io/part-of": "cloud"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-app-kubernetes-io"),
+    pytest.param({"labels": {"zstack.io/cluster": "other"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-zstack-io"),
+    pytest.param({"annotations": {"bad key": "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names (prefix/name)", id="annotation-key-with-a-space"),
+    pytest.param({"annotations": {"example.com/a/b": "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names", id="annotation-key-two-slashes"),
+    pytest.param({"annotations": {"a" * 64: "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names", id="annotation-key-name-too-long"),
+    pytest.param({"annotations": {f"a{i}": "x" * 60_000 for i in range(5)}}, "spec.pod.annotations",
+                 "keys and values together must be at most 256 KiB", id="annotations-over-256KiB"),
+    pytest.param({"annotations": {"big": "x" * 262_145}}, "spec.pod.annotations.big", "262144",
+                 id="annotation-value-over-256KiB"),
+]
+
 
 @pytest.mark.parametrize(("spec", "field", "says"), BAD_SPECS)
 def test_bad_spec_is_rejected_naming_the_field(ns: Namespace, spec: dict[str, Any], field: str, says: str) -> None:
     expect_rejected(ns, spec, field, says)
+
+
+@pytest.mark.parametrize(("pod", "field", "says"), BAD_LABELS_AND_ANNOTATIONS)
+def test_bad_pod_labels_and_annotations_are_rejected_naming_the_field(ns: Namespace, pod: dict[str, Any],
+                                                                       field: str, says: str) -> None:
+    expect_rejected(ns, {"pod": pod}, field, says, verb="create")  # create: no 256 KiB copy in an annotation
 
 
 def test_a_name_too_long_for_the_children_is_rejected(ns: Namespace) -> None:
