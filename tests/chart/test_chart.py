@@ -22,6 +22,7 @@ ALL_TOGGLES: dict[str, Any] = {
 }
 ALL_TOGGLES_POD_MONITOR = {**ALL_TOGGLES, "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
 NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -180,6 +181,14 @@ def test_image_tag_defaults_to_the_app_version() -> None:
     assert operator_container(render(values=custom))["image"] == "registry.example.com/zstack-operator:0.2.0"
 
 
+def test_image_by_digest_ignores_the_tag() -> None:
+    values = {"image": {"repository": "registry.example.com:5000/team/zstack-operator", "tag": "0.2.0",
+                        "digest": DIGEST}}
+    image = operator_container(render(values=values))["image"]
+    assert image == f"registry.example.com:5000/team/zstack-operator@{DIGEST}"
+    assert operator_container(render(values={"image": {"digest": ""}}))["image"] == "zstack-operator:0.1.0"
+
+
 # ---- bad values fail, naming the field ------------------------------------------------------------------
 
 
@@ -201,6 +210,13 @@ def test_image_tag_defaults_to_the_app_version() -> None:
      "podDisruptionBudget.minAvailable"),
     ({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}, "pick one"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
+    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"image": {"digest": "sha256:" + "0123456789ABCDEF" * 4}}, "/image/digest"),
+    ({"image": {"digest": "0123456789abcdef" * 4}}, "/image/digest"),
+    ({"image": {"tag": "0.1 --evil"}}, "/image/tag"),
+    ({"image": {"tag": ".hidden"}}, "/image/tag"),
+    ({"image": {"repository": "Registry.Example/ZStack-Operator"}}, "/image/repository"),
+    ({"image": {"repository": "zstack-operator:0.1.0"}}, "/image/repository"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
 def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], named: str) -> None:
     proc = helm("template", "t", str(CHART), *values_args(values), check=False)
