@@ -78,7 +78,7 @@ def test_defaults_render_a_locked_down_operator_watching_every_namespace() -> No
     docs = render()
     kinds = by_kind(docs)
     assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                          "Deployment", "Service"}
+                          "Deployment", "Service", "NetworkPolicy"}
     container = operator_container(docs)
     assert container["command"] == ["zstack-operator"]
     assert "--all-namespaces" in container["args"] and "--leader-election" in container["args"]
@@ -118,6 +118,53 @@ def test_every_toggle_renders_its_object() -> None:
     assert policy["spec"]["ingress"][0]["from"] == ALL_TOGGLES["networkPolicy"]["metricsFrom"]
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert {53, 443, 6443, 8080} <= egress_ports
+
+
+ANY_ADDRESS = {"0.0.0.0/0", "::/0"}
+
+
+def network_policy(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    (policy,) = by_kind(render(values=values))["NetworkPolicy"]
+    return policy
+
+
+def test_default_network_policy_lets_out_only_dns_the_api_server_and_the_mns() -> None:
+    policy = network_policy()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == (
+        by_kind(render())["Deployment"][0]["spec"]["selector"]["matchLabels"])
+    egress = policy["spec"]["egress"]
+    assert all(rule.get("ports") for rule in egress), f"an egress rule without ports allows every port: {egress}"
+    peers = [peer for rule in egress for peer in rule.get("to", [])]
+    assert not [p for p in peers if p.get("ipBlock", {}).get("cidr") in ANY_ADDRESS]
+    dns, api_server, mns = egress
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    # A NetworkPolicy cannot select the API server by label: without apiServerCIDRs only its ports are limited.
+    assert {(p["port"], p["protocol"]) for p in api_server["ports"]} == {(443, "TCP"), (6443, "TCP")}
+    assert "to" not in api_server
+    assert mns["to"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "zstack", "app.kubernetes.io/component": "mn"}}}]
+    assert mns["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}] and "from" not in ingress
+
+
+def test_network_policy_api_server_cidrs_and_dns_peers_are_configurable() -> None:
+    cidrs = ["10.96.0.1/32", "192.168.1.10/32", "fd00:10::1/128"]
+    node_local_dns = [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    values = {"networkPolicy": {"apiServerCIDRs": cidrs, "apiServerPorts": [6443], "dnsTo": node_local_dns,
+                                "mnPort": 9443}}
+    dns, api_server, mns = network_policy(values)["spec"]["egress"]
+    assert dns["to"] == node_local_dns
+    assert api_server == {"ports": [{"port": 6443, "protocol": "TCP"}],
+                          "to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]}
+    assert mns["ports"] == [{"port": 9443, "protocol": "TCP"}]
+    # An explicit 0.0.0.0/0 is the user's choice, and it shows.
+    everywhere = network_policy({"networkPolicy": {"apiServerCIDRs": ["0.0.0.0/0"]}})["spec"]["egress"][1]
+    assert everywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    assert "NetworkPolicy" not in by_kind(render(values={"networkPolicy": {"enabled": False}}))
 
 
 def test_dashboards_label_is_configurable() -> None:
@@ -217,6 +264,10 @@ def test_image_by_digest_ignores_the_tag() -> None:
     ({"image": {"tag": ".hidden"}}, "/image/tag"),
     ({"image": {"repository": "Registry.Example/ZStack-Operator"}}, "/image/repository"),
     ({"image": {"repository": "zstack-operator:0.1.0"}}, "/image/repository"),
+    ({"networkPolicy": {"dnsTo": []}}, "/networkPolicy/dnsTo"),
+    ({"networkPolicy": {"dnsTo": [{}]}}, "/networkPolicy/dnsTo/0"),
+    ({"networkPolicy": {"apiServerCIDRs": ["10.0.0.1"]}}, "/networkPolicy/apiServerCIDRs/0"),
+    ({"networkPolicy": {"metricsFrom": [{"ipBlock": {"cidr": "everywhere"}}]}}, "/networkPolicy/metricsFrom/0"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
 def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], named: str) -> None:
     proc = helm("template", "t", str(CHART), *values_args(values), check=False)
