@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.fixtures.chart import CHART, REPO, helm, render, values_args
+from tests.fixtures.podsecurity import pod_templates, restricted_violations
 
 # Every optional template turned on (a PDB needs two replicas; the two monitors exclude each other).
 ALL_TOGGLES: dict[str, Any] = {
@@ -165,6 +166,61 @@ def test_network_policy_api_server_cidrs_and_dns_peers_are_configurable() -> Non
     everywhere = network_policy({"networkPolicy": {"apiServerCIDRs": ["0.0.0.0/0"]}})["spec"]["egress"][1]
     assert everywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
     assert "NetworkPolicy" not in by_kind(render(values={"networkPolicy": {"enabled": False}}))
+
+
+# Every combination of values the chart is tested with, for the checks that concern every pod template.
+VALUE_SETS = {"defaults": {}, "all-toggles": ALL_TOGGLES, "all-toggles-pod-monitor": ALL_TOGGLES_POD_MONITOR,
+              "namespaced": NAMESPACED, "no-leader-election": {"leaderElection": {"enabled": False}},
+              "no-network-policy": {"networkPolicy": {"enabled": False}},
+              "digest": {"image": {"repository": "zstack-operator", "digest": DIGEST}}}
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_every_pod_template_meets_the_restricted_pod_security_standard(values: dict[str, Any]) -> None:
+    templates = list(pod_templates(render(values=values)))
+    assert templates, "the chart renders no pod template"
+    for where, pod_spec in templates:
+        assert restricted_violations(pod_spec) == [], where
+
+
+def _restricted_pod() -> dict[str, Any]:
+    return {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                             "capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]}
+
+
+def _sc(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod["containers"][0]["securityContext"]
+
+
+@pytest.mark.parametrize(("change", "says"), [pytest.param(change, says, id=says) for change, says in [
+    (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+    (lambda p: p.update(hostPID=True), "hostPID"),
+    (lambda p: p.update(hostIPC=True), "hostIPC"),
+    (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda p: p["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}), "nfs"),
+    (lambda p: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    (lambda p: p["securityContext"].update(runAsUser=0), "runAsUser is 0"),
+    (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+    (lambda p: _sc(p).update(seccompProfile={"type": "Unconfined"}), "Unconfined"),
+    (lambda p: _sc(p).update(privileged=True), "privileged"),
+    (lambda p: _sc(p).pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
+    (lambda p: _sc(p).update(capabilities={"drop": ["NET_RAW"]}), "drop must include ALL"),
+    (lambda p: _sc(p)["capabilities"].update(add=["NET_BIND_SERVICE", "SYS_ADMIN"]), "SYS_ADMIN"),
+    (lambda p: p["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]), "hostPort"),
+    (lambda p: p.update(initContainers=[{"name": "init"}]), "init container 'init'"),
+    (lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]), "kernel.msgmax"),
+]])
+def test_the_restricted_checker_catches_each_rule(change: Any, says: str) -> None:
+    assert restricted_violations(_restricted_pod()) == []
+    pod = _restricted_pod()
+    change(pod)
+    violations = restricted_violations(pod)
+    assert any(says in v for v in violations), violations
+    added = _restricted_pod()
+    added["containers"][0]["securityContext"]["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    assert restricted_violations(added) == []
 
 
 def test_dashboards_label_is_configurable() -> None:
