@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.fixtures.chart import CHART, REPO, helm, render, values_args
+from tests.fixtures.podsecurity import pod_templates, restricted_violations
 
 # Every optional template turned on (a PDB needs two replicas; the two monitors exclude each other).
 ALL_TOGGLES: dict[str, Any] = {
@@ -22,6 +23,7 @@ ALL_TOGGLES: dict[str, Any] = {
 }
 ALL_TOGGLES_POD_MONITOR = {**ALL_TOGGLES, "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
 NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -83,7 +85,7 @@ def test_defaults_render_a_locked_down_operator_watching_every_namespace() -> No
     docs = render()
     kinds = by_kind(docs)
     assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                          "Deployment", "Service"}
+                          "Deployment", "Service", "NetworkPolicy"}
     container = operator_container(docs)
     assert container["command"] == ["zstack-operator"]
     assert "--all-namespaces" in container["args"] and "--leader-election" in container["args"]
@@ -123,6 +125,108 @@ def test_every_toggle_renders_its_object() -> None:
     assert policy["spec"]["ingress"][0]["from"] == ALL_TOGGLES["networkPolicy"]["metricsFrom"]
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert {53, 443, 6443, 8080} <= egress_ports
+
+
+ANY_ADDRESS = {"0.0.0.0/0", "::/0"}
+
+
+def network_policy(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    (policy,) = by_kind(render(values=values))["NetworkPolicy"]
+    return policy
+
+
+def test_default_network_policy_lets_out_only_dns_the_api_server_and_the_mns() -> None:
+    policy = network_policy()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == (
+        by_kind(render())["Deployment"][0]["spec"]["selector"]["matchLabels"])
+    egress = policy["spec"]["egress"]
+    assert all(rule.get("ports") for rule in egress), f"an egress rule without ports allows every port: {egress}"
+    peers = [peer for rule in egress for peer in rule.get("to", [])]
+    assert not [p for p in peers if p.get("ipBlock", {}).get("cidr") in ANY_ADDRESS]
+    dns, api_server, mns = egress
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    # A NetworkPolicy cannot select the API server by label: without apiServerCIDRs only its ports are limited.
+    assert {(p["port"], p["protocol"]) for p in api_server["ports"]} == {(443, "TCP"), (6443, "TCP")}
+    assert "to" not in api_server
+    assert mns["to"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "zstack", "app.kubernetes.io/component": "mn"}}}]
+    assert mns["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}] and "from" not in ingress
+
+
+def test_network_policy_api_server_cidrs_and_dns_peers_are_configurable() -> None:
+    cidrs = ["10.96.0.1/32", "192.168.1.10/32", "fd00:10::1/128"]
+    node_local_dns = [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    values = {"networkPolicy": {"apiServerCIDRs": cidrs, "apiServerPorts": [6443], "dnsTo": node_local_dns,
+                                "mnPort": 9443}}
+    dns, api_server, mns = network_policy(values)["spec"]["egress"]
+    assert dns["to"] == node_local_dns
+    assert api_server == {"ports": [{"port": 6443, "protocol": "TCP"}],
+                          "to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]}
+    assert mns["ports"] == [{"port": 9443, "protocol": "TCP"}]
+    # An explicit 0.0.0.0/0 is the user's choice, and it shows.
+    everywhere = network_policy({"networkPolicy": {"apiServerCIDRs": ["0.0.0.0/0"]}})["spec"]["egress"][1]
+    assert everywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    assert "NetworkPolicy" not in by_kind(render(values={"networkPolicy": {"enabled": False}}))
+
+
+# Every combination of values the chart is tested with, for the checks that concern every pod template.
+VALUE_SETS = {"defaults": {}, "all-toggles": ALL_TOGGLES, "all-toggles-pod-monitor": ALL_TOGGLES_POD_MONITOR,
+              "namespaced": NAMESPACED, "no-leader-election": {"leaderElection": {"enabled": False}},
+              "no-network-policy": {"networkPolicy": {"enabled": False}},
+              "digest": {"image": {"repository": "zstack-operator", "digest": DIGEST}}}
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_every_pod_template_meets_the_restricted_pod_security_standard(values: dict[str, Any]) -> None:
+    templates = list(pod_templates(render(values=values)))
+    assert templates, "the chart renders no pod template"
+    for where, pod_spec in templates:
+        assert restricted_violations(pod_spec) == [], where
+
+
+def _restricted_pod() -> dict[str, Any]:
+    return {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                             "capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]}
+
+
+def _sc(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod["containers"][0]["securityContext"]
+
+
+@pytest.mark.parametrize(("change", "says"), [pytest.param(change, says, id=says) for change, says in [
+    (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+    (lambda p: p.update(hostPID=True), "hostPID"),
+    (lambda p: p.update(hostIPC=True), "hostIPC"),
+    (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda p: p["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}), "nfs"),
+    (lambda p: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    (lambda p: p["securityContext"].update(runAsUser=0), "runAsUser is 0"),
+    (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+    (lambda p: _sc(p).update(seccompProfile={"type": "Unconfined"}), "Unconfined"),
+    (lambda p: _sc(p).update(privileged=True), "privileged"),
+    (lambda p: _sc(p).pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
+    (lambda p: _sc(p).update(capabilities={"drop": ["NET_RAW"]}), "drop must include ALL"),
+    (lambda p: _sc(p)["capabilities"].update(add=["NET_BIND_SERVICE", "SYS_ADMIN"]), "SYS_ADMIN"),
+    (lambda p: p["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]), "hostPort"),
+    (lambda p: p.update(initContainers=[{"name": "init"}]), "init container 'init'"),
+    (lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]), "kernel.msgmax"),
+]])
+def test_the_restricted_checker_catches_each_rule(change: Any, says: str) -> None:
+    assert restricted_violations(_restricted_pod()) == []
+    pod = _restricted_pod()
+    change(pod)
+    violations = restricted_violations(pod)
+    assert any(says in v for v in violations), violations
+    added = _restricted_pod()
+    added["containers"][0]["securityContext"]["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    assert restricted_violations(added) == []
 
 
 def test_dashboards_label_is_configurable() -> None:
@@ -186,6 +290,14 @@ def test_image_tag_defaults_to_the_app_version() -> None:
     assert operator_container(render(values=custom))["image"] == "registry.example.com/zstack-operator:0.2.0"
 
 
+def test_image_by_digest_ignores_the_tag() -> None:
+    values = {"image": {"repository": "registry.example.com:5000/team/zstack-operator", "tag": "0.2.0",
+                        "digest": DIGEST}}
+    image = operator_container(render(values=values))["image"]
+    assert image == f"registry.example.com:5000/team/zstack-operator@{DIGEST}"
+    assert operator_container(render(values={"image": {"digest": ""}}))["image"] == "zstack-operator:0.1.0"
+
+
 # ---- bad values fail, naming the field ------------------------------------------------------------------
 
 
@@ -207,6 +319,17 @@ def test_image_tag_defaults_to_the_app_version() -> None:
      "podDisruptionBudget.minAvailable"),
     ({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}, "pick one"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
+    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"image": {"digest": "sha256:" + "0123456789ABCDEF" * 4}}, "/image/digest"),
+    ({"image": {"digest": "0123456789abcdef" * 4}}, "/image/digest"),
+    ({"image": {"tag": "0.1 --evil"}}, "/image/tag"),
+    ({"image": {"tag": ".hidden"}}, "/image/tag"),
+    ({"image": {"repository": "Registry.Example/ZStack-Operator"}}, "/image/repository"),
+    ({"image": {"repository": "zstack-operator:0.1.0"}}, "/image/repository"),
+    ({"networkPolicy": {"dnsTo": []}}, "/networkPolicy/dnsTo"),
+    ({"networkPolicy": {"dnsTo": [{}]}}, "/networkPolicy/dnsTo/0"),
+    ({"networkPolicy": {"apiServerCIDRs": ["10.0.0.1"]}}, "/networkPolicy/apiServerCIDRs/0"),
+    ({"networkPolicy": {"metricsFrom": [{"ipBlock": {"cidr": "everywhere"}}]}}, "/networkPolicy/metricsFrom/0"),
 ], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
 def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], named: str) -> None:
     proc = helm("template", "t", str(CHART), *values_args(values), check=False)

@@ -36,11 +36,12 @@ DEFAULT_SPEC = {
     "terminationGracePeriodSeconds": 30,
     "node": {"heartbeatIntervalSeconds": 1, "heartbeatTimeoutSeconds": 4, "leaseDurationSeconds": 5,
              "ringVirtualNodes": 4000},
-    "api": {"serviceType": "ClusterIP", "port": 8080},
+    "api": {"serviceType": "ClusterIP", "port": 8080, "tls": {"enabled": True}},
     "broker": {"managed": {"image": "rabbitmq:3.13.7-alpine", "storage": {"size": "1Gi"}}},
     "database": {"managed": {"image": "postgres:16.4-alpine", "storage": {"size": "1Gi"}}},
     "metrics": {"serviceMonitor": False, "podMonitor": False},
     "podDisruptionBudget": {"enabled": True},
+    "networkPolicy": {"enabled": True},
 }
 
 
@@ -64,9 +65,10 @@ class Namespace:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.cluster.kubectl("-n", self.name, *args, check=check, input=input)
 
-    def apply(self, spec: dict[str, Any], name: str = "demo") -> subprocess.CompletedProcess[str]:
-        """`kubectl apply --validate=strict` a ZStackCluster with this spec; never raises."""
-        return self.kubectl("apply", "--validate=strict", "-f", "-", check=False,
+    def apply(self, spec: dict[str, Any], name: str = "demo", verb: str = "apply") -> subprocess.CompletedProcess[str]:
+        """`kubectl apply --validate=strict` a ZStackCluster with this spec; never raises. verb "create" leaves out
+        the last-applied-configuration annotation, a copy of the spec that counts against its own 256 KiB."""
+        return self.kubectl(verb, "--validate=strict", "-f", "-", check=False,
                             input=json.dumps(zstackcluster(spec, name)))
 
     def get(self, name: str = "demo") -> dict[str, Any]:
@@ -87,9 +89,9 @@ def zstackcluster(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
     return {"apiVersion": "zstack.io/v1alpha1", "kind": "ZStackCluster", "metadata": {"name": name}, "spec": spec}
 
 
-def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str = "") -> None:
+def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str = "", verb: str = "apply") -> None:
     """The API server refuses `spec`, naming `field` (and saying `says`), and stores nothing."""
-    proc = ns.apply(spec)
+    proc = ns.apply(spec, verb=verb)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"spec {spec} was accepted:\n{output}"
     named = [line for line in output.splitlines() if f"{field}:" in line or f'unknown field "{field}"' in line]
@@ -98,8 +100,8 @@ def expect_rejected(ns: Namespace, spec: dict[str, Any], field: str, says: str =
     assert ns.kubectl("get", "zstackcluster", "demo", check=False).returncode != 0
 
 
-def expect_accepted(ns: Namespace, spec: dict[str, Any]) -> None:
-    proc = ns.apply(spec)
+def expect_accepted(ns: Namespace, spec: dict[str, Any], verb: str = "apply") -> None:
+    proc = ns.apply(spec, verb=verb)
     assert proc.returncode == 0, f"spec {spec} was rejected:\n{proc.stdout}{proc.stderr}"
 
 
@@ -182,6 +184,45 @@ def test_pod_overrides_and_node_port_are_accepted(ns: Namespace) -> None:
     assert spec["api"]["authSecret"] == {"name": "tok", "key": "token"}
 
 
+def test_tls_allow_from_and_backend_resources_are_accepted(ns: Namespace) -> None:
+    allow_from = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cloud-clients"}}},
+        {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "zstack-cli"}}},
+        {"podSelector": {"matchExpressions": [{"key": "zstack.io/client", "operator": "Exists"}]}},
+        {"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}},
+        {"ipBlock": {"cidr": "2001:db8::/32"}},
+    ]
+    resources = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    # cert-manager's Certificate writes a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt.
+    expect_accepted(ns, {"api": {"tls": {"secretName": "demo-api-tls.cert-manager"}, "allowFrom": allow_from},
+                         "broker": {"managed": {"resources": resources}},
+                         "database": {"managed": {"resources": resources}},
+                         "networkPolicy": {"enabled": False}})
+    spec = ns.get()["spec"]
+    assert spec["api"]["tls"] == {"enabled": True, "secretName": "demo-api-tls.cert-manager"}
+    assert spec["api"]["allowFrom"] == allow_from
+    assert spec["broker"]["managed"]["resources"] == spec["database"]["managed"]["resources"] == resources
+    assert spec["networkPolicy"] == {"enabled": False}
+
+
+def test_plain_http_is_an_explicit_opt_out(ns: Namespace) -> None:
+    expect_accepted(ns, {"api": {"port": 8443}})
+    assert ns.get()["spec"]["api"]["tls"] == {"enabled": True}, "tls.enabled must default to true"
+    expect_accepted(ns, {"api": {"tls": {"enabled": False}}})
+    assert ns.get()["spec"]["api"]["tls"] == {"enabled": False}
+
+
+def test_labels_and_annotations_within_the_rules_are_accepted(ns: Namespace) -> None:
+    labels = {"team": "cloud", "example.com/tier": "", "a.b-c.example/Name_1.x": "V-1_2.3", "x": "y" * 63,
+              "k" * 63: "v", "p" * 253 + "/n": "v", "kubernetes.io/arch": "amd64"}
+    annotations = {"example.com/owner": "cloud team <cloud@example.com>", "note": "free text:\n anything goes",
+                   "big": "x" * 262_000}
+    expect_accepted(ns, {"pod": {"labels": labels, "annotations": annotations}}, verb="create")
+    spec = ns.get()["spec"]
+    assert spec["pod"]["labels"] == labels and spec["pod"]["annotations"] == annotations
+
+
 # ---- rejected specs ------------------------------------------------------------------------------
 
 EXTERNAL = {"external": {"secretRef": {"name": "url-secret"}}}
@@ -236,12 +277,111 @@ BAD_SPECS = [
     pytest.param({"database": {"external": {}}}, "spec.database.external.secretRef", "Required",
                  id="database-external-without-secret"),
     pytest.param({"replica": 3}, "spec.replica", "", id="unknown-field"),
+    # durations: each has a maximum of at most a day; JSON cannot carry inf or NaN, but it can carry 1e300
+    pytest.param({"node": {"heartbeatIntervalSeconds": 1e300}}, "spec.node.heartbeatIntervalSeconds",
+                 "less than or equal to 60", id="huge-heartbeat-interval"),
+    pytest.param({"node": {"heartbeatTimeoutSeconds": 86401}}, "spec.node.heartbeatTimeoutSeconds",
+                 "less than or equal to 600", id="heartbeat-timeout-over-a-day"),
+    pytest.param({"node": {"leaseDurationSeconds": 1e18}}, "spec.node.leaseDurationSeconds",
+                 "less than or equal to 600", id="huge-lease-duration"),
+    pytest.param({"terminationGracePeriodSeconds": 2**62}, "spec.terminationGracePeriodSeconds",
+                 "less than or equal to 3600", id="huge-grace-period"),
+    pytest.param({"pod": {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoExecute",
+                                           "tolerationSeconds": 86401}]}},
+                 "spec.pod.tolerations[0].tolerationSeconds", "less than or equal to 86400",
+                 id="toleration-over-a-day"),
+    # TLS
+    pytest.param({"api": {"tls": {"enabled": False, "secretName": "my-cert"}}}, "spec.api.tls.secretName",
+                 "needs spec.api.tls.enabled true", id="tls-secret-with-tls-off"),
+    pytest.param({"api": {"tls": {"secretName": "My_Cert"}}}, "spec.api.tls.secretName", "should match",
+                 id="tls-secret-not-a-dns-name"),
+    pytest.param({"api": {"tls": {"secretName": "c" * 254}}}, "spec.api.tls.secretName", "253",
+                 id="tls-secret-name-too-long"),
+    pytest.param({"api": {"tls": {"enabled": "yes"}}}, "spec.api.tls.enabled", "boolean", id="tls-enabled-not-a-bool"),
+    pytest.param({"api": {"tls": {"cert": "x"}}}, "spec.api.tls.cert", "", id="tls-unknown-field"),
+    # allowFrom
+    pytest.param({"api": {"allowFrom": [{}]}}, "spec.api.allowFrom",
+                 "each peer needs a podSelector, a namespaceSelector or an ipBlock", id="allow-from-empty-peer"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}]}},
+                 "spec.api.allowFrom", "an ipBlock peer takes no podSelector or namespaceSelector",
+                 id="allow-from-ip-block-and-selector"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}},
+                 "spec.api.allowFrom", "ipBlock.cidr must be a CIDR", id="allow-from-bad-cidr"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}},
+                 "spec.api.allowFrom", "ipBlock.except must hold CIDRs strictly inside ipBlock.cidr",
+                 id="allow-from-except-outside-cidr"),
+    pytest.param({"api": {"allowFrom": [{"ipBlock": {"except": ["10.1.0.0/16"]}}]}},
+                 "spec.api.allowFrom[0].ipBlock.cidr", "Required", id="allow-from-ip-block-without-cidr"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]}},
+                 "spec.api.allowFrom", "In or NotIn needs values", id="allow-from-in-without-values"),
+    pytest.param({"api": {"allowFrom": [{"namespaceSelector": {"matchExpressions": [
+                     {"key": "a", "operator": "Matches", "values": ["b"]}]}}]}},
+                 "spec.api.allowFrom[0].namespaceSelector.matchExpressions[0].operator", "Matches",
+                 id="allow-from-unknown-operator"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {}}] * 33}}, "spec.api.allowFrom", "32",
+                 id="allow-from-too-many-peers"),
+    pytest.param({"api": {"allowFrom": [{"podSelector": {}, "ports": [8080]}]}}, "spec.api.allowFrom[0].ports", "",
+                 id="allow-from-unknown-field"),
+    # resources of the managed backends
+    pytest.param({"broker": {"managed": {"resources": {"requests": {"memory": "lots"}}}}},
+                 "spec.broker.managed.resources.requests.memory", "lots", id="broker-resource-not-a-quantity"),
+    pytest.param({"database": {"managed": {"resources": {"limit": {"memory": "1Gi"}}}}},
+                 "spec.database.managed.resources.limit", "", id="database-resources-unknown-field"),
+    pytest.param({"networkPolicy": {"enabled": "no"}}, "spec.networkPolicy.enabled", "boolean",
+                 id="network-policy-enabled-not-a-bool"),
+]
+
+LABEL_KEY_RULE = "keys must be qualified names (prefix/name)"
+RESERVED = "keys under app.kubernetes.io/ and zstack.io/ are reserved"
+LABEL_VALUE_RULE = "values must be empty or letters, digits"
+
+BAD_LABELS_AND_ANNOTATIONS = [
+    pytest.param({"labels": {"bad key": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-with-a-space"),
+    pytest.param({"labels": {"-team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-starts-with-dash"),
+    pytest.param({"labels": {"team.": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-ends-with-dot"),
+    pytest.param({"labels": {"k" * 64: "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-name-too-long"),
+    pytest.param({"labels": {"p" * 254 + "/n": "x"}}, "spec.pod.labels", LABEL_KEY_RULE,
+                 id="label-key-prefix-too-long"),
+    pytest.param({"labels": {"Example.com/team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE,
+                 id="label-key-prefix-uppercase"),
+    pytest.param({"labels": {"a/b/c": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-two-slashes"),
+    pytest.param({"labels": {"/team": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty-prefix"),
+    pytest.param({"labels": {"example.com/": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty-name"),
+    pytest.param({"labels": {"": "x"}}, "spec.pod.labels", LABEL_KEY_RULE, id="label-key-empty"),
+    pytest.param({"labels": {"team": "-cloud"}}, "spec.pod.labels[team]", LABEL_VALUE_RULE,
+                 id="label-value-starts-with-dash"),
+    pytest.param({"labels": {"team": "cloud team"}}, "spec.pod.labels[team]", LABEL_VALUE_RULE,
+                 id="label-value-with-a-space"),
+    pytest.param({"labels": {"team": "v" * 64}}, "spec.pod.labels.team", "63", id="label-value-too-long"),
+    pytest.param({"labels": {f"l{i}": "x" for i in range(65)}}, "spec.pod.labels", "64", id="too-many-labels"),
+    pytest.param({"labels": {"app.kubernetes.io/instance": "other"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-instance"),
+    pytest.param({"labels": {"app.kubernetes.io/part-of": "cloud"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-app-kubernetes-io"),
+    pytest.param({"labels": {"zstack.io/cluster": "other"}}, "spec.pod.labels", RESERVED,
+                 id="reserved-label-zstack-io"),
+    pytest.param({"annotations": {"bad key": "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names (prefix/name)", id="annotation-key-with-a-space"),
+    pytest.param({"annotations": {"example.com/a/b": "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names", id="annotation-key-two-slashes"),
+    pytest.param({"annotations": {"a" * 64: "x"}}, "spec.pod.annotations",
+                 "spec.pod.annotations: keys must be qualified names", id="annotation-key-name-too-long"),
+    pytest.param({"annotations": {f"a{i}": "x" * 60_000 for i in range(5)}}, "spec.pod.annotations",
+                 "keys and values together must be at most 256 KiB", id="annotations-over-256KiB"),
+    pytest.param({"annotations": {"big": "x" * 262_145}}, "spec.pod.annotations.big", "262144",
+                 id="annotation-value-over-256KiB"),
 ]
 
 
 @pytest.mark.parametrize(("spec", "field", "says"), BAD_SPECS)
 def test_bad_spec_is_rejected_naming_the_field(ns: Namespace, spec: dict[str, Any], field: str, says: str) -> None:
     expect_rejected(ns, spec, field, says)
+
+
+@pytest.mark.parametrize(("pod", "field", "says"), BAD_LABELS_AND_ANNOTATIONS)
+def test_bad_pod_labels_and_annotations_are_rejected_naming_the_field(ns: Namespace, pod: dict[str, Any],
+                                                                       field: str, says: str) -> None:
+    expect_rejected(ns, {"pod": pod}, field, says, verb="create")  # create: no 256 KiB copy in an annotation
 
 
 def test_a_name_too_long_for_the_children_is_rejected(ns: Namespace) -> None:
