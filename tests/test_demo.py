@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import ssl
 import stat
 import urllib.error
 import urllib.parse
@@ -74,12 +75,18 @@ def test_demo_up_runs_the_operator_and_a_ring_of_three_and_down_leaves_only_the_
 
 def _check_api_needs_the_generated_token(cluster: KubeCluster, ready: dict) -> None:
     url = ready["mns"][0]["url"] + "/v1/vms"
+    assert url.startswith("https://"), "the demo's API must be HTTPS, as every ZStackCluster's by default"
+    context = ssl.create_default_context(cafile=ready["ca_file"])  # the CA the demo printed
+    context.check_hostname = False  # a pod IP is in no certificate; the chain proves it is this cluster's MN
+    with pytest.raises(urllib.error.URLError) as untrusted:
+        urllib.request.urlopen(url, timeout=5, context=ssl.create_default_context())  # the system's CAs
+    assert isinstance(untrusted.value.reason, ssl.SSLCertVerificationError), untrusted.value
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(url, timeout=5)
+        urllib.request.urlopen(url, timeout=5, context=context)
     assert refused.value.code == 401
     token = cluster.kubectl("get", "secret", "demo-api-token", "-o", "jsonpath={.data.token}").stdout
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
+    with urllib.request.urlopen(request, timeout=5, context=context) as response:
         assert json.load(response) == {"vms": []}
 
 

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,19 @@ class Api(Kube):
         return proc.stdout
 
 
+def _observer_tls() -> ssl.SSLContext:
+    """The bench only watches each MN's ring (public, no token): the clusters' default HTTPS, unverified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+OBSERVER_TLS = _observer_tls()
+
+
 def get_json(url: str, timeout: float = 0.5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=timeout, context=OBSERVER_TLS) as response:
         return json.load(response)
 
 
@@ -199,7 +211,7 @@ class RingPoller:
             ip = self.ips.get(name)
             if ip:
                 try:
-                    ring = get_json(f"http://{ip}:{self.port}/v1/cluster/ring")
+                    ring = get_json(f"https://{ip}:{self.port}/v1/cluster/ring")
                     self._seen(name, (ring["self"], frozenset(ring["members"]), ring["state"]), time.monotonic())
                 except (OSError, ValueError, KeyError, TypeError):
                     pass  # not listening yet, or gone

@@ -281,11 +281,20 @@ def _summary(kube: Kube, root: Path, cr: dict[str, Any], servers: dict[str, str]
     pods = (kube.get("pods", "-n", NAMESPACE, "-l", MN_SELECTOR) or {}).get("items", [])
     operators = (kube.get("pods", "-n", OPERATOR_NS, "-l", OPERATOR_SELECTOR) or {}).get("items", [])
     members = {m.get("pod"): m.get("uuid") for m in cr["status"]["ring"].get("members", [])}
-    port = cr["spec"].get("api", {}).get("port", 8080)
+    api = cr["spec"].get("api", {})
+    port = api.get("port", 8080)
+    scheme = "http" if (api.get("tls") or {}).get("enabled") is False else "https"
+    ca_file = ""
+    if scheme == "https":  # the cluster's public CA, for zstack-cli --ca-file and curl --cacert
+        ca = (kube.get("configmap", f"{CLUSTER}-api-ca", "-n", NAMESPACE) or {}).get("data", {}).get("ca.crt", "")
+        ca_path = root / "demo-api-ca.crt"
+        ca_path.write_text(ca)
+        ca_file = str(ca_path)
     return {
+        "ca_file": ca_file, "api_server_name": f"{CLUSTER}-api.{NAMESPACE}.svc", "api_port": port,
         "cluster": CLUSTER, "namespace": NAMESPACE, "ring": cr["status"]["ring"]["summary"],
         "mns": sorted(({"pod": p["metadata"]["name"], "ip": p["status"].get("podIP"),
-                        "uuid": members.get(p["metadata"]["name"]), "url": f"http://{p['status'].get('podIP')}:{port}"}
+                        "uuid": members.get(p["metadata"]["name"]), "url": f"{scheme}://{p['status'].get('podIP')}:{port}"}
                        for p in pods), key=lambda mn: mn["pod"]),
         "operator": [{"pod": p["metadata"]["name"], "ip": p["status"].get("podIP")} for p in operators],
         "broker": servers["broker_display"], "database": servers["database_display"],
@@ -311,11 +320,19 @@ def print_next_steps(ready: dict[str, Any], dir_arg: str = "") -> None:
     echo("  kubectl get zsc,pods,leases -o wide     # one Lease per MN, held by its UUID")
     echo(f"  kubectl scale zsc/{CLUSTER} --replicas=5 && kubectl get zsc -w   # RING goes 3/5 ... 5/5")
     echo(f"  kubectl delete pod {CLUSTER}-mn-1       # it returns with a new UUID; the ring converges")
+    curl = "curl -s"
     echo(f"  export ZSTACK_API_URL={first['url']}")
+    if ready["ca_file"]:  # HTTPS: verify with the cluster's CA; pod IPs are in no certificate, the Service's name is
+        echo(f"  export ZSTACK_CA_FILE={ready['ca_file']} ZSTACK_TLS_SERVER_NAME={ready['api_server_name']}")
+        curl += f" --cacert {ready['ca_file']} --connect-to {ready['api_server_name']}:{ready['api_port']}:" \
+                f"{first['ip']}:{ready['api_port']}"
+        metrics_url = f"https://{ready['api_server_name']}:{ready['api_port']}/metrics"
+    else:
+        metrics_url = f"{first['url']}/metrics"
     echo(f"  export ZSTACK_API_TOKEN=$({token})")
     echo("  zstack-cli hosts add host-1 --cpu 64 --memory 262144")
     echo("  zstack-cli vms create vm-1 --cpu 2 --memory 2048 && zstack-cli vms list")
-    echo(f"  curl -s {first['url']}/metrics | grep ^zstack_bus_      # an MN's metrics (every MN pod IP)")
+    echo(f"  {curl} {metrics_url} | grep ^zstack_bus_      # an MN's metrics (every MN pod IP)")
     echo(f"  curl -s http://{operator_ip}:8081/metrics | grep ^zstack_operator_   # the operator's")
     echo(f"  open {ready['prometheus']}/graph and try: sum by (service) (rate(zstack_bus_messages_received_total[1m]))")
     echo(f"  Grafana: add {ready['prometheus']} as a Prometheus data source, import dashboards/*.json")

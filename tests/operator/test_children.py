@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from tests.fixtures.chart import render
+from zstack_operator import tls
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import broker_secret, database_secret, generated_secrets
 from zstack_operator.mn import METRICS_RELABELINGS, MN_CLUSTER_ROLE, access, config_map, statefulset
@@ -49,11 +50,12 @@ def test_external_mode_wires_the_users_secrets_and_runs_no_broker_or_database() 
     assert values["ZSTACK_DATABASE_URL"] == {"secretKeyRef": {"name": "my-pg", "key": "url"}}
     assert "ZSTACK_API_TOKEN" not in values, "a token in the environment shows in kubectl describe and /proc"
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
-    (volume,) = sts["spec"]["template"]["spec"]["volumes"]
-    assert volume["secret"] == {"secretName": "demo-api-token", "items": [{"key": "token", "path": "token"}]}
-    (mount,) = mn_container(sts)["volumeMounts"]
-    assert mount["name"] == volume["name"] and mount["readOnly"] is True
-    assert values["ZSTACK_API_TOKEN_FILE"] == f"{mount['mountPath']}/token"
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-token"]["secret"] == {"secretName": "demo-api-token",
+                                              "items": [{"key": "token", "path": "token"}]}
+    mounts = {m["name"]: m for m in mn_container(sts)["volumeMounts"]}
+    assert set(mounts) == set(volumes) and all(m["readOnly"] for m in mounts.values())
+    assert values["ZSTACK_API_TOKEN_FILE"] == f"{mounts['api-token']['mountPath']}/token"
     assert [s["metadata"]["name"] for s in generated_secrets(cluster(**EXTERNAL))] == ["demo-api-token"]
 
 
@@ -178,3 +180,41 @@ def test_an_exposed_api_accepts_from_anywhere_unless_allow_from_says_otherwise()
     narrowed = mn_rule(api={"serviceType": "NodePort", "allowFrom": peers})["from"]
     assert narrowed[0] == peers[0] and narrowed[1]["podSelector"]["matchLabels"] == {
         "app.kubernetes.io/name": "zstack-operator"}
+
+
+def test_tls_is_on_by_default_with_the_generated_secret_or_the_users() -> None:
+    sts = next(o for o in desired_children(cluster(**EXTERNAL), {}) if o["kind"] == "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-tls"]["secret"]["secretName"] == "demo-api-tls"
+    mn = mn_container(sts)
+    values = env(mn)
+    mounts = {m["name"]: m["mountPath"] for m in mn["volumeMounts"]}
+    assert values["ZSTACK_TLS_CERT_FILE"] == f"{mounts['api-tls']}/tls.crt"
+    assert values["ZSTACK_TLS_KEY_FILE"] == f"{mounts['api-tls']}/tls.key"
+    assert mn["readinessProbe"]["httpGet"]["scheme"] == mn["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    mine = next(o for o in desired_children(cluster(api={"tls": {"secretName": "mine"}}, **EXTERNAL), {})
+                if o["kind"] == "StatefulSet")
+    assert {v["name"]: v for v in mine["spec"]["template"]["spec"]["volumes"]}["api-tls"]["secret"][
+        "secretName"] == "mine"
+    plain = next(o for o in desired_children(cluster(api={"tls": {"enabled": False}}, **EXTERNAL), {})
+                 if o["kind"] == "StatefulSet")
+    assert "ZSTACK_TLS_CERT_FILE" not in env(mn_container(plain))
+    assert mn_container(plain)["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+
+
+def test_the_generated_certificate_names_the_api_service_and_every_mn_pod() -> None:
+    from cryptography import x509
+
+    issued = tls.issue(cluster())
+    cert = x509.load_pem_x509_certificate(issued.cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert {"demo-api.prod.svc", "demo-api.prod.svc.cluster.local", "*.demo-mn.prod.svc", "localhost"} <= set(names)
+    ca = x509.load_pem_x509_certificate(issued.ca_pem)
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert b"PRIVATE KEY" in issued.key_pem and b"PRIVATE KEY" not in issued.ca_pem
+    secret = tls.secret(cluster(), issued)
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert tls.ca_config_map(cluster(), issued)["data"]["ca.crt"] == issued.ca_pem.decode()

@@ -106,17 +106,30 @@ def test_managed_pods_pass_restricted_and_accept_only_their_mns(operator: Operat
     assert api["ingress"][0]["from"] == [{"namespaceSelector": {}}], "the API's default: any pod in the cluster"
 
 
+def test_api_allow_from_narrows_the_mn_policy_and_turning_policies_off_deletes_them(operator: OperatorProcess,
+                                                                                   zsc: Zsc) -> None:
+    clients = {"namespaceSelector": {"matchLabels": {"team": "cloud"}}}
+    zsc.apply(replicas=1, api={"port": zsc.port, "allowFrom": [clients]})
+    rule = _policy(zsc, "demo-mn")["spec"]["ingress"][0]
+    assert rule["from"][0] == clients
+    assert rule["from"][1]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "zstack-operator"}, \
+        "the operator must still reach the MNs' rings"
+    assert rule["ports"] == [{"port": zsc.port, "protocol": "TCP"}]
+    zsc.patch({"spec": {"networkPolicy": {"enabled": False}}})
+    wait_for("the MN NetworkPolicy to go", lambda: zsc.get("networkpolicy", "demo-mn") is None, TIMEOUT)
+
+
 def test_no_log_holds_a_password_or_token(operator: OperatorProcess, zsc: Zsc, rabbitmq: RabbitMQ,
                                           postgres: PostgreSQL) -> None:
     zsc.apply(replicas=2)
     zsc.wait_condition("Ready")
     token = base64.b64decode(zsc.get("secret", "demo-api-token")["data"]["token"]).decode()
     for pod in ("demo-mn-0", "demo-mn-1"):  # good and bad tokens through each MN's authentication
-        base = f"http://{zsc.ip(pod)}:{zsc.port}/v1/hosts"
+        base = zsc.url(pod, "/v1/hosts")
         for bearer, expect in ((token, 200), (token[::-1], 401)):
             request = urllib.request.Request(base, headers={"Authorization": f"Bearer {bearer}"})
             try:
-                with urllib.request.urlopen(request, timeout=10) as answer:
+                with urllib.request.urlopen(request, timeout=10, context=zsc.ssl_context()) as answer:
                     status = answer.status
             except urllib.error.HTTPError as err:
                 status = err.code

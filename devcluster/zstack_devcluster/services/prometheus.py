@@ -51,6 +51,9 @@ POD_JOBS: dict[str, tuple[str, str]] = {
     OPERATOR_JOB: ("app.kubernetes.io/name=zstack-operator", "metrics"),
 }
 _META = "__meta_kubernetes_"
+# Not a label Kubernetes discovery gives: ours, from the readiness probe, so that one job scrapes MNs with
+# TLS and without (a PodMonitor sets its scheme itself). A private dev server: certificates go unverified.
+SCHEME_LABEL = "__meta_zstack_scheme"
 log = logging.getLogger(__name__)
 
 
@@ -103,8 +106,15 @@ def pod_targets(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     **labels, f"{_META}pod_container_name": container["name"],
                     f"{_META}pod_container_port_name": port.get("name", ""),
                     f"{_META}pod_container_port_number": str(port["containerPort"]),
-                    f"{_META}pod_container_port_protocol": port.get("protocol", "TCP")}})
+                    f"{_META}pod_container_port_protocol": port.get("protocol", "TCP"),
+                    SCHEME_LABEL: _probe_scheme(container)}})
     return groups
+
+
+def _probe_scheme(container: dict[str, Any]) -> str:
+    """"https" when the container's readiness probe speaks HTTPS (an MN with TLS), else "http"."""
+    probe = (container.get("readinessProbe") or {}).get("httpGet") or {}
+    return "https" if str(probe.get("scheme", "HTTP")).upper() == "HTTPS" else "http"
 
 
 def _pod_target_labels(port_name: str) -> list[dict[str, Any]]:
@@ -183,6 +193,9 @@ class Prometheus(Service):
                                   "regex": f";|[^;]+;{port_name}", "action": "keep"}
             if job == MN_JOB:
                 relabel += prometheus_relabelings(METRICS_RELABELINGS)
+                if self.kubeconfig is not None:
+                    relabel.append({"source_labels": [SCHEME_LABEL], "regex": "(https?)", "target_label": "__scheme__"})
+                    config["tls_config"] = {"insecure_skip_verify": True}
             if self.static_targets.get(job):
                 config["static_configs"] = [{"targets": self.static_targets[job]}]
             if len(config) > 1:
