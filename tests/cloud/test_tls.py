@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cloud.conftest import Api, CloudCluster
+from tests.cloud.conftest import TOKEN, Api, CloudCluster
 from tests.fixtures.tls import Issued, SecretVolume, issue, make_ca, served_certificate
+from zstack_cli.cli import main as cli_main
 from zstack_devcluster.localnodes import LocalNode, wait_until
 from zstack_node.cli import main as node_main
 from zstack_node.errors import ConfigError
@@ -253,3 +255,26 @@ def test_an_mn_serves_https_and_takes_a_new_certificate_without_a_restart(
     wait_until(lambda: served_certificate("127.0.0.1", port) == third.der, 20, "the fixed pair to be served")
     assert node.process.pid == pid and node.process.poll() is None
     assert metric(node, "zstack_tls_reloads_total", result="success") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_zstack_cli_verifies_an_mn_against_the_clusters_ca(cloud: CloudCluster, ca: Issued, volume: SecretVolume,
+                                                          tmp_path: Path) -> None:
+    volume.publish_pair(issue(ca, tmp_path / "server"), ca)
+    node = tls_mn(cloud, volume, ca)
+    env = {"ZSTACK_API_URL": node.url, "ZSTACK_API_TOKEN": TOKEN, "ZSTACK_CA_FILE": None}
+    added = CliRunner().invoke(cli_main, ["--ca-file", str(volume.path("ca.crt")), "-o", "json", "hosts", "add",
+                                          "tls-host", "--cpu", "4", "--memory", "4096"], env=env)
+    assert added.exit_code == 0, added.output + node.tail()
+    listed = CliRunner().invoke(cli_main, ["-o", "json", "hosts", "list"], env={**env, "ZSTACK_CA_FILE":
+                                                                               str(volume.path("ca.crt"))})
+    assert listed.exit_code == 0 and "tls-host" in listed.stdout, listed.output
+    started = time.monotonic()
+    refused = CliRunner().invoke(cli_main, ["hosts", "add", "other", "--cpu", "4", "--memory", "4096"], env=env)
+    took = time.monotonic() - started
+    assert refused.exit_code == 1, refused.output
+    assert "cannot verify the certificate" in refused.stderr and "--ca-file" in refused.stderr
+    assert "kubectl get secret <cluster>-api-tls" in refused.stderr
+    assert "retrying" not in refused.output and took < 5
+    assert "unencrypted" not in refused.stderr
