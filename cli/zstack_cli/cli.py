@@ -29,6 +29,7 @@ from zstack_cli.client import (
     Json,
     RequestFailed,
     check_url,
+    sends_token_in_clear,
 )
 from zstack_cli.output import escape, render
 
@@ -108,18 +109,30 @@ def _check_token(_ctx: click.Context, _param: click.Parameter, value: str | None
               callback=_check_url, help="Base URL of any MN's API")
 @click.option("--token", envvar="ZSTACK_API_TOKEN", show_envvar=True, default=None, callback=_check_token,
               help="Bearer token (the MN's --api-token); never printed")
+@click.option("--ca-file", envvar="ZSTACK_CA_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="PEM CA bundle that an https --url is verified against "
+              "(default: the system's trust store); the cluster's CA is ca.crt of its Secret <cluster>-api-tls")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
               help="Seconds to wait for each HTTP answer")
 @click.pass_context
-def main(ctx: click.Context, url: str, token: str | None, output: str, timeout: float) -> None:
+def main(ctx: click.Context, url: str, token: str | None, ca_file: str | None, output: str, timeout: float) -> None:
     """Manage the hosts and VMs of a ZStack cloud through any of its management nodes.
 
     Commands that start a job (add, create, start, ...) retry a lost answer with the same
     Idempotency-Key, so nothing is done twice; any request answered 503/429 is retried after its
     Retry-After. Lists print one page (100 rows); pass --all for every page or --limit N.
+
+    An https --url is always verified (certificate and host name), against --ca-file if given.
     """
-    ctx.obj = State(ApiClient(url, token, timeout, on_retry=_warn), output)
+    try:
+        client = ApiClient(url, token, timeout, on_retry=_warn, ca_file=ca_file or None)
+    except ValueError as exc:  # the CA bundle cannot be read
+        raise click.BadParameter(str(exc), param_hint="--ca-file / ZSTACK_CA_FILE") from None
+    if token and sends_token_in_clear(url):
+        _warn(f"warning: the token goes to {url} unencrypted (plain http); use an https --url, the MN's "
+              "--tls-cert-file")
+    ctx.obj = State(client, output)
 
 
 def _warn(message: str) -> None:

@@ -7,13 +7,18 @@ Each POST or DELETE that starts a job carries a fresh `Idempotency-Key`; when it
 connection was refused, reset or timed out, or the answer was broken) the same request is sent again with
 the same key, so the MN hands back the first job instead of doing the work twice. Any request answered
 503 or 429 is retried after its `Retry-After`. Retries are bounded by a `RetryPolicy`.
+
+An https URL is always verified, certificate and hostname, against `ca_file` (the cluster's CA) or else the
+system's trust store; a certificate that does not verify is never retried.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +35,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 RETRY_STATUSES = frozenset({429, 503})
+_LOST_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # the connection went, not the trust
 MAX_PAGE = 1000  # the API's largest ?limit=
 LISTS = ("hosts", "vms", "jobs")
 
@@ -156,6 +162,42 @@ def _unreachable(base: str, reason: object) -> RequestFailed:
                          transport=True)
 
 
+CA_ADVICE = ("the cluster's CA is in its Secret <cluster>-api-tls: kubectl get secret <cluster>-api-tls "
+             "-o jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt")
+_HOSTNAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _untrusted(base: str, err: ssl.SSLCertVerificationError, ca_file: str | None) -> RequestFailed:
+    """A certificate that did not verify: final (no retry), with what to do next."""
+    reason = err.verify_message or err.reason or str(err)
+    if err.verify_code in _HOSTNAME_MISMATCH:
+        return RequestFailed(f"the certificate of {base} does not name its host ({reason}); use a --url with a host "
+                             "name or address the certificate holds")
+    where = (f"it does not verify against the CA in {ca_file} (--ca-file); pass the cluster's CA" if ca_file else
+             "pass --ca-file / ZSTACK_CA_FILE with the cluster's CA")
+    return RequestFailed(f"cannot verify the certificate of {base}: {reason}; {where} ({CA_ADVICE})")
+
+
+def _tls_failed(base: str, err: ssl.SSLError) -> RequestFailed:
+    """A TLS handshake that failed for another reason (no retry): most often plain HTTP on the port."""
+    return RequestFailed(f"TLS with {base} failed: {err.reason or err}; does the MN serve HTTPS there? (an MN "
+                         "without --tls-cert-file serves http://)")
+
+
+def sends_token_in_clear(url: str) -> bool:
+    """Whether a token sent to `url` crosses a network unencrypted: plain http to a host other than loopback."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """The API never redirects; following one would send the bearer token to wherever it points."""
 
@@ -163,18 +205,30 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError with the 3xx status
 
 
-_OPENER = urllib.request.build_opener(_RefuseRedirects)
+def make_opener(ca_file: str | None = None) -> urllib.request.OpenerDirector:
+    """An opener that refuses redirects and verifies https (certificate and hostname) against `ca_file`, else
+    the system's trust store. Raises ValueError when `ca_file` cannot be read as a PEM CA bundle."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:  # SSLError: no certificate in the file
+        raise ValueError(f"cannot load a CA bundle from {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return urllib.request.build_opener(_RefuseRedirects, urllib.request.HTTPSHandler(context=context))
 
 
 class ApiClient:
     """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it).
 
-    `retry` bounds the retries of a request; `on_retry` is told (in a sentence) about each one.
+    `retry` bounds the retries of a request; `on_retry` is told (in a sentence) about each one. An https
+    URL is verified against `ca_file` (a PEM CA bundle), else the system's trust store.
     """
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0,
-                 retry: RetryPolicy | None = None, on_retry: Callable[[str], None] | None = None) -> None:
+                 retry: RetryPolicy | None = None, on_retry: Callable[[str], None] | None = None,
+                 ca_file: str | None = None) -> None:
         self.url = check_url(url)
+        self.ca_file = ca_file
+        self._opener = make_opener(ca_file)  # ValueError on a bad CA bundle
         self._token = token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -242,13 +296,17 @@ class ApiClient:
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         limit = self.timeout if timeout is None else timeout
         try:
-            with _OPENER.open(req, timeout=limit) as response:
+            with self._opener.open(req, timeout=limit) as response:
                 raw, answer_headers = response.read(), response.headers
         except urllib.error.HTTPError as err:
             raise self._http_error(method, url, err) from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError):
                 raise _timed_out(method, url, limit) from None
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise _untrusted(self.url, err.reason, self.ca_file) from None
+            if isinstance(err.reason, ssl.SSLError) and not isinstance(err.reason, _LOST_TLS):
+                raise _tls_failed(self.url, err.reason) from None
             raise _unreachable(self.url, err.reason) from None
         except TimeoutError:
             raise _timed_out(method, url, limit) from None

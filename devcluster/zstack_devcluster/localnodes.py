@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -50,10 +51,14 @@ class LocalNode:
     options: Mapping[str, Any] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None  # with the options tls_cert_file and tls_key_file: the CA that verifies the node
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.options.get('tls_cert_file') else 'http'}://127.0.0.1:{self.http_port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
 
     @property
     def log_path(self) -> Path:
@@ -77,13 +82,13 @@ class LocalNode:
     def get(self, path: str, timeout: float = 2.0) -> Any:
         """GET a JSON document from this node's HTTP port (any status code)."""
         try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            with urllib.request.urlopen(self.url + path, timeout=timeout, context=self._ssl_context()) as response:
                 return json.load(response)
         except urllib.error.HTTPError as err:
             return json.load(err)
 
     def text(self, path: str, timeout: float = 2.0) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        with urllib.request.urlopen(self.url + path, timeout=timeout, context=self._ssl_context()) as response:
             return response.read().decode()
 
     def ring(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from zstack_node.errors import ConfigError
 from zstack_node.http import build_app, serve
 from zstack_node.node import ManagementNode
 from zstack_node.service import Service
+from zstack_node.tls import ServerTls
 
 log = logging.getLogger("zstack_node")
 
@@ -67,6 +68,9 @@ def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN2
 @_opt("api-token", help="Bearer token the HTTP API requires (visible in the environment: prefer --api-token-file)")
 @_opt("api-token-file", help="File of the bearer token(s), one per line, two during a rotation; read again when it "
                              "changes")
+@_opt("tls-cert-file", help="PEM certificate (and its chain) of the HTTP port, which then serves HTTPS only; with "
+                            "--tls-key-file. Read again when it changes")
+@_opt("tls-key-file", help="PEM private key of --tls-cert-file (unencrypted)")
 @_opt("kubernetes", type=click.Choice(["auto", "on", "off"]),
       help="Lease membership: auto is on when POD_NAME is set")
 @_opt("pod-name", env="POD_NAME", help="This MN's pod (downward API): the name of its Lease")
@@ -89,24 +93,34 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
             raise click.UsageError(str(exc)) from None
     classes = [*CLOUD_SERVICES, *(load_service(spec) for spec in services)]
     try:
-        asyncio.run(run(settings, classes))
+        server_tls = ServerTls(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
+    except ConfigError as exc:  # the files changed since validate()
+        raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(run(settings, classes, server_tls))
     except KubeError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-async def run(settings: Settings, classes: list[type[Service]]) -> None:
-    """Start the node and its HTTP port; leave gracefully on SIGTERM or SIGINT."""
+async def run(settings: Settings, classes: list[type[Service]], server_tls: ServerTls | None = None) -> None:
+    """Start the node and its HTTP port (HTTPS with `server_tls`); leave gracefully on SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     if hasattr(asyncio, "eager_task_factory"):  # Python 3.12+: a handler that never waits costs no loop pass
         loop.set_task_factory(asyncio.eager_task_factory)
     node = ManagementNode(settings, classes)
     host = settings.advertise_address or settings.hostname
     node.address = f"{host}:{settings.http_port}"
-    runner = await serve(build_app(node), settings.http_bind, settings.http_port)
+    runner = await serve(build_app(node), settings.http_bind, settings.http_port,
+                         server_tls.context if server_tls else None)
+    watch = asyncio.create_task(server_tls.watch()) if server_tls else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("HTTP on %s:%d; starting", settings.http_bind, settings.http_port)
+    if server_tls:
+        log.info("HTTPS on %s:%d; starting", settings.http_bind, settings.http_port)
+    else:
+        log.warning("HTTP on %s:%d without TLS: the API and its bearer token travel unencrypted (pass "
+                    "--tls-cert-file and --tls-key-file for HTTPS); starting", settings.http_bind, settings.http_port)
     starting = asyncio.create_task(node.start())
     await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done():
@@ -116,4 +130,6 @@ async def run(settings: Settings, classes: list[type[Service]]) -> None:
         starting.cancel()
     log.info("received a stop signal")
     await node.leave()
+    if watch:
+        watch.cancel()
     await runner.cleanup()

@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from zstack_node import tls
 from zstack_node.cloud.settings import CloudSettings
 from zstack_node.cloud.tokens import ApiTokens
 from zstack_node.errors import ConfigError
@@ -43,6 +44,8 @@ class Settings:
     ring_vnodes: int = DEFAULT_VNODES
     api_token: str | None = None
     api_token_file: str | None = None  # one token per line, two during a rotation; read again when it changes
+    tls_cert_file: str | None = None  # PEM certificate (and chain) of the HTTPS port; with tls_key_file or neither
+    tls_key_file: str | None = None  # its PEM private key; both files are read again when they change
     cluster: str = "default"
     hostname: str = field(default_factory=socket.gethostname)
     services: tuple[str, ...] = ()
@@ -73,6 +76,7 @@ class Settings:
         )
         if self.api_token_file:
             ApiTokens(path=self.api_token_file)  # raises ConfigError naming the flag if it cannot be used
+        tls.check_files(self.tls_cert_file, self.tls_key_file)  # both or neither, and a pair that can be served
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"{_where('http_port')}: {self.http_port} is not a TCP port (0-65535)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "lease_duration", "call_timeout"):

@@ -1,7 +1,8 @@
-"""The MN's one HTTP port: health, readiness, Prometheus metrics and the ring (aiohttp)."""
+"""The MN's one HTTP port: health, readiness, Prometheus metrics and the ring (aiohttp); HTTPS with TLS files."""
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -59,9 +60,10 @@ async def owner(request: web.Request) -> web.Response:
     return web.json_response({"resource": resource, "owner": node.owner(resource), "epoch": node.ring.epoch})
 
 
-async def serve(app: web.Application, bind: str, port: int) -> web.AppRunner:
-    """Start listening; the caller cleans up the returned runner."""
+async def serve(app: web.Application, bind: str, port: int, ssl_context: ssl.SSLContext | None = None
+                ) -> web.AppRunner:
+    """Start listening, HTTPS only when given an SSL context; the caller cleans up the returned runner."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, bind, port).start()
+    await web.TCPSite(runner, bind, port, ssl_context=ssl_context).start()
     return runner

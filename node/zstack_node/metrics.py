@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 MESSAGES_SENT = Counter("zstack_bus_messages_sent_total", "Messages this MN published", ["service", "kind"])
@@ -69,6 +69,18 @@ LEASE_TRUSTED = Gauge(
     "zstack_lease_view_trusted",
     "1 while this MN's Lease view counts (own renewals succeed and come back on its synced watch)",
 )
+# The TLS series exist only on an MN serving HTTPS: export_tls() registers them.
+TLS_CERT_EXPIRY = Gauge(
+    "zstack_tls_certificate_expiry_timestamp_seconds",
+    "notAfter of the certificate this MN serves on its HTTPS port, as a Unix time",
+    registry=None,
+)
+TLS_RELOADS = Counter(
+    "zstack_tls_reloads_total",
+    "Loads of changed TLS files: success, or error (the previous certificate is still served)",
+    ["result"],
+    registry=None,
+)
 NODE_INFO = Gauge("zstack_node_info", "Identity of this MN (value 1)", ["uuid", "hostname", "cluster"])
 
 # The fixed label values the runtime counts with (see the call sites in bus/cloudbus.py, node.py, membership/leases.py).
@@ -106,6 +118,13 @@ def initialise(services: Iterable[str], leases: bool) -> None:
         for metric, values in ((LEASE_RENEW_FAILURES, LEASE_RENEW_FAILURE_REASONS), (LEASE_EVENTS, LEASE_EFFECTS)):
             for value in values:
                 metric.labels(value)
+
+
+@functools.cache
+def export_tls() -> None:
+    """Serve the TLS series on /metrics (once per process; an MN without TLS has none)."""
+    REGISTRY.register(TLS_CERT_EXPIRY)
+    REGISTRY.register(TLS_RELOADS)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -41,16 +42,20 @@ class Seen:
 
 
 class FakeMn:
-    """Serves `actions` in turn on 127.0.0.1 (port 0 picks a free one); use as a context manager."""
+    """Serves `actions` in turn on 127.0.0.1 (port 0 picks a free one), over HTTPS with `ssl_context`; use as a
+    context manager."""
 
-    def __init__(self, *actions: Action, port: int = 0) -> None:
+    def __init__(self, *actions: Action, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.actions = list(actions)
         self.seen: list[Seen] = []
         self.released = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        if ssl_context is not None:  # the handshake runs at accept; a failed one drops that connection only
+            self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> FakeMn:
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
