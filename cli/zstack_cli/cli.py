@@ -112,11 +112,15 @@ def _check_token(_ctx: click.Context, _param: click.Parameter, value: str | None
 @click.option("--ca-file", envvar="ZSTACK_CA_FILE", show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="PEM CA bundle that an https --url is verified against "
               "(default: the system's trust store); the cluster's CA is ca.crt of its Secret <cluster>-api-tls")
+@click.option("--tls-server-name", envvar="ZSTACK_TLS_SERVER_NAME", show_envvar=True, default=None,
+              help="Name the MN's certificate must hold, when --url reaches it by another (a pod IP, a tunnel): "
+              "e.g. <cluster>-api.<namespace>.svc")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
               help="Seconds to wait for each HTTP answer")
 @click.pass_context
-def main(ctx: click.Context, url: str, token: str | None, ca_file: str | None, output: str, timeout: float) -> None:
+def main(ctx: click.Context, url: str, token: str | None, ca_file: str | None, tls_server_name: str | None,
+         output: str, timeout: float) -> None:
     """Manage the hosts and VMs of a ZStack cloud through any of its management nodes.
 
     Commands that start a job (add, create, start, ...) retry a lost answer with the same
@@ -126,7 +130,8 @@ def main(ctx: click.Context, url: str, token: str | None, ca_file: str | None, o
     An https --url is always verified (certificate and host name), against --ca-file if given.
     """
     try:
-        client = ApiClient(url, token, timeout, on_retry=_warn, ca_file=ca_file or None)
+        client = ApiClient(url, token, timeout, on_retry=_warn, ca_file=ca_file or None,
+                           server_name=tls_server_name or None)
     except ValueError as exc:  # the CA bundle cannot be read
         raise click.BadParameter(str(exc), param_hint="--ca-file / ZSTACK_CA_FILE") from None
     if token and sends_token_in_clear(url):

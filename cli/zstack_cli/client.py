@@ -172,7 +172,8 @@ def _untrusted(base: str, err: ssl.SSLCertVerificationError, ca_file: str | None
     reason = err.verify_message or err.reason or str(err)
     if err.verify_code in _HOSTNAME_MISMATCH:
         return RequestFailed(f"the certificate of {base} does not name its host ({reason}); use a --url with a host "
-                             "name or address the certificate holds")
+                             "name the certificate holds, or pass --tls-server-name / ZSTACK_TLS_SERVER_NAME with "
+                             "one (the operator's certificates name <cluster>-api.<namespace>.svc)")
     where = (f"it does not verify against the CA in {ca_file} (--ca-file); pass the cluster's CA" if ca_file else
              "pass --ca-file / ZSTACK_CA_FILE with the cluster's CA")
     return RequestFailed(f"cannot verify the certificate of {base}: {reason}; {where} ({CA_ADVICE})")
@@ -205,11 +206,27 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError with the 3xx status
 
 
-def make_opener(ca_file: str | None = None) -> urllib.request.OpenerDirector:
-    """An opener that refuses redirects and verifies https (certificate and hostname) against `ca_file`, else
-    the system's trust store. Raises ValueError when `ca_file` cannot be read as a PEM CA bundle."""
+class _ServerNameContext(ssl.SSLContext):
+    """Checks the certificate against `server_name` instead of the URL's host (kubectl's --tls-server-name):
+    an MN reached by pod IP or through a tunnel still proves it is the Service its certificate names."""
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        return super().wrap_socket(sock, *args, server_hostname=self.server_name or server_hostname, **kwargs)
+
+
+def make_opener(ca_file: str | None = None, server_name: str | None = None) -> urllib.request.OpenerDirector:
+    """An opener that refuses redirects and verifies https (certificate and hostname, or `server_name`) against
+    `ca_file`, else the system's trust store. Raises ValueError when `ca_file` cannot be read as a PEM CA
+    bundle."""
+    context = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    context.server_name = server_name
     try:
-        context = ssl.create_default_context(cafile=ca_file)
+        if ca_file:
+            context.load_verify_locations(cafile=ca_file)
+        else:
+            context.load_default_certs()
     except (OSError, ssl.SSLError) as exc:  # SSLError: no certificate in the file
         raise ValueError(f"cannot load a CA bundle from {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -220,15 +237,16 @@ class ApiClient:
     """Calls one MN's API. `timeout` bounds each HTTP request (a long poll adds its wait to it).
 
     `retry` bounds the retries of a request; `on_retry` is told (in a sentence) about each one. An https
-    URL is verified against `ca_file` (a PEM CA bundle), else the system's trust store.
+    URL is verified against `ca_file` (a PEM CA bundle), else the system's trust store, and its certificate
+    must name `server_name` if given, else the URL's host.
     """
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0,
                  retry: RetryPolicy | None = None, on_retry: Callable[[str], None] | None = None,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, server_name: str | None = None) -> None:
         self.url = check_url(url)
         self.ca_file = ca_file
-        self._opener = make_opener(ca_file)  # ValueError on a bad CA bundle
+        self._opener = make_opener(ca_file, server_name)  # ValueError on a bad CA bundle
         self._token = token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()

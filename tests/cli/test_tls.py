@@ -125,3 +125,22 @@ def test_a_token_over_plain_http_to_another_host_is_warned_about_once() -> None:
     with FakeMn(Answer(200, {"members": []})) as mn:  # loopback: no warning
         result = CliRunner().invoke(main, ["ring"], env={**env, "ZSTACK_API_URL": mn.url})
     assert "unencrypted" not in result.stderr
+
+
+def test_tls_server_name_verifies_an_mn_reached_by_an_address_its_certificate_lacks(ca: Issued,
+                                                                                     tmp_path: Path) -> None:
+    # A certificate for the API Service only, as the operator issues it: a pod IP is in no certificate.
+    service = issue(ca, tmp_path / "service", dns_names=("demo-api.prod.svc",), ip_addresses=())
+    mn = FakeMn(accepted(), ssl_context=server_context(service))
+    mn.actions = [HOSTS]
+    env = {"ZSTACK_API_URL": None, "ZSTACK_API_TOKEN": "t0ken", "ZSTACK_CA_FILE": str(ca.cert_path)}
+    with mn:
+        env["ZSTACK_API_URL"] = mn.url
+        refused = CliRunner().invoke(main, ["hosts", "list"], env=env)
+        named = CliRunner().invoke(main, ["--tls-server-name", "demo-api.prod.svc", "-o", "json", "hosts", "list"],
+                                   env=env)
+        wrong = CliRunner().invoke(main, ["hosts", "list"], env={**env, "ZSTACK_TLS_SERVER_NAME": "other.prod.svc"})
+    assert refused.exit_code == 1 and "--tls-server-name" in refused.stderr, refused.output
+    assert named.exit_code == 0, named.output
+    assert wrong.exit_code == 1 and "does not name its host" in wrong.stderr, wrong.output
+    assert len(mn.seen) == 1, "only the verified request may reach the MN"

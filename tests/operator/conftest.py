@@ -432,11 +432,19 @@ class Zsc(InNamespace):
     def ip(self, name: str) -> str:
         return pod_ip(self.pod(name), name)
 
+    def ca(self) -> str:
+        """The cluster's CA certificate (PEM), from the ConfigMap <name>-api-ca the operator writes."""
+        return json.loads(self.read("get", "configmap", f"{self.name}-api-ca", "-o", "json"))["data"]["ca.crt"]
+
+    @property
+    def api_server_name(self) -> str:
+        """The API Service's name, which the MNs' certificate holds (for zstack-cli --tls-server-name)."""
+        return f"{self.name}-api.{self.ns}.svc"
+
     def ssl_context(self) -> ssl.SSLContext:
-        """Verifies the MNs against the cluster's CA (ConfigMap <name>-api-ca). Pod IPs are in no certificate:
-        like the operator, tests dial them and check the chain only."""
-        ca = json.loads(self.read("get", "configmap", f"{self.name}-api-ca", "-o", "json"))["data"]["ca.crt"]
-        context = ssl.create_default_context(cadata=ca)
+        """Verifies the MNs against the cluster's CA. Pod IPs are in no certificate: like the operator, tests
+        dial them and check the chain only."""
+        context = ssl.create_default_context(cadata=self.ca())
         context.check_hostname = False
         return context
 

@@ -52,11 +52,14 @@ def api_token(zsc: Zsc) -> str:
     return base64.b64decode(encoded).decode()
 
 
-def load_the_cloud(zsc: Zsc) -> None:
+def load_the_cloud(zsc: Zsc, tmp_path: Path) -> None:
     """A host, then VMs created (and started), stopped and started again, each request to another MN; then the
-    host pinged through every MN (request/reply bus calls to its owner)."""
+    host pinged through every MN (request/reply bus calls to its owner). HTTPS, verified as zstack-cli does."""
     token = api_token(zsc)
-    clients = [ApiClient(f"http://{zsc.ip(pod)}:{zsc.port}", token) for pod in zsc.pod_names(3)]
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text(zsc.ca())
+    clients = [ApiClient(zsc.url(pod, ""), token, ca_file=str(ca_file), server_name=zsc.api_server_name)
+               for pod in zsc.pod_names(3)]
     host = clients[0].wait_job(clients[0].add_host("host-1", cpu=64, memory=65536), timeout=TIMEOUT)
     jobs = [clients[i % 3].create_vm(f"vm-{i}", cpu=1, memory=512, host_uuid=host["resource_uuid"])
             for i in range(VMS)]
@@ -126,7 +129,7 @@ def scrape_health(prometheus: Prometheus) -> str:
 
 
 def test_every_panel_of_both_dashboards_shows_data(operator: OperatorProcess, zsc: Zsc,
-                                                   prometheus: Prometheus) -> None:
+                                                   prometheus: Prometheus, tmp_path: Path) -> None:
     # Watching before the cluster exists, as in production: the operator's first reconciles show in its rates.
     wait_for("Prometheus to scrape the operator", lambda: prometheus.query('up{job="zstack-operator"} == 1'),
              DATA_TIMEOUT, interval=0.5, info=lambda: scrape_health(prometheus))
@@ -144,7 +147,7 @@ def test_every_panel_of_both_dashboards_shows_data(operator: OperatorProcess, zs
     wait_for("Prometheus to scrape all 3 MNs",
              lambda: len(prometheus.query(f'zstack_node_info{{namespace="{zsc.ns}"}}')) == 3, DATA_TIMEOUT,
              interval=0.5, info=lambda: scrape_health(prometheus))
-    load_the_cloud(zsc)
+    load_the_cloud(zsc, tmp_path)
 
     deadline = time.monotonic() + DATA_TIMEOUT
     while any(found := empty_panels(prometheus, values)) and time.monotonic() < deadline:
