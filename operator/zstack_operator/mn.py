@@ -23,6 +23,8 @@ METRICS_RELABELINGS: list[dict[str, Any]] = [
 # The MNs' rights (their Leases, a read of their own Pod): a ClusterRole the chart ships, the same as
 # zstack_node's manifests/mn-rbac.yaml. The operator may bind it and no other role.
 MN_CLUSTER_ROLE = "zstack-mn"
+# Used when spec.resources is absent: an MN idles at about 100 MiB; the limit leaves room for 100k VMs' lists.
+DEFAULT_RESOURCES: dict[str, Any] = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 TOKEN_VOLUME = "api-token"
 TOKEN_DIR = "/var/run/zstack/api-token"  # the API token Secret, mounted read-only
 
@@ -147,8 +149,7 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
-    if cluster.spec.get("resources"):
-        container["resources"] = cluster.spec["resources"]
+    container["resources"] = cluster.spec.get("resources") or DEFAULT_RESOURCES
     return container
 
 

@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from tests.fixtures.chart import render
+from tests.fixtures.podsecurity import pod_templates, restricted_violations
 from zstack_operator import tls
 from zstack_operator.cluster import Cluster
 from zstack_operator.credentials import broker_secret, database_secret, generated_secrets
@@ -218,3 +219,20 @@ def test_the_generated_certificate_names_the_api_service_and_every_mn_pod() -> N
     secret = tls.secret(cluster(), issued)
     assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
     assert tls.ca_config_map(cluster(), issued)["data"]["ca.crt"] == issued.ca_pem.decode()
+
+
+def test_every_pod_the_operator_makes_passes_restricted() -> None:
+    managed = {"broker": {"managed": {}}, "database": {"managed": {}}}
+    objects = desired_children(cluster(**managed), {})
+    templates = list(pod_templates(objects))
+    assert len(templates) == 3, "the MN, RabbitMQ and PostgreSQL StatefulSets"
+    for name, pod in templates:
+        assert restricted_violations(pod) == [], name
+    for sts in (o for o in objects if o["kind"] == "StatefulSet"):
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"], \
+            f"{sts['metadata']['name']} has no default resources"
+    mine = {"requests": {"cpu": "2", "memory": "4Gi"}}
+    custom = desired_children(cluster(broker={"managed": {"resources": mine}}, database={"managed": {}}), {})
+    rabbitmq = next(o for o in custom if o["metadata"]["name"] == "demo-rabbitmq" and o["kind"] == "StatefulSet")
+    assert rabbitmq["spec"]["template"]["spec"]["containers"][0]["resources"] == mine
