@@ -46,7 +46,8 @@ def test_demo_up_runs_the_operator_and_a_ring_of_three_and_down_leaves_only_the_
         assert "3/3" in ready["get_zsc"] and "Ready" in ready["get_zsc"], ready["get_zsc"]
         assert len({mn["uuid"] for mn in ready["mns"]}) == 3
         for mn in ready["mns"]:
-            with urllib.request.urlopen(mn["url"] + "/v1/cluster/ring", timeout=5) as response:
+            with urllib.request.urlopen(mn["url"] + "/v1/cluster/ring", timeout=5,
+                                        context=_verifying(ready)) as response:
                 assert sorted(json.load(response)["members"]) == sorted(m["uuid"] for m in ready["mns"])
         (operator,) = ready["operator"]
         pod = _get(devcluster, "pod", operator["pod"], "-n", demo.OPERATOR_NS)
@@ -73,11 +74,18 @@ def test_demo_up_runs_the_operator_and_a_ring_of_three_and_down_leaves_only_the_
     assert demo.down(root, say=lambda _msg: None) is False
 
 
+def _verifying(ready: dict) -> ssl.SSLContext:
+    """Verifies the demo's MNs against the CA file it printed. A pod IP is in no certificate: the chain of a
+    CA that signed only this cluster's certificate proves who answers."""
+    context = ssl.create_default_context(cafile=ready["ca_file"])
+    context.check_hostname = False
+    return context
+
+
 def _check_api_needs_the_generated_token(cluster: KubeCluster, ready: dict) -> None:
     url = ready["mns"][0]["url"] + "/v1/vms"
     assert url.startswith("https://"), "the demo's API must be HTTPS, as every ZStackCluster's by default"
-    context = ssl.create_default_context(cafile=ready["ca_file"])  # the CA the demo printed
-    context.check_hostname = False  # a pod IP is in no certificate; the chain proves it is this cluster's MN
+    context = _verifying(ready)
     with pytest.raises(urllib.error.URLError) as untrusted:
         urllib.request.urlopen(url, timeout=5, context=ssl.create_default_context())  # the system's CAs
     assert isinstance(untrusted.value.reason, ssl.SSLCertVerificationError), untrusted.value
