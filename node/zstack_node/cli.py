@@ -14,7 +14,7 @@ from zstack_kube.errors import KubeError
 from zstack_kube.login import namespace
 from zstack_node.cloud.services import SERVICES as CLOUD_SERVICES
 from zstack_node.cloud.settings import CloudSettings
-from zstack_node.config import Settings, default
+from zstack_node.config import Settings, default, url_setting
 from zstack_node.errors import ConfigError
 from zstack_node.http import build_app, serve
 from zstack_node.node import ManagementNode
@@ -49,8 +49,12 @@ def _opt(name: str, *dest: str, env: str | None = None, **kwargs):  # noqa: ANN2
 
 @click.command(context_settings={"max_content_width": 110})
 @click.version_option(package_name="zstack-k8s", prog_name="zstack-node")
-@_opt("broker-url", required=True, help="RabbitMQ URL, amqp://user:pass@host:5672/%2F")
-@_opt("database-url", required=True, help="PostgreSQL URL, postgresql://user:pass@host:5432/zstack")
+@_opt("broker-url", default=None, help="RabbitMQ URL, amqp://user:pass@host:5672/%2F (or --broker-url-file)")
+@_opt("broker-url-file", help="File holding the RabbitMQ URL (a mounted Secret: the password stays out of the "
+                              "environment)")
+@_opt("database-url", default=None, help="PostgreSQL URL, postgresql://user:pass@host:5432/zstack (or "
+                                         "--database-url-file)")
+@_opt("database-url-file", help="File holding the PostgreSQL URL")
 @_opt("http-bind", help="Address of the HTTP port (API, health, metrics)")
 @_opt("http-port", type=click.IntRange(0, 65535), help="The HTTP port")
 @_opt("heartbeat-interval", type=float, help="Seconds between heartbeats")
@@ -82,6 +86,8 @@ def main(services: tuple[str, ...], log_level: str, hostname: str | None, **opti
     logging.getLogger("pika").setLevel(logging.WARNING)
     hostname = hostname or options.get("pod_name") or socket.gethostname()  # type: ignore[assignment]
     try:
+        for name in ("broker_url", "database_url"):
+            options[name] = url_setting(name, options.pop(name), options.pop(f"{name}_file"))  # type: ignore[arg-type]
         settings = Settings(hostname=hostname, services=services, cloud=CloudSettings.from_env(),
                             **options).validate()  # type: ignore[arg-type]
     except ConfigError as exc:

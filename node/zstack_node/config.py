@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from zstack_kube.login import in_pod
 from zstack_node import tls
 from zstack_node.cloud.settings import CloudSettings
 from zstack_node.cloud.tokens import ApiTokens
@@ -142,6 +143,27 @@ def default(name: str) -> Any:
     """The default of one setting (no instance needed: the URLs have none)."""
     spec = Settings.__dataclass_fields__[name]
     return spec.default_factory() if spec.default is MISSING else spec.default  # type: ignore[misc]
+
+
+def url_setting(name: str, value: str | None, path: str | None) -> str:
+    """A URL given directly or in a file (`--<name>-file`, in Kubernetes a mounted Secret): exactly one.
+
+    The file is read once: a new password means a new pod, as the pools were opened with the old one."""
+    flag = "--" + name.replace("_", "-")
+    names = f"{flag} / ZSTACK_{name.upper()} or {flag}-file / ZSTACK_{name.upper()}_FILE"
+    if bool(value) == bool(path):
+        raise ConfigError(f"{names}: pass exactly one of them" if value else f"{names} is required")
+    if value:
+        return value
+    resolved = in_pod(path)
+    try:
+        text = resolved.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag}-file / ZSTACK_{name.upper()}_FILE: cannot read {resolved}: "
+                          f"{exc.strerror or exc}") from None
+    if not text or "\n" in text:
+        raise ConfigError(f"{flag}-file / ZSTACK_{name.upper()}_FILE: {resolved} must hold one URL on one line")
+    return text
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...], example: str) -> None:

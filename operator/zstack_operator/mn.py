@@ -27,6 +27,8 @@ MN_CLUSTER_ROLE = "zstack-mn"
 DEFAULT_RESOURCES: dict[str, Any] = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 TOKEN_VOLUME = "api-token"
 TOKEN_DIR = "/var/run/zstack/api-token"  # the API token Secret, mounted read-only
+# The broker's and database's URLs (with their passwords) as files too: env vars show in /proc/<pid>/environ.
+URL_SECRETS = {"broker": "/var/run/zstack/broker", "database": "/var/run/zstack/database"}
 
 def config_map(cluster: Cluster) -> dict[str, Any]:
     """`<cluster>-mn-config`: the MN settings from spec.node, as zstack-node's env vars."""
@@ -86,7 +88,11 @@ def statefulset(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
         # The token as a file, not an env var (which `kubectl describe` and /proc show); the kubelet updates
         # the file in place when the Secret changes, and the MN reads it again: a rotation needs no restart.
         "volumes": [{"name": TOKEN_VOLUME, "secret": {"secretName": api_token_ref(cluster)[0],
-                                                      "items": [{"key": api_token_ref(cluster)[1], "path": "token"}]}}],
+                                                      "items": [{"key": api_token_ref(cluster)[1], "path": "token"}]}},
+                    *({"name": f"{dependency}-url", "secret": {"secretName": secret_ref(cluster, dependency)[0],
+                                                               "items": [{"key": secret_ref(cluster, dependency)[1],
+                                                                          "path": "url"}]}}
+                      for dependency in URL_SECRETS)],
     }
     if tls.enabled(cluster):
         pod_spec["volumes"].append({"name": tls.VOLUME, "secret": {"secretName": tls.secret_name(cluster),
@@ -112,20 +118,19 @@ def _container(cluster: Cluster, config: dict[str, Any]) -> dict[str, Any]:
     def field_ref(name: str, path: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
-    def secret_env(name: str, ref: tuple[str, str]) -> dict[str, Any]:
-        return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref[0], "key": ref[1]}}}
-
     env = [
         field_ref("POD_NAME", "metadata.name"),
         field_ref("POD_NAMESPACE", "metadata.namespace"),
         field_ref("POD_IP", "status.podIP"),
         {"name": "ZSTACK_HTTP_BIND", "value": "$(POD_IP)"},
         {"name": "ZSTACK_ADVERTISE_ADDRESS", "value": "$(POD_IP)"},
-        secret_env("ZSTACK_BROKER_URL", secret_ref(cluster, "broker")),
-        secret_env("ZSTACK_DATABASE_URL", secret_ref(cluster, "database")),
+        *({"name": f"ZSTACK_{dependency.upper()}_URL_FILE", "value": f"{mount}/url"}
+          for dependency, mount in URL_SECRETS.items()),
         {"name": "ZSTACK_API_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
     ]
-    mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
+    mounts = [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+              *({"name": f"{dependency}-url", "mountPath": mount, "readOnly": True}
+                for dependency, mount in URL_SECRETS.items())]
     scheme = "HTTP"
     if tls.enabled(cluster):  # the kubelet updates the files in place; the MN serves a new pair without a restart
         env += [{"name": "ZSTACK_TLS_CERT_FILE", "value": f"{tls.MOUNT_DIR}/tls.crt"},

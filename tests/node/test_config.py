@@ -1,10 +1,12 @@
 """Configuration errors name the flag and env var, and the CLI refuses bad values."""
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
 from zstack_node.cli import main
-from zstack_node.config import ConfigError, Settings, redact
+from zstack_node.config import ConfigError, Settings, redact, url_setting
 
 GOOD = {"broker_url": "amqp://u:p@127.0.0.1:5672/%2F", "database_url": "postgresql://u:p@127.0.0.1/zstack"}
 
@@ -96,3 +98,30 @@ def test_cli_with_leases_forced_on_needs_a_namespace():
         "POD_NAMESPACE": None, "ZSTACK_POD_ROOT": None})
     assert result.exit_code == 2
     assert "POD_NAMESPACE" in result.output
+
+
+def test_urls_come_from_files_kept_out_of_the_environment(tmp_path):
+    broker, database = tmp_path / "broker", tmp_path / "database"
+    broker.write_text("amqp://zstack:s3cret@rabbit:5672/%2F\n")  # a Secret's value may end in a newline
+    database.write_text("postgresql://zstack:s3cret@pg:5432/zstack")
+    assert url_setting("broker_url", None, str(broker)) == "amqp://zstack:s3cret@rabbit:5672/%2F"
+    assert url_setting("database_url", None, str(database)) == "postgresql://zstack:s3cret@pg:5432/zstack"
+    assert url_setting("broker_url", "amqp://h", None) == "amqp://h"
+
+
+@pytest.mark.parametrize("value, path, named", [
+    (None, None, "--broker-url / ZSTACK_BROKER_URL or --broker-url-file / ZSTACK_BROKER_URL_FILE is required"),
+    ("amqp://h", "/x", "pass exactly one of them"),
+    (None, "/no/such/file", "--broker-url-file / ZSTACK_BROKER_URL_FILE: cannot read /no/such/file"),
+])
+def test_a_missing_or_doubled_url_names_both_flags(value, path, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        url_setting("broker_url", value, path)
+
+
+def test_cli_reads_the_url_files_and_names_a_bad_one(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    result = CliRunner().invoke(main, [], env={"ZSTACK_BROKER_URL_FILE": str(empty), "ZSTACK_DATABASE_URL": "x"})
+    assert result.exit_code == 2 and "--broker-url-file / ZSTACK_BROKER_URL_FILE" in result.output, result.output
+    assert "Traceback" not in result.output

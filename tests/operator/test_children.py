@@ -43,13 +43,25 @@ def test_every_child_is_owned_by_the_cluster_as_its_controller() -> None:
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "zstack-operator"
 
 
+def url_file_secret(objects: list[dict[str, Any]], dependency: str) -> dict[str, Any]:
+    """The Secret volume behind the MN's ZSTACK_<dependency>_URL_FILE."""
+    sts = next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "demo-mn")
+    container = mn_container(sts)
+    path = env(container)[f"ZSTACK_{dependency}_URL_FILE"]
+    (mount,) = [m for m in container["volumeMounts"] if path == f"{m['mountPath']}/url"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]
+
+
 def test_external_mode_wires_the_users_secrets_and_runs_no_broker_or_database() -> None:
     objects = desired_children(cluster(**EXTERNAL), {})
     assert not {k for k in kinds(objects) if k[1] in ("demo-rabbitmq", "demo-postgresql")}
     values = env(mn_container(next(o for o in objects if o["kind"] == "StatefulSet")))
-    assert values["ZSTACK_BROKER_URL"] == {"secretKeyRef": {"name": "my-amqp", "key": "uri"}}
-    assert values["ZSTACK_DATABASE_URL"] == {"secretKeyRef": {"name": "my-pg", "key": "url"}}
-    assert "ZSTACK_API_TOKEN" not in values, "a token in the environment shows in kubectl describe and /proc"
+    assert url_file_secret(objects, "BROKER") == {"secretName": "my-amqp", "items": [{"key": "uri", "path": "url"}]}
+    assert url_file_secret(objects, "DATABASE") == {"secretName": "my-pg", "items": [{"key": "url", "path": "url"}]}
+    assert not {"ZSTACK_API_TOKEN", "ZSTACK_BROKER_URL", "ZSTACK_DATABASE_URL"} & set(values), \
+        "a secret in the environment shows in /proc/<pid>/environ"
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert volumes["api-token"]["secret"] == {"secretName": "demo-api-token",

@@ -68,14 +68,6 @@ def container(sts: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     return next(c for c in containers if c["name"] == name)
 
 
-def env_secret_ref(cont: dict[str, Any], var: str) -> dict[str, Any]:
-    entry = next((e for e in cont.get("env") or [] if e["name"] == var), None)
-    assert entry is not None, f"container {cont['name']} has no env var {var}"
-    ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
-    assert ref, f"{var} does not come from a Secret: {entry}"
-    return ref
-
-
 def status_members(status: dict[str, Any]) -> dict[str, str]:
     return {m["pod"]: m["uuid"] for m in (status.get("ring") or {}).get("members") or []}
 
@@ -374,8 +366,10 @@ def test_managed_mode_makes_complete_broker_and_database_manifests(operator: Ope
     assert database.get("database") and urlparse(database["url"]).path == f"/{database['database']}"
 
     mn = container(children["StatefulSet/demo-mn"], "mn")
-    assert env_secret_ref(mn, "ZSTACK_BROKER_URL") == {"name": "demo-broker", "key": "url"}
-    assert env_secret_ref(mn, "ZSTACK_DATABASE_URL") == {"name": "demo-database", "key": "url"}
+    pod = children["StatefulSet/demo-mn"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    assert volumes["broker-url"] == {"secretName": "demo-broker", "items": [{"key": "url", "path": "url"}]}
+    assert volumes["database-url"] == {"secretName": "demo-database", "items": [{"key": "url", "path": "url"}]}
     assert mn["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert mn["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for key, size in (("StatefulSet/demo-rabbitmq", "2Gi"), ("StatefulSet/demo-postgresql", "3Gi")):
