@@ -367,7 +367,8 @@ def test_managed_mode_makes_complete_broker_and_database_manifests(operator: Ope
 
     mn = container(children["StatefulSet/demo-mn"], "mn")
     pod = children["StatefulSet/demo-mn"]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v.get("secret") for v in pod["volumes"]}
+    volumes = {v["name"]: {k: v["secret"][k] for k in ("secretName", "items")} for v in pod["volumes"]
+               if "secret" in v}
     assert volumes["broker-url"] == {"secretName": "demo-broker", "items": [{"key": "url", "path": "url"}]}
     assert volumes["database-url"] == {"secretName": "demo-database", "items": [{"key": "url", "path": "url"}]}
     assert mn["readinessProbe"]["httpGet"]["path"] == "/readyz"

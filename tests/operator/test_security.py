@@ -74,8 +74,9 @@ def test_mns_may_use_leases_in_their_own_namespace_only(operator: OperatorProces
     mn = f"{zsc.ns}/demo-mn"
     wait_for("the MN ServiceAccount's binding", lambda: zsc.get("rolebinding", f"demo-mn-{MN_CLUSTER_ROLE}"), TIMEOUT)
     can = zsc.cluster.can_i
-    for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
+    for verb in ("get", "list", "watch", "create", "update", "delete"):
         assert can(mn, verb, "leases", zsc.ns), f"an MN cannot {verb} Leases in its namespace"
+    assert not can(mn, "patch", "leases", zsc.ns), "an MN never patches a Lease: no right to"
     assert not can(mn, "update", "leases", "kube-system")
     assert not can(mn, "update", "leases", "default")
     assert can(mn, "get", "pods", zsc.ns)

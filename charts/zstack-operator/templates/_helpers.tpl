@@ -103,7 +103,7 @@ ClusterRole (all namespaces) and by each Role (watchNamespaces). The operator's 
 {{- define "zstack-operator.mnRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get"]
