@@ -425,7 +425,8 @@ def test_kind_example_is_accepted_by_the_api_server(devcluster: KubeCluster) -> 
     example = kind_example()
     accepted = json.loads(devcluster.kubectl("apply", "--dry-run=server", "-n", "default", "-o", "json",
                                              "-f", str(KIND_EXAMPLE)).stdout)
-    assert accepted["spec"]["api"] == {**example["spec"]["api"], "port": 8080}
+    # Defaults filled in: the port, and HTTPS (the certificate names localhost, where kind maps the node port).
+    assert accepted["spec"]["api"] == {**example["spec"]["api"], "port": 8080, "tls": {"enabled": True}}
     assert accepted["spec"]["replicas"] == 3 and set(accepted["spec"]["broker"]) == {"managed"}
     for api, field_path in (({"nodePort": 8080}, "spec.api.nodePort"), ({"serviceType": "Nodeport"},
                                                                         "spec.api.serviceType")):
