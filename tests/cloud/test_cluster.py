@@ -121,7 +121,7 @@ def test_scale_from_three_to_four_moves_about_a_quarter(cloud):
     # The new MN tracks the hosts it gained, and runs the jobs of the VMs it gained.
     gained_hosts = {h["uuid"] for h in hosts if new.owner(h["uuid"]) == new_node.uuid}
     wait_until(lambda: {r.uuid for r in cloud.sql("SELECT uuid FROM hosts WHERE tracked_by = :m", m=new_node.uuid)}
-               == gained_hosts, 10, "the new MN to track the hosts it gained")
+               == gained_hosts, 30, "the new MN to track the hosts it gained")
     gained_vms = [v for v in vms if new.owner(v["uuid"]) == new_node.uuid][:10]
     for vm in gained_vms:
         job = cloud.api().run("POST", f"/v1/vms/{vm['uuid']}/actions/reboot")
