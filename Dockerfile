@@ -6,7 +6,8 @@
 # Both share the builder (a wheel of the whole project) and the runtime base (that venv on the same base,
 # a numeric non-root user); each target adds only its labels, port and console script.
 
-# One pinned base for every stage (an exact patch release, never a floating tag).
+# One pinned base for every stage (an exact patch release, never a floating tag). Without Docker Hub,
+# `zstack-dev images` passes a Debian base made with mmdebstrap (devcluster/zstack_devcluster/images.py).
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---- builder: a wheel of the project, installed with its dependencies into /opt/venv ----------------
@@ -15,14 +16,17 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 # Only the product's packages: the dev tools (devcluster/, bench/) are distributions of their own.
 COPY pyproject.toml README.md /src/
+# The dependencies first, in a layer of their own that a code change reuses. Every one ships a manylinux
+# wheel (psycopg2-binary included), so no compiler is needed.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install $(python -c "import tomllib; \
+print(' '.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))")
 COPY node/ /src/node/
 COPY operator/ /src/operator/
 COPY cli/ /src/cli/
 COPY kube/ /src/kube/
-# Every dependency ships a manylinux wheel (psycopg2-binary included), so no compiler is needed.
 RUN pip wheel --no-deps --wheel-dir /wheels /src \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install /wheels/*.whl
+    && /opt/venv/bin/pip install --no-deps /wheels/*.whl
 
 # ---- runtime: the same base, the venv only (what both targets run on) ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

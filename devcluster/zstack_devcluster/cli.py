@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from zstack_devcluster import controlplane, tools
+from zstack_devcluster import controlplane, images, tools
 from zstack_devcluster import demo as demo_mod
 from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.layout import DEFAULT_DIR, DIR_ENV, Layout, resolve_dir
@@ -38,6 +38,17 @@ def tools_cmd() -> None:
         _fail(err)
     for name, path in paths.items():
         click.echo(f"{name}\t{path}")
+
+
+@main.command("images")
+def images_cmd() -> None:
+    """Build the node and operator images from Debian (mmdebstrap, buildah), without Docker Hub."""
+    try:
+        built = images.build()
+    except DevclusterError as err:
+        _fail(err)
+    for image in built:
+        click.echo(f"{image.name}\t{image.archive}")
 
 
 @main.command()
