@@ -69,6 +69,7 @@ class Tool:
     module: str
     package: str
     ldflags: str = ""
+    static: bool = False  # CGO off: for a binary that runs alone in an image (the pause process)
 
 
 TOOLS: tuple[Tool, ...] = (
@@ -78,6 +79,12 @@ TOOLS: tuple[Tool, ...] = (
     Tool("kube-scheduler", "k8s", "k8s.io/kubernetes/cmd/kube-scheduler", _K8S_LDFLAGS),
     Tool("kubectl", "k8s", "k8s.io/kubernetes/cmd/kubectl", _K8S_LDFLAGS),
     Tool("helm", "helm", "helm.sh/helm/v3/cmd/helm", _HELM_LDFLAGS),
+    # The container node (zstack-dev up --node containers): kubelet and kube-proxy of the same release,
+    # CoreDNS (its version pinned in tools/coredns/go.mod) and the pods' sandbox process.
+    Tool("kubelet", "k8s", "k8s.io/kubernetes/cmd/kubelet", _K8S_LDFLAGS),
+    Tool("kube-proxy", "k8s", "k8s.io/kubernetes/cmd/kube-proxy", _K8S_LDFLAGS),
+    Tool("coredns", "coredns", "github.com/coredns/coredns"),
+    Tool("pause", "pause", "zstack.dev/devcluster/tools/pause", static=True),
 )
 TOOL_NAMES = tuple(t.name for t in TOOLS)
 
@@ -129,6 +136,8 @@ def _build_one(go: str, tool: Tool, say: Callable[[str], None]) -> float:
     log_path = cache_dir() / "logs" / f"build-{tool.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod")
+    if tool.static:
+        env["CGO_ENABLED"] = "0"
     argv = [go, "build", "-trimpath", "-ldflags", f"-s -w {tool.ldflags}".strip(), "-o", str(tmp), tool.package]
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -182,7 +191,7 @@ def ensure_tools(say: Callable[[str], None] | None = None) -> dict[str, Path]:
         # Re-check under the lock: the other builder may have finished some tools.
         missing = [t for t in TOOLS if not _is_executable(bin_dir() / t.name)]
         if missing:
-            say(f"building {len(missing)} tool(s) into {bin_dir()} (a cold build takes 15-40 min on 2 cores)")
+            say(f"building {len(missing)} tool(s) into {bin_dir()} (a cold build takes 20-50 min on 2 cores)")
         for i, tool in enumerate(missing, 1):
             say(f"[{i}/{len(missing)}] building {tool.name} from {tool.package} ...")
             elapsed = _build_one(go, tool, say)
