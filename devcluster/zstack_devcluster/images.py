@@ -1,12 +1,17 @@
-"""The project's images built here without Docker Hub: a Debian base from mmdebstrap, then the Dockerfile's
-targets with buildah.
+"""The project's images built here without Docker Hub: Debian bases from mmdebstrap, then the Dockerfiles
+with buildah.
 
-1. **Base.** `mmdebstrap` makes a bookworm root filesystem with Python (from this machine's apt sources) and
-   buildah commits it as `localhost/zstack-python:bookworm`. It is made once; the package list names the tar.
+1. **Bases.** `mmdebstrap` makes bookworm root filesystems from this machine's apt sources and buildah
+   commits them: `localhost/zstack-python:bookworm` (with Python) and `localhost/zstack-debian:bookworm`
+   (minbase without docs, like the public debian:bookworm-slim). Each is made once; its options name its tar.
 2. **Targets.** `buildah bud --pull=never --layers --build-arg PYTHON_IMAGE=<base>` builds `node` and
    `operator` from the unchanged Dockerfile. A Docker user builds the same file on the public Python image.
    Cached layers make a rebuild after a code change cost only the project's own wheel.
-3. **Export.** Each image is also written as an OCI archive, ready for `ctr images import`.
+3. **Dependencies.** `images/rabbitmq` and `images/postgresql` build, on the Debian base, RabbitMQ and
+   PostgreSQL from Debian's packages, meeting the contract the operator's managed ones rely on
+   (docs/IMAGES.md). Their tags are the version their Dockerfile pins, which the build checks against the
+   installed package: `localhost/zstack-rabbitmq:3.10.8-bookworm`, `localhost/zstack-postgresql:15-bookworm`.
+4. **Export.** Each image is also written as an OCI archive, ready for `ctr images import`.
 
 Everything lives under `${XDG_CACHE_HOME:-~/.cache}/zstack-dev/images`: buildah's own storage (vfs) and
 run dir, never the system's. RUN steps use chroot isolation and the host's CA bundle, which pip needs to
@@ -18,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,20 @@ REPO = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates")
 BASE_IMAGE = f"localhost/zstack-python:{SUITE}"
+DEBIAN_IMAGE = f"localhost/zstack-debian:{SUITE}"
+# What the public debian:<suite>-slim leaves out: docs (but their copyright), man pages, translations. They
+# stay dpkg path-excludes in the image, so the packages a Dockerfile installs on it skip them too.
+SLIM_EXCLUDES = ("path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
+                 "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+                 "path-exclude=/usr/share/groff/*", "path-exclude=/usr/share/lintian/*",
+                 "path-exclude=/usr/share/locale/*")
+# Merged /usr from the hook (as debootstrap does it), not from the usrmerge package, which would pull in perl.
+DEBIAN_OPTIONS = ("--variant=minbase", "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+                  *(f"--dpkgopt={option}" for option in SLIM_EXCLUDES))
 TARGETS = ("node", "operator")
+# Dependency images (images/<name>/Dockerfile on DEBIAN_IMAGE) -> the ARG holding the version they pin.
+DEPENDENCIES = {"rabbitmq": "RABBITMQ_VERSION", "postgresql": "PG_MAJOR"}
+IMAGES = (*TARGETS, *DEPENDENCIES)
 BASE_LABEL = "org.zstack.base-tar"  # which mmdebstrap tar a base image was imported from
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TOOLS = {"mmdebstrap": "mmdebstrap", "buildah": "buildah"}  # command -> Debian package
@@ -60,15 +80,41 @@ def version() -> str:
 
 
 def image_name(target: str) -> str:
-    """`localhost/zstack-<target>:<version>`, the names the chart and the CRD default to, under localhost/."""
-    return f"localhost/zstack-{target}:{version()}"
+    """`localhost/zstack-<target>:<tag>`: the project's version for the Dockerfile's targets (the names the
+    chart and the CRD default to, under localhost/), `<pinned version>-bookworm` for a dependency."""
+    return f"localhost/zstack-{target}:{image_tag(target)}"
+
+
+def image_tag(target: str) -> str:
+    if target in DEPENDENCIES:
+        return f"{pinned_version(target)}-{SUITE}"
+    return version()
+
+
+def dockerfile(target: str) -> Path:
+    """The Dockerfile `target` is built from."""
+    return REPO / "images" / target / "Dockerfile" if target in DEPENDENCIES else REPO / "Dockerfile"
+
+
+def pinned_version(dependency: str) -> str:
+    """The version a dependency's Dockerfile pins (the default of its version ARG)."""
+    arg = DEPENDENCIES[dependency]
+    match = re.search(rf"^ARG {arg}=(\S+)$", dockerfile(dependency).read_text(), re.M)
+    if match is None:
+        raise DevclusterError(f"{dockerfile(dependency)} has no `ARG {arg}=<version>` line")
+    return match.group(1)
+
+
+def buildah_argv(*args: str) -> list[str]:
+    """The command line of buildah on the project's own storage (for a caller that runs it itself)."""
+    root = cache_dir()
+    return ["buildah", "--root", str(root / "storage"), "--runroot", str(root / "run"), "--storage-driver", "vfs",
+            *args]
 
 
 def buildah(*args: str, log: Path | None = None) -> subprocess.CompletedProcess[str]:
     """buildah on the project's own storage; DevclusterError with its output (or log) when it fails."""
-    root = cache_dir()
-    argv = ["buildah", "--root", str(root / "storage"), "--runroot", str(root / "run"), "--storage-driver", "vfs",
-            *args]
+    argv = buildah_argv(*args)
     if log is None:
         proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         output = proc.stdout + proc.stderr
@@ -81,54 +127,89 @@ def buildah(*args: str, log: Path | None = None) -> subprocess.CompletedProcess[
     return proc
 
 
-def build(say: Say = stderr_say) -> list[Built]:
-    """Build the base (once) and both targets; return what was built, in TARGETS order."""
+def build(say: Say = stderr_say, only: Iterable[str] | None = None) -> list[Built]:
+    """Build the bases (once) and the images (`only` those named, else all); return them in IMAGES order."""
+    wanted = IMAGES if only is None else tuple(only)
+    unknown = sorted(set(wanted) - set(IMAGES))
+    if unknown:
+        raise DevclusterError(f"no image named {', '.join(unknown)}: pick from {', '.join(IMAGES)}")
     _check_tools()
-    logs = cache_dir() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    ensure_base(say)
-    built = []
-    for target in TARGETS:
-        name = image_name(target)
-        say(f"building {name} (buildah bud --target {target}; log: {logs / f'bud-{target}.log'})")
-        start = time.monotonic()
-        buildah("bud", "--isolation", "chroot", "--pull=never", "--layers", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
-                "--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro", "--target", target, "--tag", name,
-                "--file", str(REPO / "Dockerfile"), str(REPO), log=logs / f"bud-{target}.log")
-        archive = cache_dir() / "oci" / f"zstack-{target}-{version()}.tar"
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        archive.unlink(missing_ok=True)
-        buildah("push", "--quiet", name, f"oci-archive:{archive}:{name.removeprefix('localhost/')}")
-        seconds = time.monotonic() - start
-        say(f"  {name} in {seconds:.0f}s, archive {archive}")
-        built.append(Built(target, name, archive, seconds))
-    return built
+    (cache_dir() / "logs").mkdir(parents=True, exist_ok=True)
+    if set(wanted) & set(TARGETS):
+        ensure_base(say)
+    if set(wanted) & set(DEPENDENCIES):
+        ensure_debian(say)
+    return [_build_one(target, say) for target in IMAGES if target in wanted]
+
+
+def _build_one(target: str, say: Say) -> Built:
+    """`buildah bud` of one image, then its OCI archive."""
+    name, log = image_name(target), cache_dir() / "logs" / f"bud-{target}.log"
+    say(f"building {name} (buildah bud {_describe(target)}; log: {log})")
+    start = time.monotonic()
+    if target in DEPENDENCIES:
+        context = dockerfile(target).parent
+        args = ["--build-arg", f"DEBIAN_IMAGE={DEBIAN_IMAGE}"]
+    else:
+        context = REPO
+        args = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
+                "--target", target]
+    buildah("bud", "--isolation", "chroot", "--pull=never", "--layers", *args, "--tag", name,
+            "--file", str(dockerfile(target)), str(context), log=log)
+    archive = cache_dir() / "oci" / f"zstack-{target}-{image_tag(target)}.tar"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    archive.unlink(missing_ok=True)
+    buildah("push", "--quiet", name, f"oci-archive:{archive}:{name}")
+    seconds = time.monotonic() - start
+    say(f"  {name} in {seconds:.0f}s, archive {archive}")
+    return Built(target, name, archive, seconds)
+
+
+def _describe(target: str) -> str:
+    if target in DEPENDENCIES:
+        return f"{dockerfile(target).relative_to(REPO)} on {DEBIAN_IMAGE}"
+    return f"--target {target}"
 
 
 def ensure_base(say: Say = stderr_say) -> None:
     """`BASE_IMAGE` from a cached mmdebstrap tar of BASE_PACKAGES (made when missing)."""
-    tarball = cache_dir() / f"debian-{SUITE}-{_digest(BASE_PACKAGES)}.tar"
+    _ensure_rootfs(BASE_IMAGE, f"debian-{SUITE}-{_digest(BASE_PACKAGES)}.tar",
+                   ("--variant=apt", f"--include={','.join(BASE_PACKAGES)}"), "python3",
+                   f"with {', '.join(BASE_PACKAGES)}", say)
+
+
+def ensure_debian(say: Say = stderr_say) -> None:
+    """`DEBIAN_IMAGE`, a plain minbase without docs, from a cached mmdebstrap tar (made when missing)."""
+    _ensure_rootfs(DEBIAN_IMAGE, f"debian-{SUITE}-minbase-{_digest(DEBIAN_OPTIONS)}.tar", DEBIAN_OPTIONS, "bash",
+                   "minbase, slim", say)
+
+
+def _ensure_rootfs(image: str, tar_name: str, options: tuple[str, ...], cmd: str, what: str, say: Say) -> None:
+    """`image` from the mmdebstrap tar `tar_name` of `options` (made once), imported when the image is missing
+    or came from another tar."""
+    tarball = cache_dir() / tar_name
     if not tarball.exists():
-        say(f"making the Debian {SUITE} base with mmdebstrap ({', '.join(BASE_PACKAGES)}); about a minute")
+        say(f"making the Debian {SUITE} base with mmdebstrap ({what}); about a minute")
         partial = tarball.with_suffix(".partial")
-        log = cache_dir() / "logs" / "mmdebstrap.log"
+        log = cache_dir() / "logs" / f"mmdebstrap-{image.rsplit('/', 1)[-1].replace(':', '-')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            proc = subprocess.run(["mmdebstrap", "--variant=apt", f"--include={','.join(BASE_PACKAGES)}", SUITE,
-                                   str(partial)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(["mmdebstrap", "--format=tar", *options, SUITE, str(partial)], stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             partial.unlink(missing_ok=True)
             raise DevclusterError(f"mmdebstrap failed ({proc.returncode}); see {log}: does apt reach this "
                                   "machine's Debian mirror (apt-get update)?")
         partial.rename(tarball)
-    if _base_tar_of(BASE_IMAGE) == tarball.name:
+    if _base_tar_of(image) == tarball.name:
         return
-    say(f"importing {tarball.name} as {BASE_IMAGE}")
+    say(f"importing {tarball.name} as {image}")
     container = buildah("from", "scratch").stdout.strip()
     try:
         buildah("add", "--quiet", container, str(tarball), "/")
         buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--cmd", "python3", "--label", f"{BASE_LABEL}={tarball.name}", container)
-        buildah("commit", "--quiet", container, BASE_IMAGE)
+                "--cmd", cmd, "--label", f"{BASE_LABEL}={tarball.name}", container)
+        buildah("commit", "--quiet", container, image)
     finally:
         buildah("rm", container)
 
@@ -147,8 +228,8 @@ def _base_tar_of(name: str) -> str | None:
     return labels.get(BASE_LABEL)
 
 
-def _digest(packages: tuple[str, ...]) -> str:
-    return hashlib.sha256(" ".join(packages).encode()).hexdigest()[:12]
+def _digest(words: tuple[str, ...]) -> str:
+    return hashlib.sha256(" ".join(words).encode()).hexdigest()[:12]
 
 
 def _check_tools() -> None:
