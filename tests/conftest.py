@@ -8,6 +8,7 @@ import signal
 import pytest
 
 pytest_plugins = [
+    "tests.fixtures.containernode",
     "tests.fixtures.kube",
     "tests.fixtures.servers",
 ]

@@ -41,10 +41,13 @@ def tools_cmd() -> None:
 
 
 @main.command("images")
-def images_cmd() -> None:
-    """Build the node and operator images from Debian (mmdebstrap, buildah), without Docker Hub."""
+@click.option("--only", multiple=True, type=click.Choice(images.IMAGES),
+              help="Build only this image (repeatable); default: every one.")
+def images_cmd(only: tuple[str, ...]) -> None:
+    """Build the node and operator images, and those of the managed RabbitMQ and PostgreSQL, from Debian
+    (mmdebstrap, buildah), without Docker Hub. `zstack-dev up` imports them into a container node."""
     try:
-        built = images.build()
+        built = images.build(only=only or None)
     except DevclusterError as err:
         _fail(err)
     for image in built:
@@ -53,11 +56,15 @@ def images_cmd() -> None:
 
 @main.command()
 @_dir_option
-def up(dir_: Path | None) -> None:
+@click.option("--node", type=click.Choice(controlplane.NODE_KINDS), default=None,
+              help="The node: `containers` (containerd, runc, a real kubelet, kube-proxy and CoreDNS in a network "
+                   "namespace of its own; needs root) or `process` (the process kubelet). Default: what this "
+                   "directory ran last, else process.")
+def up(dir_: Path | None, node: str | None) -> None:
     """Start the devcluster (no-op when it already runs) and wait until it is ready."""
     root = resolve_dir(dir_)
     try:
-        res = controlplane.up(root)
+        res = controlplane.up(root, node=node)
     except DevclusterError as err:
         _fail(err)
     verb = "started " + ", ".join(res.started) if res.started else "already running"

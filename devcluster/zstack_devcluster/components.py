@@ -73,6 +73,10 @@ def _apiserver_argv(lay: Layout, p: Ports) -> list[str]:
         "--allow-privileged=true",
         # 127.0.0.1 may not appear in Endpoints/EndpointSlices, so do not publish the `kubernetes` endpoints.
         "--endpoint-reconciler-type=none",
+        # Logs, exec and port-forward reach a kubelet by its InternalIP, as the admin.
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--kubelet-client-certificate={pki.client_crt('admin')}",
+        f"--kubelet-client-key={pki.client_key('admin')}",
         "--profiling=false",
         f"--cert-dir={lay.root / 'apiserver'}",
     ]

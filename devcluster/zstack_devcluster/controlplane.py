@@ -11,6 +11,9 @@ from pathlib import Path
 
 from zstack_devcluster import procs
 from zstack_devcluster.components import COMPONENTS, Component, Ports
+from zstack_devcluster.containernode import network as node_network
+from zstack_devcluster.containernode import node as container_node
+from zstack_devcluster.containernode.network import NodeNetwork
 from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.health import admin_context
 from zstack_devcluster.kubeconfig import write_kubeconfig
@@ -22,19 +25,26 @@ from zstack_devcluster.progress import Say, Ticker, stderr_say
 from zstack_devcluster.state import ProcRecord, State, load, locked, save
 from zstack_devcluster.tools import missing_tools
 
-# Components are started phase by phase; a phase starts once the previous one is healthy.
-PHASES: tuple[tuple[str, ...], ...] = (
-    ("etcd",),
-    ("kube-apiserver",),
-    ("kube-controller-manager", "kube-scheduler", "kubelet"),
-)
-PHASE_TIMEOUT = {"etcd": 30.0, "kube-apiserver": 90.0, "kubelet": 60.0}
-REQUIRED_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# Components are started phase by phase; a phase starts once the previous one is healthy. The node kinds:
+# "process" (the process kubelet, started beside the controllers) and "containers" (containernode/).
+NODE_KINDS = ("process", "containers")
+PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "process": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler", "kubelet")),
+    "containers": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler"),
+                   container_node.RUNTIME, container_node.AGENTS),
+}
+PHASE_TIMEOUT = {"etcd": 30.0, "kube-apiserver": 90.0, "kubelet": 60.0, "containerd": 30.0}
+REQUIRED_TOOLS = {
+    "process": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"),
+    "containers": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet",
+                   "kube-proxy", "coredns", "pause"),
+}
 _BY_NAME = {c.name: c for c in COMPONENTS}
 # Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it can stop its pods while the
 # API still answers; etcd last.
 STOP_TIERS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("kubelet",), 15.0),  # the kubelet gives its containers up to 8 s (--shutdown-grace), then SIGKILL
+    (("kube-proxy", "coredns", "containerd", "apiserver-bridge"), 5.0),
     (("kube-scheduler", "kube-controller-manager"), 5.0),
     (("kube-apiserver",), 10.0),
     (("etcd",), 5.0),
@@ -107,25 +117,47 @@ class UpResult:
     seconds: float
 
 
-def up(root: Path, say: Say = stderr_say) -> UpResult:
-    """Start whatever is not running yet and wait until all of it is healthy. Idempotent."""
+def components(lay: Layout, st: State) -> dict[str, Component]:
+    """The control plane plus the node of the kind `st` records, by name in start order."""
+    comps = {c.name: c for c in COMPONENTS if c.name != "kubelet"}
+    if st.node == "containers" and st.node_index is not None:
+        comps.update({c.name: c for c in container_node.components(lay, NodeNetwork(st.node_index))})
+    else:
+        comps["kubelet"] = _BY_NAME["kubelet"]
+    return comps
+
+
+def up(root: Path, say: Say = stderr_say, node: str | None = None) -> UpResult:
+    """Start whatever is not running yet and wait until all of it is healthy. Idempotent.
+
+    ``node`` picks the node kind; None keeps the one this directory ran last ("process" at first).
+    """
     t0 = time.monotonic()
     lay = Layout(root)
-    missing = [t for t in missing_tools() if t in REQUIRED_TOOLS]
-    if missing:
-        raise DevclusterError(f"missing tool binaries: {', '.join(missing)}; run `zstack-dev tools` first")
     with locked(root):
         st = load(root)
+        _choose_node(st, node or st.node)
+        missing = [t for t in missing_tools() if t in REQUIRED_TOOLS[st.node]]
+        if missing:
+            raise DevclusterError(f"missing tool binaries: {', '.join(missing)}; run `zstack-dev tools` first")
         ensure_pki(lay.pki.root)
         ports = _allocate_ports(st)
         st.ports = ports
         _write_kubeconfigs(lay, ports)
         save(root, st)
         ctx = admin_context(lay.pki)
+        comps_by_name = components(lay, st)
         started: list[str] = []
         try:
-            for phase in PHASES:
-                comps = [_BY_NAME[n] for n in phase]
+            for phase in PHASES[st.node]:
+                if phase == container_node.RUNTIME:
+                    assert st.node_index is not None
+                    st.sysctls = container_node.prepare(lay, NodeNetwork(st.node_index), ports, st.sysctls, say)
+                    save(root, st)
+                if phase == container_node.AGENTS:
+                    assert st.node_index is not None
+                    container_node.publish(lay, NodeNetwork(st.node_index), ports, say)
+                comps = [comps_by_name[n] for n in phase]
                 for comp in comps:
                     _ensure_running(lay, ports, comp, st, started, say)
                 save(root, st)
@@ -138,6 +170,19 @@ def up(root: Path, say: Say = stderr_say) -> UpResult:
                 save(root, st)
             raise
     return UpResult(lay.kubeconfig, started, time.monotonic() - t0)
+
+
+def _choose_node(st: State, kind: str) -> None:
+    """Record the node kind (refusing to switch under a running node) and, for containers, its network."""
+    if kind not in NODE_KINDS:
+        raise DevclusterError(f"unknown node kind {kind!r}; use one of: {', '.join(NODE_KINDS)}")
+    node_names = {"kubelet", *container_node.RUNTIME, *container_node.AGENTS}
+    if kind != st.node and any(procs.record_alive(st.procs.get(n)) for n in node_names):
+        raise DevclusterError(f"this devcluster runs a {st.node} node; run `zstack-dev down` first, "
+                              f"then `zstack-dev up --node {kind}`")
+    st.node = kind
+    if kind == "containers" and st.node_index is None:  # kept until `down` gives the network back
+        st.node_index = node_network.pick().index
 
 
 def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, started: list[str], say: Say) -> None:
@@ -164,8 +209,9 @@ def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
     """Stop the named components tier by tier (STOP_TIERS), then any leftover pod processes.
 
     Clients go before the API server (it drains open connections before exiting) and etcd goes last.
-    Pods run in their own sessions, so they are found by pid: the process trees snapshotted before
-    stopping, and the kubelet's pidfiles (which also cover pods of a kubelet that crashed).
+    Process-kubelet pods run in their own sessions, so they are found by pid: the process trees snapshotted
+    before stopping, and the kubelet's pidfiles (which also cover pods of a kubelet that crashed). Container
+    pods are found by their cgroups, and their shims by the containerd they serve.
 
     Returns the names of the components that were running.
     """
@@ -177,9 +223,11 @@ def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
         if group:
             procs.stop_groups([(r.pid, r.start_time) for r in group], grace)
         if "kubelet" in tier and "kubelet" in recs:
-            # Read after the kubelet stopped, so containers it started meanwhile are included,
-            # and by session, so children whose container leader already exited are too.
-            kubelet_runtime.kill_leftovers(lay.kubelet_root)
+            # Read after the kubelet stopped, so containers it started meanwhile are included.
+            if st.node == "containers" and st.node_index is not None:
+                container_node.kill_pods(lay, NodeNetwork(st.node_index))
+            else:  # by session, so children whose container leader already exited are found too
+                kubelet_runtime.kill_leftovers(lay.kubelet_root)
     leftover = set()
     for pid, start in orphans:
         info = procs.read_proc(pid)
@@ -202,10 +250,13 @@ def down(root: Path, say: Say = stderr_say, purge: bool = False) -> list[str]:
     with locked(root):
         st = load(root)
         stopped = _stop(lay, st, [n for tier, _ in STOP_TIERS for n in tier], say)
+        if st.node == "containers" and st.node_index is not None:
+            container_node.teardown(lay, NodeNetwork(st.node_index), st.sysctls, say)
+            st.sysctls, st.node_index = {}, None
         save(root, st)
         say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         if purge:
-            for sub in ("etcd", "pki", "kubeconfigs", "kubelet", "logs", "apiserver"):
+            for sub in ("etcd", "pki", "kubeconfigs", "kubelet", "logs", "apiserver", "node"):
                 shutil.rmtree(root / sub, ignore_errors=True)
             for f in (lay.kubeconfig, root / "state.json"):
                 f.unlink(missing_ok=True)
@@ -234,7 +285,7 @@ def status(root: Path) -> list[ComponentStatus]:
     st = load(root)
     ctx = admin_context(lay.pki) if lay.pki.client_crt("admin").exists() else None
     rows = []
-    for comp in COMPONENTS:
+    for comp in components(lay, st).values():
         rec: ProcRecord | None = st.procs.get(comp.name)
         running = procs.record_alive(rec)
         healthy = False
@@ -259,11 +310,12 @@ def stop_components(root: Path, names: list[str], say: Say = stderr_say) -> list
 
     Returns the names that were running. Pods keep running unless the kubelet is among ``names``.
     """
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        raise DevclusterError(f"unknown component(s): {', '.join(unknown)}; known: {', '.join(_BY_NAME)}")
     with locked(root):
         st = load(root)
+        known = components(Layout(root), st)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DevclusterError(f"unknown component(s): {', '.join(unknown)}; known: {', '.join(known)}")
         stopped = _stop(Layout(root), st, names, say)
         save(root, st)
     return stopped

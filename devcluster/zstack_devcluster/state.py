@@ -25,10 +25,13 @@ class ProcRecord:
 
 @dataclass
 class State:
-    """Ports (by name) and process records (by component name, in start order)."""
+    """Ports (by name), process records (by component name, in start order) and the node in use."""
 
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, ProcRecord] = field(default_factory=dict)
+    node: str = "process"  # the node kind: "process" (the process kubelet) or "containers"
+    node_index: int | None = None  # the container node's network number (containernode.network)
+    sysctls: dict[str, str] = field(default_factory=dict)  # what the container node's kubelet found
 
 
 def load(root: Path) -> State:
@@ -39,7 +42,8 @@ def load(root: Path) -> State:
     except FileNotFoundError:
         return State()
     procs = {name: ProcRecord(**rec) for name, rec in raw.get("procs", {}).items()}
-    return State(ports=dict(raw.get("ports", {})), procs=procs)
+    return State(ports=dict(raw.get("ports", {})), procs=procs, node=raw.get("node", "process"),
+                 node_index=raw.get("node_index"), sysctls=dict(raw.get("sysctls", {})))
 
 
 def save(root: Path, state: State) -> None:
