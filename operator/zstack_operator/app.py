@@ -108,9 +108,11 @@ async def _serve(options: OperatorOptions, api_client: object) -> int:
             metrics.LEADER.set(1)
             controller.start()
             kopf_stop = asyncio.Event()
+            # Our identity, given to kopf: its own default asks getpass.getuser(), which fails for the
+            # image's user 65532 (no passwd entry), and it runs standalone, so it names nothing else.
             kopf_task = asyncio.create_task(kopf.operator(
                 registry=build_registry(controller), standalone=True, clusterwide=not options.namespaces,
-                namespaces=list(options.namespaces), stop_flag=kopf_stop))
+                namespaces=list(options.namespaces), stop_flag=kopf_stop, identity=identity))
             # kopf takes over SIGTERM/SIGINT while it runs: it then returns, which ends the wait too.
             await _first(stopping, kopf_task)  # kopf returns on SIGTERM/SIGINT, or raises if it failed
             kopf_stop.set()
