@@ -77,12 +77,24 @@ def test_the_node_runs_containerd_on_an_address_of_its_own(node: tuple[Container
 
 
 POD_CHECKS = """
-import socket, ssl, urllib.request
-print("web", urllib.request.urlopen("http://web.probe.svc.cluster.local/", timeout=5).status)
+import socket, ssl, time, urllib.request
+
+def get(url, **kwargs):
+    # As any client must: kube-proxy programs a new Service's rules a moment after its endpoints exist.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=5, **kwargs).status
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+print("web", get("http://web.probe.svc.cluster.local/"))
 token = open("/var/run/secrets/kubernetes.io/serviceaccount/token").read()
 ctx = ssl.create_default_context(cafile="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 req = urllib.request.Request("https://kubernetes.default.svc/version", headers={"Authorization": "Bearer " + token})
-print("api", urllib.request.urlopen(req, context=ctx, timeout=5).status)
+print("api", get(req, context=ctx))
 try:
     print("outside", socket.gethostbyname("example.com"))
 except OSError:

@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.procs import all_procs
 
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -92,7 +93,8 @@ def kill_pids(pids: set[int], what: str, timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: pids {sorted(pids)} survive SIGKILL")
+            raise DevclusterError(f"{what}: pids {sorted(pids)} survive SIGKILL (stuck in the kernel?); "
+                                  "look at /proc/<pid>/stack, then run `zstack-dev down` again")
         time.sleep(0.05)
         pids = {p.pid for p in all_procs() if p.pid in pids and p.state not in ("Z", "X")}
 
