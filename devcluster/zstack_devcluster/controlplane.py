@@ -31,20 +31,20 @@ NODE_KINDS = ("process", "containers")
 PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
     "process": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler", "kubelet")),
     "containers": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler"),
-                   container_node.RUNTIME, container_node.AGENTS),
+                   container_node.RUNTIME, container_node.AGENTS, container_node.POLICY),
 }
 PHASE_TIMEOUT = {"etcd": 30.0, "kube-apiserver": 90.0, "kubelet": 60.0, "containerd": 30.0}
 REQUIRED_TOOLS = {
     "process": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"),
     "containers": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet",
-                   "kube-proxy", "coredns", "pause"),
+                   "kube-proxy", "coredns", "pause", "kube-router"),
 }
 _BY_NAME = {c.name: c for c in COMPONENTS}
 # Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it can stop its pods while the
 # API still answers; etcd last.
 STOP_TIERS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("kubelet",), 15.0),  # the kubelet gives its containers up to 8 s (--shutdown-grace), then SIGKILL
-    (("kube-proxy", "coredns", "containerd", "apiserver-bridge"), 5.0),
+    (("kube-proxy", "coredns", "network-policy", "containerd", "apiserver-bridge"), 5.0),
     (("kube-scheduler", "kube-controller-manager"), 5.0),
     (("kube-apiserver",), 10.0),
     (("etcd",), 5.0),
@@ -176,7 +176,7 @@ def _choose_node(st: State, kind: str) -> None:
     """Record the node kind (refusing to switch under a running node) and, for containers, its network."""
     if kind not in NODE_KINDS:
         raise DevclusterError(f"unknown node kind {kind!r}; use one of: {', '.join(NODE_KINDS)}")
-    node_names = {"kubelet", *container_node.RUNTIME, *container_node.AGENTS}
+    node_names = {"kubelet", *container_node.RUNTIME, *container_node.AGENTS, *container_node.POLICY}
     if kind != st.node and any(procs.record_alive(st.procs.get(n)) for n in node_names):
         raise DevclusterError(f"this devcluster runs a {st.node} node; run `zstack-dev down` first, "
                               f"then `zstack-dev up --node {kind}`")

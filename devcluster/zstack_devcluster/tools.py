@@ -21,6 +21,7 @@ from zstack_devcluster.errors import DevclusterError
 K8S_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.13"
 HELM_VERSION = "v3.21.4"
+KUBE_ROUTER_VERSION = "v2.1.0"  # as tools/kuberouter/go.mod requires it
 VERSIONS = f"k8s-{K8S_VERSION}_etcd-{ETCD_VERSION}_helm-{HELM_VERSION}"
 
 MODULES_DIR = Path(__file__).resolve().parent / "tools"
@@ -85,6 +86,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool("kube-proxy", "k8s", "k8s.io/kubernetes/cmd/kube-proxy", _K8S_LDFLAGS),
     Tool("coredns", "coredns", "github.com/coredns/coredns"),
     Tool("pause", "pause", "zstack.dev/devcluster/tools/pause", static=True),
+    # NetworkPolicy enforcement on the container node: kube-router's firewall controller alone.
+    Tool("kube-router", "kuberouter", "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router",
+         f"-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version={KUBE_ROUTER_VERSION}"),
 )
 TOOL_NAMES = tuple(t.name for t in TOOLS)
 

@@ -2,7 +2,7 @@
 in a network namespace of their own, running pods from our own images; and `down` leaves the host as it was.
 
 The tests run in file order: the last one takes the node down and compares the host with what it was
-before `up` (processes, mounts, network namespaces, links, routes, iptables, cgroups, sysctls).
+before `up` (processes, mounts, network namespaces, links, routes, iptables, ipsets, cgroups, sysctls).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def host_snapshot() -> dict[str, object]:
         "links": sorted(link["ifname"] for link in json.loads(run("ip", "-json", "link")) if ours(link["ifname"])),
         "routes": run("ip", "route", "show", "table", "all"),
         "iptables": {t: [r.split(" [")[0] for r in rules(t)] for t in ("filter", "nat", "mangle")},
+        "ipsets": sorted(run("ipset", "list", "-name").split()),  # kube-router's NetworkPolicy sets
         "mounts": sorted(point for point in (line.split()[4] for line in open("/proc/self/mountinfo"))
                          if not point.startswith("/run/netns/") or ours(point.removeprefix("/run/netns/"))),
         "cgroups": sorted(str(p) for h in host.hierarchies() for p in h.iterdir() if p.is_dir()),

@@ -16,9 +16,11 @@ CLUSTER_DOMAIN = "cluster.local"
 KUBELET_PORT = 10250
 KUBE_PROXY_HEALTH_PORT = 10256
 KUBELET_HEALTH_PORT = 10248
+NETWORK_POLICY_HEALTH_PORT = 20244  # kube-router's
 STORAGE_CLASS = "local"
 VOLUMES = 12  # hostPath PersistentVolumes made at `up`, for the StatefulSets' claims (no provisioner here)
 VOLUME_SIZE = "10Gi"
+VOLUME_LABEL = "app.kubernetes.io/managed-by=zstack-dev"  # on every volume `storage` makes
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def storage(files: NodeFiles) -> list[dict[str, object]]:
     for index in range(VOLUMES):
         objects.append({
             "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": f"zstack-dev-pv-{index}", "labels": {"app.kubernetes.io/managed-by": "zstack-dev"}},
+            "metadata": {"name": f"zstack-dev-pv-{index}", "labels": dict([VOLUME_LABEL.split("=")])},
             "spec": {"capacity": {"storage": VOLUME_SIZE}, "accessModes": ["ReadWriteOnce"],
                      "persistentVolumeReclaimPolicy": "Retain", "storageClassName": STORAGE_CLASS,
                      "hostPath": {"path": str(files.volume(index)), "type": "Directory"}},

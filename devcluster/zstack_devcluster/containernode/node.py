@@ -31,8 +31,9 @@ from zstack_devcluster.tools import tool_path
 
 RUNTIME = ("apiserver-bridge", "containerd")
 AGENTS = ("kubelet", "kube-proxy", "coredns")
+POLICY = ("network-policy",)  # after the kubelet: kube-router exits when it finds no Node of its name
 DEBIAN_COMMANDS = {"containerd": "containerd", "ctr": "containerd", "runc": "runc", "socat": "socat",
-                   "nsenter": "util-linux", "iptables": "iptables",
+                   "nsenter": "util-linux", "iptables": "iptables", "ipset": "ipset",
                    "/usr/lib/cni/bridge": "containernetworking-plugins"}
 
 
@@ -69,6 +70,13 @@ def components(lay: Layout, net: NodeNetwork) -> tuple[Component, ...]:
     def coredns(_lay: Layout, _p: Ports) -> list[str]:
         return [*net.enter(), str(tool_path("coredns")), "-conf", str(files.config("Corefile"))]
 
+    def network_policy(_lay: Layout, _p: Ports) -> list[str]:
+        # kube-router's firewall controller alone: the bridge CNI keeps routing, kube-proxy the Services.
+        return [*net.enter(), str(tool_path("kube-router")), f"--kubeconfig={files.config('node.kubeconfig')}",
+                f"--hostname-override={NODE_NAME}", "--run-firewall=true", "--run-router=false",
+                "--run-service-proxy=false", "--enable-cni=false", "--enable-ipv6=false", "--metrics-port=0",
+                f"--health-port={config.NETWORK_POLICY_HEALTH_PORT}", "--iptables-sync-period=1m", "--v=1"]
+
     return (
         Component("apiserver-bridge", (), bridge, lambda _l, p, _c: _connects(net.host_ip, p["apiserver"]),
                   f"API server on {net.host_ip}"),
@@ -80,6 +88,9 @@ def components(lay: Layout, net: NodeNetwork) -> tuple[Component, ...]:
                   "/healthz"),
         Component("coredns", (), coredns, lambda _l, _p, _c: _http_ok(f"http://{net.node_ip}:8080/health"),
                   "/health"),
+        Component("network-policy", (), network_policy,
+                  lambda _l, _p, _c: _http_ok(f"http://{net.node_ip}:{config.NETWORK_POLICY_HEALTH_PORT}/healthz"),
+                  "kube-router /healthz"),
     )
 
 
@@ -108,6 +119,29 @@ def publish(lay: Layout, net: NodeNetwork, ports: Ports, say: Say) -> None:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise DevclusterError(f"publishing the kubernetes endpoints and volumes failed: {proc.stderr.strip()}")
+    recycle_volumes(lay, say)
+
+
+def recycle_volumes(lay: Layout, say: Say) -> list[str]:
+    """Empty every volume whose claim is gone (phase Released) and make it Available again, as a local
+    static provisioner does; returns their names. Without this a deleted cloud's volumes stay bound to
+    nothing, and each `demo up` after a `demo down` would take two more until none is left."""
+    kubectl = [str(tool_path("kubectl")), f"--kubeconfig={lay.kubeconfig}"]
+    listed = subprocess.run([*kubectl, "get", "pv", "-l", config.VOLUME_LABEL, "-o", "json"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise DevclusterError(f"listing the node's volumes failed: {listed.stderr.strip()}")
+    released = [pv for pv in json.loads(listed.stdout)["items"] if pv.get("status", {}).get("phase") == "Released"]
+    for pv in released:
+        directory = Path(pv["spec"]["hostPath"]["path"])
+        say(f"  recycling volume {pv['metadata']['name']} (its claim {pv['spec']['claimRef']['name']} is gone)")
+        for entry in directory.iterdir() if directory.is_dir() else ():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        patch = subprocess.run([*kubectl, "patch", "pv", pv["metadata"]["name"], "--type=json",
+                                "-p", '[{"op": "remove", "path": "/spec/claimRef"}]'], capture_output=True, text=True)
+        if patch.returncode != 0:
+            raise DevclusterError(f"recycling volume {pv['metadata']['name']} failed: {patch.stderr.strip()}")
+    return [pv["metadata"]["name"] for pv in released]
 
 
 def kill_pods(lay: Layout, net: NodeNetwork) -> None:
