@@ -4,8 +4,10 @@
 install:
 	bash .ci/install
 
+# The demo runs in containers on a node in a network namespace of its own: it needs root.
 demo: install
-	zstack-dev up
+	zstack-dev images
+	zstack-dev up --node containers
 	zstack-dev demo up
 
 demo-down:

@@ -43,11 +43,13 @@ def tools_cmd() -> None:
 @main.command("images")
 @click.option("--only", multiple=True, type=click.Choice(images.IMAGES),
               help="Build only this image (repeatable); default: every one.")
-def images_cmd(only: tuple[str, ...]) -> None:
+@click.option("--rebuild", is_flag=True, help="Build even the images whose inputs are unchanged.")
+def images_cmd(only: tuple[str, ...], rebuild: bool) -> None:
     """Build the node and operator images, and those of the managed RabbitMQ and PostgreSQL, from Debian
-    (mmdebstrap, buildah), without Docker Hub. `zstack-dev up` imports them into a container node."""
+    (mmdebstrap, buildah), without Docker Hub; an image whose inputs are unchanged is not built again.
+    `zstack-dev up` and `zstack-dev demo up` import them into a container node."""
     try:
-        built = images.build(only=only or None)
+        built = images.build(only=only or None, rebuild=rebuild)
     except DevclusterError as err:
         _fail(err)
     for image in built:

@@ -12,6 +12,8 @@ with buildah.
    (docs/IMAGES.md). Their tags are the version their Dockerfile pins, which the build checks against the
    installed package: `localhost/zstack-rabbitmq:3.10.8-bookworm`, `localhost/zstack-postgresql:15-bookworm`.
 4. **Export.** Each image is also written as an OCI archive, ready for `ctr images import`.
+5. **Up to date.** An image whose inputs (its Dockerfile, the build context `.dockerignore` leaves in, the
+   base it starts from, its build arguments) hash as when its archive was written is not built again.
 
 Everything lives under `${XDG_CACHE_HOME:-~/.cache}/zstack-dev/images`: buildah's own storage (vfs) and
 run dir, never the system's. RUN steps use chroot isolation and the host's CA bundle, which pip needs to
@@ -20,6 +22,7 @@ reach the package index from here.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -127,8 +130,9 @@ def buildah(*args: str, log: Path | None = None) -> subprocess.CompletedProcess[
     return proc
 
 
-def build(say: Say = stderr_say, only: Iterable[str] | None = None) -> list[Built]:
-    """Build the bases (once) and the images (`only` those named, else all); return them in IMAGES order."""
+def build(say: Say = stderr_say, only: Iterable[str] | None = None, rebuild: bool = False) -> list[Built]:
+    """Build the bases (once) and the images (`only` those named, else all) whose inputs changed, or every
+    one with `rebuild`; return them in IMAGES order."""
     wanted = IMAGES if only is None else tuple(only)
     unknown = sorted(set(wanted) - set(IMAGES))
     if unknown:
@@ -139,12 +143,18 @@ def build(say: Say = stderr_say, only: Iterable[str] | None = None) -> list[Buil
         ensure_base(say)
     if set(wanted) & set(DEPENDENCIES):
         ensure_debian(say)
-    return [_build_one(target, say) for target in IMAGES if target in wanted]
+    return [_build_one(target, say, rebuild) for target in IMAGES if target in wanted]
 
 
-def _build_one(target: str, say: Say) -> Built:
-    """`buildah bud` of one image, then its OCI archive."""
+def _build_one(target: str, say: Say, rebuild: bool) -> Built:
+    """`buildah bud` of one image, then its OCI archive; nothing when both are up to date."""
     name, log = image_name(target), cache_dir() / "logs" / f"bud-{target}.log"
+    archive = archive_path(target)
+    stamp = archive.with_name(f"{archive.name}.inputs")  # the inputs' fingerprint the archive was built from
+    fingerprint = inputs_fingerprint(target)
+    if not rebuild and archive.exists() and stamp.exists() and stamp.read_text() == fingerprint and _exists(name):
+        say(f"{name} is up to date (its inputs are unchanged; `zstack-dev images --rebuild` builds it anyway)")
+        return Built(target, name, archive, 0.0)
     say(f"building {name} (buildah bud {_describe(target)}; log: {log})")
     start = time.monotonic()
     if target in DEPENDENCIES:
@@ -156,13 +166,61 @@ def _build_one(target: str, say: Say) -> Built:
                 "--target", target]
     buildah("bud", "--isolation", "chroot", "--pull=never", "--layers", *args, "--tag", name,
             "--file", str(dockerfile(target)), str(context), log=log)
-    archive = cache_dir() / "oci" / f"zstack-{target}-{image_tag(target)}.tar"
     archive.parent.mkdir(parents=True, exist_ok=True)
     archive.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)
     buildah("push", "--quiet", name, f"oci-archive:{archive}:{name}")
+    stamp.write_text(fingerprint)
     seconds = time.monotonic() - start
     say(f"  {name} in {seconds:.0f}s, archive {archive}")
     return Built(target, name, archive, seconds)
+
+
+def archive_path(target: str) -> Path:
+    """Where the OCI archive of `target` is written."""
+    return cache_dir() / "oci" / f"zstack-{target}-{image_tag(target)}.tar"
+
+
+def inputs_fingerprint(target: str) -> str:
+    """sha256 over what a build of `target` reads: its base (by the tar it came from), build arguments,
+    Dockerfile and every file of its context that `.dockerignore` leaves in (name, mode and content)."""
+    base = DEBIAN_IMAGE if target in DEPENDENCIES else BASE_IMAGE
+    context = dockerfile(target).parent if target in DEPENDENCIES else REPO
+    digest = hashlib.sha256(f"{target}\0{base}\0{_base_tar_of(base)}\0{image_name(target)}\0".encode())
+    for path in [dockerfile(target), *context_files(context)]:
+        digest.update(f"{path.relative_to(REPO)}\0{path.stat().st_mode & 0o111:o}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def context_files(context: Path) -> list[Path]:
+    """The files of a build context, minus what its `.dockerignore` names. Its patterns are matched as
+    globs against each path and, for `**/` ones, at any depth; a file with `!` exceptions is not read
+    (every file counts), so a change is never missed: at worst an image is built once too often."""
+    ignore_file = context / ".dockerignore"
+    lines = ignore_file.read_text().splitlines() if ignore_file.exists() else []
+    patterns = [line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith("#")]
+    if any(pattern.startswith("!") for pattern in patterns):
+        patterns = []
+
+    def ignored(relative: str) -> bool:
+        return any(fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(relative, pattern.removeprefix("**/"))
+                   for pattern in patterns)
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(context):
+        here = os.path.relpath(dirpath, context)
+        dirnames[:] = sorted(d for d in dirnames if not ignored(os.path.normpath(os.path.join(here, d))))
+        found += [Path(dirpath, f) for f in sorted(filenames) if not ignored(os.path.normpath(os.path.join(here, f)))]
+    return found
+
+
+def _exists(name: str) -> bool:
+    try:
+        image_config(name)
+    except DevclusterError:
+        return False
+    return True
 
 
 def _describe(target: str) -> str:

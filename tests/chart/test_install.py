@@ -1,7 +1,7 @@
 """`helm install` of charts/zstack-operator on the devcluster, watching one namespace: the process kubelet runs
 the operator pod, the example ZStackCluster becomes Ready, and `helm uninstall` keeps the CRD.
 
-(`make demo`, tested in tests/test_demo.py, installs the same chart watching every namespace.)
+(`make demo`, tested in tests/e2e/test_user_path.py, installs the same chart watching every namespace.)
 """
 
 from __future__ import annotations

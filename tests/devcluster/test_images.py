@@ -80,3 +80,24 @@ def test_the_base_is_debian_made_here_not_pulled() -> None:
     os_release = run_in(images.BASE_IMAGE, "cat", "/etc/os-release")
     assert 'VERSION_CODENAME=bookworm' in os_release
     assert images.image_config(images.BASE_IMAGE)["Labels"][images.BASE_LABEL].startswith("debian-bookworm-")
+
+
+def test_an_image_whose_inputs_are_unchanged_is_not_built_again(built: dict[str, images.Built]) -> None:
+    archive = built["operator"].archive
+    before = archive.stat().st_mtime_ns
+    said: list[str] = []
+    (again,) = images.build(say=said.append, only=["operator"])
+    assert again.archive == archive and archive.stat().st_mtime_ns == before, "an up-to-date image was rebuilt"
+    assert any("localhost/zstack-operator" in line and "is up to date" in line for line in said), said
+
+
+def test_the_inputs_are_the_context_that_dockerignore_leaves_in(tmp_path: Path) -> None:
+    (tmp_path / ".dockerignore").write_text("# the build reads only the package\ntests\n**/__pycache__\n*.egg-info/\n")
+    for name in ("README.md", "pkg/mod.py", "pkg/sub/__pycache__/mod.pyc", "tests/test_mod.py",
+                 "pkg.egg-info/PKG-INFO", "pkg/sub/data.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    found = {str(path.relative_to(tmp_path)) for path in images.context_files(tmp_path)}
+    assert found == {".dockerignore", "README.md", "pkg/mod.py", "pkg/sub/data.json"}
+    (tmp_path / ".dockerignore").write_text("tests\n!tests/keep.py\n")  # exceptions: every file counts
+    assert "tests/test_mod.py" in {str(path.relative_to(tmp_path)) for path in images.context_files(tmp_path)}

@@ -87,4 +87,4 @@ def load(files: NodeFiles, archives: list[Path], say: Say) -> list[str]:
 
 def project_archives() -> list[Path]:
     """The archives `zstack-dev images` wrote (none before its first run)."""
-    return sorted((builds.cache_dir() / "oci").glob("zstack-*.tar"))
+    return [path for path in map(builds.archive_path, builds.IMAGES) if path.exists()]
