@@ -62,6 +62,7 @@ def _apiserver_argv(lay: Layout, p: Ports) -> list[str]:
         f"--service-account-signing-key-file={pki.sa_key}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",  # a node's kubelet edits only its Node and its pods
         # Request-header (aggregation layer) config, so delegated authn in the other components is complete.
         f"--requestheader-client-ca-file={pki.front_proxy_ca_crt}",
         f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",

@@ -43,6 +43,14 @@ CLIENTS = (
     ClientCert("admin", "kubernetes-admin", "system:masters"),
     ClientCert("controller-manager", "system:kube-controller-manager"),
     ClientCert("scheduler", "system:kube-scheduler"),
+    # The container node's components, each as itself (containernode/config.py IDENTITIES): the kubelet as
+    # its Node (the Node authorizer and NodeRestriction confine it to its own pods' objects), kube-proxy as
+    # the user the built-in system:node-proxier binding names, and two users that containernode's own
+    # ClusterRoles let read what they watch.
+    ClientCert("node", "system:node:devcluster", "system:nodes"),  # layout.NODE_NAME
+    ClientCert("kube-proxy", "system:kube-proxy"),
+    ClientCert("coredns", "zstack-dev:coredns"),
+    ClientCert("kube-router", "zstack-dev:kube-router"),
 )
 
 

@@ -19,8 +19,9 @@ import pytest
 from tests.fixtures.containernode import ContainerNode, restricted, wait_for
 from zstack_devcluster import images as builds
 from zstack_devcluster import tools
-from zstack_devcluster.containernode import host
-from zstack_devcluster.layout import NODE_NAME
+from zstack_devcluster.containernode import config, host
+from zstack_devcluster.containernode.config import NodeFiles
+from zstack_devcluster.layout import NODE_NAME, Layout
 from zstack_devcluster.state import load
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -130,6 +131,34 @@ def test_pods_run_in_containers_and_reach_services_by_dns_name(node: tuple[Conta
         status = cluster.get("pod", name, "probe")["status"]
         assert status["containerStatuses"][0]["containerID"].startswith("containerd://"), status
         assert ipaddress.ip_address(status["podIP"]) in ipaddress.ip_network("100.96.0.0/12")
+
+
+IDENTITIES = {"kubelet": ("system:node:devcluster", ["system:nodes", "system:authenticated"]),
+              "kube-proxy": ("system:kube-proxy", ["system:authenticated"]),
+              "coredns": ("zstack-dev:coredns", ["system:authenticated"]),
+              "kube-router": ("zstack-dev:kube-router", ["system:authenticated"])}
+
+
+def test_each_component_of_the_node_is_itself_to_the_api_server_never_the_admin(
+        node: tuple[ContainerNode, dict]) -> None:
+    cluster, _ = node
+    files = NodeFiles.of(Layout(cluster.root))
+    assert set(IDENTITIES) == set(config.IDENTITIES)
+    def as_component(component: str, *args: str) -> str:
+        kubeconfig = files.config(config.kubeconfig_name(component))
+        proc = subprocess.run([str(tools.tool_path("kubectl")), f"--kubeconfig={kubeconfig}", *args],
+                              capture_output=True, text=True, timeout=60)
+        return proc.stdout.strip()
+
+    for component, (user, groups) in IDENTITIES.items():
+        who = json.loads(as_component(component, "auth", "whoami", "-o", "json"))["status"]["userInfo"]
+        assert (who["username"], sorted(who["groups"])) == (user, sorted(groups)), component
+        for forbidden in (("list", "secrets", "--all-namespaces"), ("update", "leases", "-n", "kube-system"),
+                          ("create", "clusterrolebindings")):
+            answer = as_component(component, "auth", "can-i", *forbidden)  # "no", maybe with a reason
+            assert answer.split()[0] == "no", f"{component} may {forbidden}: {answer}"
+        log = (Layout(cluster.root).log("network-policy" if component == "kube-router" else component)).read_text()
+        assert "forbidden" not in log.lower(), f"{component} was refused something it needs: {log[-2000:]}"
 
 
 def test_down_leaves_the_host_as_it_was(node: tuple[ContainerNode, dict]) -> None:

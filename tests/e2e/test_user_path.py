@@ -203,7 +203,8 @@ def test_the_users_path_in_containers(node: ContainerNode, tmp_path: Path) -> No
     old_uid = node.get("pod", db_pod, NS)["metadata"]["uid"]
     deleted = time.monotonic()
     node.kubectl("delete", "pod", "-n", NS, db_pod, "--wait=false")
-    wait_for("PostgreSQL to be Ready again", lambda: (pod := node.get("pod", db_pod, NS))["metadata"]["uid"] != old_uid
+    wait_for("PostgreSQL to be Ready again", lambda: (pod := node.find("pod", db_pod, NS)) is not None
+             and pod["metadata"]["uid"] != old_uid
              and any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])),
              timeout=180)
     figures["postgresql_delete_to_ready_s"] = time.monotonic() - deleted

@@ -20,7 +20,9 @@ NETWORK_POLICY_HEALTH_PORT = 20244  # kube-router's
 STORAGE_CLASS = "local"
 VOLUMES = 12  # hostPath PersistentVolumes made at `up`, for the StatefulSets' claims (no provisioner here)
 VOLUME_SIZE = "10Gi"
-VOLUME_LABEL = "app.kubernetes.io/managed-by=zstack-dev"  # on every volume `storage` makes
+VOLUME_LABEL = "app.kubernetes.io/managed-by=zstack-dev"  # on every volume and role the node publishes
+# The client certificate (pki.CLIENTS) each component of the node talks to the API server with.
+IDENTITIES = {"kubelet": "node", "kube-proxy": "kube-proxy", "coredns": "coredns", "kube-router": "kube-router"}
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,19 @@ def write_all(lay: Layout, net: NodeNetwork, apiserver_port: int) -> None:
         "kube-proxy.yaml": json.dumps(kube_proxy_config(files, net), indent=2) + "\n",
         "Corefile": corefile(files, net),
         "resolv.conf": f"nameserver {net.node_ip}\nsearch {CLUSTER_DOMAIN}\noptions ndots:5\n",
-        "node.kubeconfig": node_kubeconfig(lay, net, apiserver_port),
+        **{kubeconfig_name(component): component_kubeconfig(lay, net, apiserver_port, client)
+           for component, client in IDENTITIES.items()},
     }
     for name, text in writes.items():
         path = files.config(name)
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
-    files.config("node.kubeconfig").chmod(0o600)
+    for component in IDENTITIES:
+        files.config(kubeconfig_name(component)).chmod(0o600)
+
+
+def kubeconfig_name(component: str) -> str:
+    return f"{component}.kubeconfig"
 
 
 def containerd_toml(files: NodeFiles) -> str:
@@ -165,7 +173,7 @@ def kube_proxy_config(files: NodeFiles, net: NodeNetwork) -> dict[str, object]:
     return {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
-        "clientConnection": {"kubeconfig": str(files.config("node.kubeconfig"))},
+        "clientConnection": {"kubeconfig": str(files.config(kubeconfig_name("kube-proxy")))},
         "mode": "iptables",
         "clusterCIDR": net.pod_cidr,
         "bindAddress": net.node_ip,
@@ -180,7 +188,7 @@ def kube_proxy_config(files: NodeFiles, net: NodeNetwork) -> dict[str, object]:
 
 def corefile(files: NodeFiles, net: NodeNetwork) -> str:
     """The cluster domain from the API server; every other name is NXDOMAIN (nothing is forwarded out)."""
-    kubeconfig = files.config("node.kubeconfig")
+    kubeconfig = files.config(kubeconfig_name("coredns"))
     return f"""# Written by zstack-dev: cluster names only, no forwarding to the host's resolver.
 {CLUSTER_DOMAIN}:53 in-addr.arpa:53 {{
     bind {net.node_ip}
@@ -202,11 +210,9 @@ def corefile(files: NodeFiles, net: NodeNetwork) -> str:
 """
 
 
-def node_kubeconfig(lay: Layout, net: NodeNetwork, apiserver_port: int) -> str:
-    """The node's components reach the API server on the host's end of the veth, as `localhost` for TLS.
-
-    They use the admin identity, as the process kubelet did (a documented simplification of a dev node).
-    """
+def component_kubeconfig(lay: Layout, net: NodeNetwork, apiserver_port: int, client: str) -> str:
+    """A node component reaches the API server on the host's end of the veth (as `localhost` for TLS), with
+    the client certificate `client` (pki.CLIENTS)."""
     pki = lay.pki
     return f"""apiVersion: v1
 kind: Config
@@ -217,15 +223,39 @@ clusters:
     certificate-authority: {pki.ca_crt}
     tls-server-name: localhost
 users:
-- name: node
+- name: {client}
   user:
-    client-certificate: {pki.client_crt('admin')}
-    client-key: {pki.client_key('admin')}
+    client-certificate: {pki.client_crt(client)}
+    client-key: {pki.client_key(client)}
 contexts:
-- name: node
-  context: {{cluster: devcluster, user: node}}
-current-context: node
+- name: {client}
+  context: {{cluster: devcluster, user: {client}}}
+current-context: {client}
 """
+
+
+def component_roles() -> list[dict[str, object]]:
+    """ClusterRoles for the two components Kubernetes has no built-in role for, bound to their users: what
+    CoreDNS's `kubernetes` plugin and kube-router's firewall controller watch, read-only."""
+    read = ["get", "list", "watch"]
+    rules = {
+        "coredns": [{"apiGroups": [""], "resources": ["services", "endpoints", "pods", "namespaces"], "verbs": read},
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read}],
+        "kube-router": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                         "verbs": read},
+                        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": read},
+                        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read}],
+    }
+    objects: list[dict[str, object]] = []
+    for component, role_rules in rules.items():
+        name = f"zstack-dev:{component}"
+        meta = {"name": name, "labels": dict([VOLUME_LABEL.split("=")])}
+        objects.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": meta,
+                        "rules": role_rules})
+        objects.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": meta,
+                        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name}]})
+    return objects
 
 
 def kubernetes_endpoints(net: NodeNetwork, apiserver_port: int) -> dict[str, object]:

@@ -61,7 +61,7 @@ def components(lay: Layout, net: NodeNetwork) -> tuple[Component, ...]:
 
     def kubelet(_lay: Layout, _p: Ports) -> list[str]:
         return [*net.enter(), str(tool_path("kubelet")), f"--config={files.config('kubelet.yaml')}",
-                f"--kubeconfig={files.config('node.kubeconfig')}", f"--root-dir={files.kubelet_root}",
+                f"--kubeconfig={files.config(config.kubeconfig_name('kubelet'))}", f"--root-dir={files.kubelet_root}",
                 f"--hostname-override={NODE_NAME}", f"--node-ip={net.node_ip}", "--v=1"]
 
     def kube_proxy(_lay: Layout, _p: Ports) -> list[str]:
@@ -72,7 +72,8 @@ def components(lay: Layout, net: NodeNetwork) -> tuple[Component, ...]:
 
     def network_policy(_lay: Layout, _p: Ports) -> list[str]:
         # kube-router's firewall controller alone: the bridge CNI keeps routing, kube-proxy the Services.
-        return [*net.enter(), str(tool_path("kube-router")), f"--kubeconfig={files.config('node.kubeconfig')}",
+        return [*net.enter(), str(tool_path("kube-router")),
+                f"--kubeconfig={files.config(config.kubeconfig_name('kube-router'))}",
                 f"--hostname-override={NODE_NAME}", "--run-firewall=true", "--run-router=false",
                 "--run-service-proxy=false", "--enable-cni=false", "--enable-ipv6=false", "--metrics-port=0",
                 f"--health-port={config.NETWORK_POLICY_HEALTH_PORT}", "--iptables-sync-period=1m", "--v=1"]
@@ -107,13 +108,15 @@ def prepare(lay: Layout, net: NodeNetwork, ports: Ports, sysctls: dict[str, str]
 
 
 def publish(lay: Layout, net: NodeNetwork, ports: Ports, say: Say) -> None:
-    """Import the pause image and the project's images; publish the `kubernetes` endpoints and the volumes."""
+    """Import the pause image and the project's images; publish the `kubernetes` endpoints, the volumes and
+    the roles of the node's components."""
     files = NodeFiles.of(lay)
     images.load(files, [images.pause_archive(say), *images.project_archives()], say)
     for index in range(config.VOLUMES):
         files.volume(index).mkdir(parents=True, exist_ok=True)
         files.volume(index).chmod(0o1777)
-    objects = [config.kubernetes_endpoints(net, ports["apiserver"]), *config.storage(files)]
+    objects = [config.kubernetes_endpoints(net, ports["apiserver"]), *config.storage(files),
+               *config.component_roles()]
     proc = subprocess.run([str(tool_path("kubectl")), f"--kubeconfig={lay.kubeconfig}", "apply", "-f", "-"],
                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
                           capture_output=True, text=True)
