@@ -2,7 +2,8 @@
 in a network namespace of their own, running pods from our own images; and `down` leaves the host as it was.
 
 The tests run in file order: the last one takes the node down and compares the host with what it was
-before `up` (processes, mounts, network namespaces, links, routes, iptables, ipsets, cgroups, sysctls).
+before `up` (processes, mounts, network namespaces, links, routes, iptables, ipsets, cgroups, sysctls,
+the host's pod log directories).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def host_snapshot() -> dict[str, object]:
         "cgroups": sorted(str(p) for h in host.hierarchies() for p in h.iterdir() if p.is_dir()),
         "sysctls": host.read_sysctls(),
         "shim sockets": sorted(os.listdir("/run/containerd/s")) if os.path.isdir("/run/containerd/s") else [],
+        "pod logs": {d: sorted(os.listdir(d)) if os.path.isdir(d) else []
+                     for d in ("/var/log/pods", "/var/log/containers")},
     }
 
 

@@ -47,6 +47,11 @@ class NodeFiles:
     def kubelet_root(self) -> Path:
         return self.root / "kubelet"
 
+    @property
+    def pod_logs(self) -> Path:
+        """The containers' logs (the kubelet's podLogsDir; its default, /var/log/pods, is the host's)."""
+        return self.root / "pod-logs"
+
     def volume(self, index: int) -> Path:
         return self.root / "volumes" / f"pv-{index}"
 
@@ -61,7 +66,7 @@ class NodeFiles:
 def write_all(lay: Layout, net: NodeNetwork, apiserver_port: int) -> None:
     """Write every config file of the node (cheap; `up` rewrites them each time)."""
     files = NodeFiles.of(lay)
-    for sub in ("etc", "containerd-root", "containerd-state", "runc", "cni-ipam", "kubelet"):
+    for sub in ("etc", "containerd-root", "containerd-state", "runc", "cni-ipam", "kubelet", "pod-logs"):
         (files.root / sub).mkdir(parents=True, exist_ok=True)
     (files.root / "etc" / "cni").mkdir(exist_ok=True)
     writes = {
@@ -166,6 +171,7 @@ def kubelet_config(lay: Layout, files: NodeFiles, net: NodeNetwork) -> dict[str,
         "serializeImagePulls": False,
         "shutdownGracePeriod": "0s",
         "podCIDR": net.pod_cidr,
+        "podLogsDir": str(files.pod_logs),
     }
 
 

@@ -128,3 +128,15 @@ def unmount_all(root: Path) -> list[str]:
         if subprocess.run(["umount", point], capture_output=True, stdin=subprocess.DEVNULL).returncode != 0:
             subprocess.run(["umount", "-l", point], capture_output=True, stdin=subprocess.DEVNULL)
     return mounts_under(root)
+
+
+# The kubelet also links every container's log here, a path no setting moves; it removes a link with its
+# container, which a node taken down by `down` never gets to.
+LEGACY_LOG_LINKS = Path("/var/log/containers")
+
+
+def remove_log_links(pod_logs: Path) -> None:
+    """Remove the links in LEGACY_LOG_LINKS that point into this node's `pod_logs`."""
+    for link in LEGACY_LOG_LINKS.iterdir() if LEGACY_LOG_LINKS.is_dir() else ():
+        if link.is_symlink() and Path(os.readlink(link)).is_relative_to(pod_logs):
+            link.unlink(missing_ok=True)

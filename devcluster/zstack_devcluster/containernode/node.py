@@ -174,6 +174,7 @@ def teardown(lay: Layout, net: NodeNetwork, sysctls: dict[str, str], say: Say) -
     kill_pods(lay, net)
     still_mounted = host.unmount_all(files.root)
     left = host.remove_cgroup_root(files.cgroup_root(net))
+    host.remove_log_links(files.pod_logs)
     network.destroy(net)
     host.restore_sysctls(sysctls)
     if still_mounted or left:
