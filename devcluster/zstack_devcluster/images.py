@@ -14,6 +14,7 @@ with buildah.
 4. **Export.** Each image is also written as an OCI archive, ready for `ctr images import`.
 5. **Up to date.** An image whose inputs (its Dockerfile, the build context `.dockerignore` leaves in, the
    base it starts from, its build arguments) hash as when its archive was written is not built again.
+   After a build, images no tagged image needs are removed (`prune`).
 
 Everything lives under `${XDG_CACHE_HOME:-~/.cache}/zstack-dev/images`: buildah's own storage (vfs) and
 run dir, never the system's. RUN steps use chroot isolation and the host's CA bundle, which pip needs to
@@ -143,7 +144,40 @@ def build(say: Say = stderr_say, only: Iterable[str] | None = None, rebuild: boo
         ensure_base(say)
     if set(wanted) & set(DEPENDENCIES):
         ensure_debian(say)
-    return [_build_one(target, say, rebuild) for target in IMAGES if target in wanted]
+    built = [_build_one(target, say, rebuild) for target in IMAGES if target in wanted]
+    if any(image.seconds for image in built):
+        removed = prune()
+        if removed:
+            say(f"removed {removed} images no tagged image needs (earlier builds and their layer cache)")
+    return built
+
+
+def prune() -> int:
+    """Remove every untagged image that is not the layer cache of a tagged one; returns how many.
+
+    vfs stores each layer as a full copy of the tree, so each rebuild would otherwise leave gigabytes
+    behind. An untagged image whose layers begin some tagged image's is the cache of a step that image
+    reuses (the dependencies' layer, above all), and stays. One still used by a working container stays too.
+    """
+    rows = json.loads(buildah("images", "--all", "--json").stdout) or []
+    chains = {row["id"]: _layers(row["id"]) for row in rows}
+    tagged = [chains[row["id"]] for row in rows if row.get("names")]
+    removed = 0
+    for row in rows:
+        chain = chains[row["id"]]
+        if row.get("names") or any(whole[:len(chain)] == chain for whole in tagged):
+            continue
+        try:
+            buildah("rmi", row["id"])
+        except DevclusterError:
+            continue  # in use, or already gone with another
+        removed += 1
+    return removed
+
+
+def _layers(image_id: str) -> list[str]:
+    """The image's layers (diff IDs), base first."""
+    return json.loads(buildah("inspect", "--type", "image", image_id).stdout)["OCIv1"]["rootfs"].get("diff_ids") or []
 
 
 def _build_one(target: str, say: Say, rebuild: bool) -> Built:
