@@ -20,7 +20,7 @@ NETWORK_POLICY_HEALTH_PORT = 20244  # kube-router's
 STORAGE_CLASS = "local"
 VOLUMES = 12  # hostPath PersistentVolumes made at `up`, for the StatefulSets' claims (no provisioner here)
 VOLUME_SIZE = "10Gi"
-VOLUME_LABEL = "app.kubernetes.io/managed-by=zstack-dev"  # on every volume and role the node publishes
+MANAGED_LABELS = {"app.kubernetes.io/managed-by": "zstack-dev"}  # on every volume and role the node publishes
 # The client certificate (pki.CLIENTS) each component of the node talks to the API server with.
 IDENTITIES = {"kubelet": "node", "kube-proxy": "kube-proxy", "coredns": "coredns", "kube-router": "kube-router"}
 
@@ -255,7 +255,7 @@ def component_roles() -> list[dict[str, object]]:
     objects: list[dict[str, object]] = []
     for component, role_rules in rules.items():
         name = f"zstack-dev:{component}"
-        meta = {"name": name, "labels": dict([VOLUME_LABEL.split("=")])}
+        meta = {"name": name, "labels": MANAGED_LABELS}
         objects.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": meta,
                         "rules": role_rules})
         objects.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": meta,
@@ -298,7 +298,7 @@ def storage(files: NodeFiles) -> list[dict[str, object]]:
     for index in range(VOLUMES):
         objects.append({
             "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": f"zstack-dev-pv-{index}", "labels": dict([VOLUME_LABEL.split("=")])},
+            "metadata": {"name": f"zstack-dev-pv-{index}", "labels": MANAGED_LABELS},
             "spec": {"capacity": {"storage": VOLUME_SIZE}, "accessModes": ["ReadWriteOnce"],
                      "persistentVolumeReclaimPolicy": "Retain", "storageClassName": STORAGE_CLASS,
                      "hostPath": {"path": str(files.volume(index)), "type": "Directory"}},

@@ -130,7 +130,8 @@ def recycle_volumes(lay: Layout, say: Say) -> list[str]:
     static provisioner does; returns their names. Without this a deleted cloud's volumes stay bound to
     nothing, and each `demo up` after a `demo down` would take two more until none is left."""
     kubectl = [str(tool_path("kubectl")), f"--kubeconfig={lay.kubeconfig}"]
-    listed = subprocess.run([*kubectl, "get", "pv", "-l", config.VOLUME_LABEL, "-o", "json"],
+    selector = ",".join(f"{key}={value}" for key, value in config.MANAGED_LABELS.items())
+    listed = subprocess.run([*kubectl, "get", "pv", "-l", selector, "-o", "json"],
                             capture_output=True, text=True)
     if listed.returncode != 0:
         raise DevclusterError(f"listing the node's volumes failed: {listed.stderr.strip()}")
