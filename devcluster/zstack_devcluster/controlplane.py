@@ -40,6 +40,7 @@ REQUIRED_TOOLS = {
                    "kube-proxy", "coredns", "pause", "kube-router"),
 }
 _BY_NAME = {c.name: c for c in COMPONENTS}
+_NODE_PROCESSES = ("kubelet", *container_node.RUNTIME, *container_node.AGENTS, *container_node.POLICY)
 # Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it can stop its pods while the
 # API still answers; etcd last.
 STOP_TIERS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -167,7 +168,8 @@ def up(root: Path, say: Say = stderr_say, node: str | None = None) -> UpResult:
             if started:
                 say(f"startup failed; stopping what this run started: {', '.join(started)}")
                 _stop(lay, st, [n for n in reversed(list(st.procs)) if n in started], say)
-                save(root, st)
+            _release_idle_node(lay, st, say)
+            save(root, st)
             raise
     return UpResult(lay.kubeconfig, started, time.monotonic() - t0)
 
@@ -176,13 +178,24 @@ def _choose_node(st: State, kind: str) -> None:
     """Record the node kind (refusing to switch under a running node) and, for containers, its network."""
     if kind not in NODE_KINDS:
         raise DevclusterError(f"unknown node kind {kind!r}; use one of: {', '.join(NODE_KINDS)}")
-    node_names = {"kubelet", *container_node.RUNTIME, *container_node.AGENTS, *container_node.POLICY}
-    if kind != st.node and any(procs.record_alive(st.procs.get(n)) for n in node_names):
+    if kind != st.node and any(procs.record_alive(st.procs.get(n)) for n in _NODE_PROCESSES):
         raise DevclusterError(f"this devcluster runs a {st.node} node; run `zstack-dev down` first, "
                               f"then `zstack-dev up --node {kind}`")
     st.node = kind
     if kind == "containers" and st.node_index is None:  # kept until `down` gives the network back
         st.node_index = node_network.pick().index
+
+
+def _release_idle_node(lay: Layout, st: State, say: Say) -> None:
+    """After a failed `up`: when no process of the container node runs, give its network namespace, veth,
+    cgroups, mounts and sysctls back, as `down` would (a failure partway left them until `down`)."""
+    if st.node != "containers" or st.node_index is None:
+        return
+    if any(procs.record_alive(st.procs.get(n)) for n in _NODE_PROCESSES):
+        return
+    say("  giving the node's network, cgroups and sysctls back")
+    container_node.teardown(lay, NodeNetwork(st.node_index), st.sysctls, say)
+    st.sysctls, st.node_index = {}, None
 
 
 def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, started: list[str], say: Say) -> None:

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.containernode import ContainerNode, restricted, wait_for
+from zstack_devcluster import controlplane, procs, tools
 from zstack_devcluster import images as builds
-from zstack_devcluster import tools
 from zstack_devcluster.containernode import config, host
+from zstack_devcluster.containernode import node as container_node
 from zstack_devcluster.containernode.config import NodeFiles
+from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.layout import NODE_NAME, Layout
 from zstack_devcluster.state import load
 
@@ -178,3 +180,23 @@ def test_down_leaves_the_host_as_it_was(node: tuple[ContainerNode, dict]) -> Non
     for key, value in before.items():
         assert after[key] == value, f"{key} changed: {value} -> {after[key]}"
     assert host.mounts_under(cluster.root) == []
+
+
+def test_an_up_that_fails_partway_gives_the_host_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` fails after it made the node's network, cgroups and containerd (here: at the image import, as a
+    full disk made it fail once); it stops what it started and leaves no namespace, veth or cgroup behind."""
+    before = host_snapshot()
+
+    def import_fails(*_args: object) -> None:
+        raise DevclusterError("ctr images import failed: no space left on device")
+
+    monkeypatch.setattr(container_node, "publish", import_fails)
+    said: list[str] = []
+    with pytest.raises(DevclusterError, match="no space left"):
+        controlplane.up(tmp_path, say=said.append, node="containers")
+    assert any("node network: namespace zstack-dev-" in line for line in said), said
+    assert all(not rec.pid or not procs.record_alive(rec) for rec in load(tmp_path).procs.values())
+    assert load(tmp_path).node_index is None, "the network is given back, so state forgets it"
+    after = host_snapshot()
+    for key, value in before.items():
+        assert after[key] == value, f"{key} changed: {value} -> {after[key]}"
