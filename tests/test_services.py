@@ -247,3 +247,22 @@ def test_free_ports_are_distinct_and_bindable() -> None:
         assert port_is_free(port)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_servers_also_serve_a_pod_network_on_a_second_address_across_restarts(tmp_path: Path) -> None:
+    """What the container node's pods need: the server also on the host's end of the node's veth, and
+    PostgreSQL accepting the pod network (tests/k8s proves it with pods; 127.0.0.2 stands in for it here)."""
+    with PostgreSQL(tmp_path / "pg").start() as postgres, RabbitMQ(tmp_path / "mq").start() as rabbitmq:
+        for server in (postgres, rabbitmq):
+            with pytest.raises(RuntimeError, match="serve_pods"):
+                server.url_for_pods(server.url)
+            assert port_is_free(server.port, "127.0.0.2"), "only loopback until asked"
+            server.serve_pods("127.0.0.2", "127.0.0.0/8")
+        for _ in range(2):  # and again after a restart: the setting is kept with the server's state
+            pg_url, mq_url = postgres.url_for_pods(postgres.url), rabbitmq.url_for_pods(rabbitmq.url)
+            assert "@127.0.0.2:" in pg_url and "@127.0.0.2:" in mq_url
+            with sa.create_engine(pg_url).connect() as conn:
+                assert conn.execute(sa.text("select host(inet_server_addr())")).scalar() == "127.0.0.2"
+            _amqp(mq_url).close()
+            postgres.restart()
+            rabbitmq.restart()

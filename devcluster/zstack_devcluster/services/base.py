@@ -267,6 +267,31 @@ class Service:
                 _running.discard(self)
             self._say(f"{self.kind} stopped in {time.monotonic() - t0:.1f}s")
 
+    @property
+    def pod_network(self) -> tuple[str, str] | None:
+        """(address, clients): where the server also listens for pods, and the network they come from."""
+        entry = self._state.get("pod_network")
+        return (entry["address"], entry["clients"]) if entry else None
+
+    def serve_pods(self, address: str, clients: str) -> Self:
+        """Also listen on `address` (the host's end of a container node's veth) and accept clients from the
+        network `clients` (its pods); kept across restarts. Restarts a running server whose setting changed."""
+        with self._lock:
+            if self.pod_network == (address, clients):
+                return self
+            self._state["pod_network"] = {"address": address, "clients": clients}
+            self._save_state()
+            if self.is_running:
+                self._say(f"{self.kind}: restarting to also serve pods on {address} (clients {clients})")
+                self.restart()
+            return self
+
+    def url_for_pods(self, url: str) -> str:
+        """`url` (one of this server's) with the address pods reach it on; needs :meth:`serve_pods` first."""
+        if self.pod_network is None:
+            raise RuntimeError(f"{self.kind} in {self.base_dir} serves no pods: call serve_pods() first")
+        return url.replace(f"@{self.host}:", f"@{self.pod_network[0]}:", 1)
+
     def restart(self) -> Self:
         """stop() then start(): same ports, same data, same credentials."""
         self.stop()

@@ -206,8 +206,10 @@ class PostgreSQL(Service):
         sock = str(self.socket_dir) if len(str(self.socket_dir)) < _SOCKET_PATH_MAX else ""
         if not sock:
             self._say(f"PostgreSQL: {self.socket_dir} is too long for a unix socket; TCP only")
+        self._write_pod_clients()
+        listen = ",".join([self.host, *([self.pod_network[0]] if self.pod_network else [])])
         conf = "\n".join([
-            f"listen_addresses = '{self.host}'",
+            f"listen_addresses = '{listen}'",
             f"port = {self.port}",
             f"unix_socket_directories = '{sock}'",
             f"max_connections = {self.max_connections}",
@@ -227,6 +229,15 @@ class PostgreSQL(Service):
         if "include_if_exists = 'devcluster.conf'" not in main.read_text():
             with open(main, "a") as fh:
                 fh.write("\ninclude_if_exists = 'devcluster.conf'\n")
+
+    def _write_pod_clients(self) -> None:
+        """pg_hba.conf: initdb's loopback lines, plus the pods' network when the server serves pods."""
+        hba = self.data_dir / "pg_hba.conf"
+        marker = "# devcluster: pods\n"
+        lines = hba.read_text().split(marker)[0]
+        if self.pod_network:
+            lines += f"{marker}host all all {self.pod_network[1]} scram-sha-256\n"
+        hba.write_text(lines)
 
     def _initdb(self) -> None:
         if self.data_dir.exists():

@@ -256,6 +256,7 @@ class RabbitMQ(Service):
                 fh.write(self._state["cookie"])
         self._write_private(base / "etc" / "rabbitmq.conf", "\n".join([
             f"listeners.tcp.1 = {self.host}:{self.port}",
+            *([f"listeners.tcp.2 = {self.pod_network[0]}:{self.port}"] if self.pod_network else []),
             f"default_user = {self.username}",
             f"default_pass = {self.password}",
             "default_vhost = /",
