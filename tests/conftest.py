@@ -8,8 +8,8 @@ import signal
 import pytest
 
 pytest_plugins = [
+    "tests.fixtures.kube",  # before containernode, which imports it (so pytest rewrites its asserts)
     "tests.fixtures.containernode",
-    "tests.fixtures.kube",
     "tests.fixtures.servers",
 ]
 

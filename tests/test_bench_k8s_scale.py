@@ -4,6 +4,7 @@ shape, sane values and the cleanup, never timings."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,14 +30,15 @@ def assert_worst_and_mean(value: dict[str, float], key: str) -> None:
 
 
 def test_k8s_scale_small(devcluster: KubeCluster, fresh_vhost: str, fresh_database: str,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+                         pods_reach: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Started from the repo root with it on PYTHONPATH, as a developer might: the repo's operator/ folder holds
     # zstack_operator only, so the operator subprocess still gets the standard library's `operator` module.
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     before = bench_namespaces(devcluster)
     result = CliRunner().invoke(main, ["k8s-scale", "--small", "--dev-dir", str(devcluster.root),
-                                       "--broker-url", fresh_vhost, "--database-url", fresh_database],
+                                       "--broker-url", pods_reach(fresh_vhost),
+                                       "--database-url", pods_reach(fresh_database)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data: dict[str, Any] = json.loads(result.stdout)

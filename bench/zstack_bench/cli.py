@@ -172,23 +172,31 @@ def api(small: bool, broker_url: str | None, database_url: str | None, hosts: in
 @click.option("--small", is_flag=True, help="CI smoke size: 1 round, 10 spec changes")
 @click.option("--dev-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ZSTACK_DEV_DIR",
               show_envvar=True, default=None,
-              help="A running devcluster to use; without it a private one is started for the run")
-@broker_option
+              help="A running devcluster with a container node (`zstack-dev up --node containers`) to use; without "
+                   "it a private one is started for the run (needs root and `zstack-dev images` first)")
+@click.option("--broker-url", envvar="ZSTACK_BENCH_BROKER_URL", show_envvar=True, default=None,
+              help="RabbitMQ to use, at an address the MN pods reach (the host's end of the node's veth, "
+                   "100.64.N.1), used as given; without it a private one is started that also listens there")
 @click.option("--database-url", envvar="ZSTACK_BENCH_DATABASE_URL", show_envvar=True, default=None,
-              help="PostgreSQL to use; without it a private one is started for the run")
+              help="PostgreSQL to use, at an address the MN pods reach (as --broker-url), used as given; without "
+                   "it a private one is started that also listens there")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds of scaling 3 -> 5 -> 3 [3; small 1]")
 @click.option("--changes", type=click.IntRange(1), default=None,
               help="Timed spec changes, and as many baseline StatefulSet patches [30; small 10]")
 def k8s_scale(small: bool, dev_dir: Path | None, broker_url: str | None, database_url: str | None,
               rounds: int | None, changes: int | None) -> None:
-    """The operator on the devcluster: ring convergence after kubectl scale 3 -> 5 -> 3, spec-change latency."""
+    """The operator on the devcluster: ring convergence after kubectl scale 3 -> 5 -> 3, spec-change latency.
+
+    The MN pods run our node image on the devcluster's container node, and reach this machine only at the
+    host's end of the node's veth."""
     from zstack_bench import k8s_scale as k8s_bench
     from zstack_bench.servers import broker, database
 
     try:
-        with k8s_bench.devcluster(dev_dir, progress) as kubeconfig, broker(broker_url, progress) as mq, \
-                database(database_url, progress) as db:
-            emit(k8s_bench.run(kubeconfig, mq, db, rounds=pick(rounds, small, 1, 3),
+        with k8s_bench.devcluster(dev_dir, progress) as cluster, \
+                broker(broker_url, progress, pods=cluster.pod_network) as mq, \
+                database(database_url, progress, pods=cluster.pod_network) as db:
+            emit(k8s_bench.run(cluster, mq, db, rounds=pick(rounds, small, 1, 3),
                                changes=pick(changes, small, 10, 30), progress=progress))
     except k8s_bench.BenchError as err:
         raise click.ClickException(str(err)) from None

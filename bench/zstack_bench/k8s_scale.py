@@ -1,5 +1,10 @@
 """`zstack-bench k8s-scale`: the operator on the devcluster, scaling a ZStackCluster and rolling out spec changes.
 
+The devcluster runs a container node (`zstack-dev up --node containers`): MN pods run our node image, imported
+into the node's containerd and never pulled. Pods reach this machine only at the host's end of the node's veth,
+so the broker and database URLs in the clusters' Secrets must be ones pods reach there, and the MNs' API is
+opened to that address (`spec.api.allowFrom`), where the operator and the ring pollers come from.
+
 In a fresh namespace, with the operator running as a subprocess (admin kubeconfig, no leader election):
 
 - ZStackCluster `demo` (3 MNs, external mode) is scaled 3 -> 5 through the scale subresource, like
@@ -31,12 +36,17 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zstack_bench.stats import percentile, summary
-from zstack_devcluster import controlplane, tools
+from zstack_devcluster import controlplane, state, tools
+from zstack_devcluster.containernode import images as node_images
+from zstack_devcluster.containernode.config import PAUSE_IMAGE
+from zstack_devcluster.containernode.network import NodeNetwork
 from zstack_devcluster.errors import DevclusterError
+from zstack_devcluster.images import image_name
 from zstack_devcluster.layout import Layout
 from zstack_devcluster.ports import free_port
 from zstack_kube.client import JSON, MERGE_PATCH
@@ -61,24 +71,59 @@ class BenchError(RuntimeError):
     """The benchmark could not do its work (no devcluster, an API error, a cluster that never got ready)."""
 
 
+@dataclass(frozen=True)
+class Devcluster:
+    """A running devcluster with a container node: its admin kubeconfig and the node's network."""
+
+    kubeconfig: Path
+    network: NodeNetwork
+
+    @property
+    def pod_network(self) -> tuple[str, str]:
+        """(address, clients) for `Service.serve_pods`: the host's end of the node's veth, and the pods' network."""
+        return self.network.host_ip, self.network.pod_cidr
+
+    def this_machine(self) -> dict[str, Any]:
+        """A NetworkPolicy peer for this machine, where the operator and the ring pollers run."""
+        return {"ipBlock": {"cidr": f"{self.network.host_ip}/32"}}
+
+
+def node_network(root: Path) -> NodeNetwork:
+    """The network of the devcluster's container node; BenchError when it runs none."""
+    index = state.load(root).node_index
+    if index is None:
+        raise BenchError(f"the devcluster in {root} has no container node (k8s-scale runs the MNs in containers): "
+                         f"`zstack-dev down --dir {root}`, then `zstack-dev up --node containers --dir {root}` "
+                         "(needs root)")
+    return NodeNetwork(index)
+
+
+def check_node_image() -> None:
+    """BenchError unless `zstack-dev images` wrote the node image, which a private devcluster imports."""
+    built = {name for archive in node_images.project_archives() for name in node_images.archive_images(archive)}
+    if image_name("node") not in built:
+        raise BenchError(f"image {image_name('node')} is not built: run `zstack-dev images` first")
+
+
 @contextlib.contextmanager
-def devcluster(dev_dir: Path | None, say: Say) -> Iterator[Path]:
-    """Yield the admin kubeconfig of the running devcluster in `dev_dir`, or of a private one started now."""
+def devcluster(dev_dir: Path | None, say: Say) -> Iterator[Devcluster]:
+    """The running devcluster in `dev_dir`, or a private one with a container node started now."""
     if dev_dir is not None:
         dev_dir = dev_dir.expanduser().resolve()
         if not controlplane.is_up(dev_dir):
             raise BenchError(f"--dev-dir {dev_dir}: no running devcluster there; start one with "
-                             f"`zstack-dev up --dir {dev_dir}`")
-        yield Layout(dev_dir).kubeconfig
+                             f"`zstack-dev up --node containers --dir {dev_dir}`")
+        yield Devcluster(Layout(dev_dir).kubeconfig, node_network(dev_dir))
         return
+    check_node_image()
     root = Path(tempfile.mkdtemp(prefix="zstack-bench-k8s-"))
-    say(f"no --dev-dir given: starting a private devcluster in {root}")
+    say(f"no --dev-dir given: starting a private devcluster with a container node in {root}")
     try:
         try:
-            kubeconfig = controlplane.up(root, say=say).kubeconfig
+            kubeconfig = controlplane.up(root, say=say, node="containers").kubeconfig
         except DevclusterError as err:
             raise BenchError(f"the private devcluster could not start: {err}") from None
-        yield kubeconfig
+        yield Devcluster(kubeconfig, node_network(root))
     finally:
         controlplane.down(root, say=say)
         shutil.rmtree(root, ignore_errors=True)
@@ -144,6 +189,14 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = TIMEOUT_S, 
 def pod_ready(pod: dict[str, Any] | None) -> bool:
     conditions = ((pod or {}).get("status") or {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def pod_waiting(pod: dict[str, Any]) -> str:
+    """Why the pod's containers wait (e.g. ErrImageNeverPull: the node lacks the image), or ""."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    reasons = [f"{c['name']} {w.get('reason')}: {w.get('message', '')}".rstrip(": ")
+               for c in statuses if (w := (c.get("state") or {}).get("waiting"))]
+    return f" waiting ({'; '.join(reasons)})" if reasons else ""
 
 
 def operator_env(kubeconfig: Path) -> dict[str, str]:
@@ -304,8 +357,8 @@ class TemplateWatch:
 class Bench:
     """One run: a namespace, its Secrets, the operator, ZStackClusters `demo` and `idle` and StatefulSet `baseline`."""
 
-    def __init__(self, kubeconfig: Path, broker_url: str, database_url: str, workdir: Path, say: Say) -> None:
-        self.api, self.say = Api(kubeconfig), say
+    def __init__(self, cluster: Devcluster, broker_url: str, database_url: str, workdir: Path, say: Say) -> None:
+        self.api, self.cluster, self.say = Api(cluster.kubeconfig), cluster, say
         self.broker_url, self.database_url, self.workdir = broker_url, database_url, workdir
         self.ns = f"zstack-bench-{secrets.token_hex(4)}"
         self.port = free_port()
@@ -343,7 +396,7 @@ class Bench:
             lines.append(f"demo ring: {(status.get('ring') or {}).get('summary')}")
             lines += [f"  {c['type']}={c['status']} {c.get('reason')}: {c.get('message')}"
                       for c in status.get("conditions") or []]
-            lines += [f"pod {n}: {(p.get('status') or {}).get('phase')} ready={pod_ready(p)}"
+            lines += [f"pod {n}: {(p.get('status') or {}).get('phase')} ready={pod_ready(p)}{pod_waiting(p)}"
                       for n, p in sorted(self.mn_pods().items())]
         if self.operator is not None:
             lines.append(f"--- operator log (tail)\n{self.operator.tail()}")
@@ -378,17 +431,21 @@ class Bench:
     def zstackcluster(self, name: str, replicas: int) -> dict[str, Any]:
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ZStackCluster",
                 "metadata": {"name": name, "namespace": self.ns},
-                "spec": {"replicas": replicas, "terminationGracePeriodSeconds": 15, "api": {"port": self.port},
+                "spec": {"replicas": replicas, "image": image_name("node"), "imagePullPolicy": "Never",
+                         "terminationGracePeriodSeconds": 15,
+                         "api": {"port": self.port,
+                                 "allowFrom": [{"namespaceSelector": {}}, self.cluster.this_machine()]},
                          "broker": {"external": {"secretRef": {"name": "bench-broker", "key": "url"}}},
                          "database": {"external": {"secretRef": {"name": "bench-database", "key": "url"}}}}}
 
     def baseline_statefulset(self) -> dict[str, Any]:
+        """0 replicas, so it never runs; the node's pause image, so nothing could ever be pulled either."""
         labels = {"app.kubernetes.io/name": "zstack-bench-baseline"}
         return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "baseline", "namespace": self.ns},
                 "spec": {"replicas": 0, "serviceName": "baseline", "selector": {"matchLabels": labels},
                          "template": {"metadata": {"labels": labels},
-                                      "spec": {"containers": [{"name": "idle", "image": "none",
-                                                               "command": ["sleep", "3600"]}]}}}}
+                                      "spec": {"containers": [{"name": "idle", "image": PAUSE_IMAGE,
+                                                               "imagePullPolicy": "Never"}]}}}}
 
     def teardown(self) -> None:
         """Delete the clusters and StatefulSets, wait until the MN pods left, stop the operator, drop the namespace."""
@@ -478,13 +535,13 @@ def latency(samples: list[float]) -> dict[str, float | int]:
             "max_s": round(max(samples), 4), "count": len(samples)}
 
 
-def run(kubeconfig: Path, broker_url: str, database_url: str, rounds: int = 3, changes: int = 30,
+def run(cluster: Devcluster, broker_url: str, database_url: str, rounds: int = 3, changes: int = 30,
         progress: Say | None = None) -> dict[str, Any]:
-    """The benchmark's JSON object."""
+    """The benchmark's JSON object; pods must reach `broker_url` and `database_url`."""
     say = progress or (lambda _m: None)
     names = [f"demo-mn-{i}" for i in range(5)]
     with tempfile.TemporaryDirectory(prefix="zstack-bench-k8s-scale-") as tmp:
-        bench = Bench(kubeconfig, broker_url, database_url, Path(tmp), say)
+        bench = Bench(cluster, broker_url, database_url, Path(tmp), say)
         try:
             bench.setup()
             bench.wait_ready()

@@ -1,4 +1,4 @@
-"""``zstack-dev``: build the tools, and run a local Kubernetes control plane plus process kubelet."""
+"""``zstack-dev``: build the tools and images, and run a local Kubernetes whose node runs containers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _fail(err: DevclusterError) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Local Kubernetes (etcd, kube-apiserver, controller-manager, scheduler, process kubelet)."""
+    """Local Kubernetes: etcd, kube-apiserver, controller-manager, scheduler, and a node of containers."""
 
 
 @main.command("tools")
@@ -58,11 +58,11 @@ def images_cmd(only: tuple[str, ...], rebuild: bool) -> None:
 
 @main.command()
 @_dir_option
-@click.option("--node", type=click.Choice(controlplane.NODE_KINDS), default=None,
-              help="The node: `containers` (containerd, runc, a real kubelet, kube-proxy and CoreDNS in a network "
-                   "namespace of its own; needs root) or `process` (the process kubelet). Default: what this "
-                   "directory ran last, else process.")
-def up(dir_: Path | None, node: str | None) -> None:
+@click.option("--node", type=click.Choice([controlplane.NODE_KIND]), default=controlplane.NODE_KIND,
+              show_default=True,
+              help="The node: containerd, runc, a real kubelet, kube-proxy, CoreDNS and kube-router in a network "
+                   "namespace of its own (needs root); the only kind.")
+def up(dir_: Path | None, node: str) -> None:
     """Start the devcluster (no-op when it already runs) and wait until it is ready."""
     root = resolve_dir(dir_)
     try:

@@ -1,14 +1,14 @@
-"""The devcluster's components: how each one is started (argv) and how its health is checked."""
+"""The control plane's components: how each one is started (argv) and how its health is checked (the
+container node's are in containernode/node.py)."""
 
 from __future__ import annotations
 
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from zstack_devcluster import health
-from zstack_devcluster.layout import NODE_NAME, Layout
+from zstack_devcluster.layout import Layout
 from zstack_devcluster.pki import FRONT_PROXY_CLIENT, SERVICE_CIDR
 from zstack_devcluster.tools import tool_path
 
@@ -118,16 +118,6 @@ def _controller_manager_argv(lay: Layout, p: Ports) -> list[str]:
     ]
 
 
-def _kubelet_argv(lay: Layout, p: Ports) -> list[str]:
-    # The process kubelet authenticates with the admin kubeconfig (a documented simplification).
-    return [
-        sys.executable, "-m", "zstack_devcluster.kubelet",
-        "--kubeconfig", str(lay.kubeconfig),
-        "--root", str(lay.kubelet_root),
-        "--node-name", NODE_NAME,
-    ]
-
-
 COMPONENTS: tuple[Component, ...] = (
     Component(
         "etcd", ("etcd-client", "etcd-peer"), _etcd_argv,
@@ -146,9 +136,5 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         "kube-scheduler", ("scheduler",), _control_argv("kube-scheduler", "scheduler", "scheduler"),
         lambda lay, p, ctx: health.https_ok(p["scheduler"], "/healthz", ctx), "/healthz",
-    ),
-    Component(
-        "kubelet", (), _kubelet_argv,
-        lambda lay, p, ctx: health.node_ready(p["apiserver"], NODE_NAME, ctx), f"Node {NODE_NAME} Ready",
     ),
 )

@@ -17,7 +17,6 @@ from zstack_devcluster.containernode.network import NodeNetwork
 from zstack_devcluster.errors import DevclusterError
 from zstack_devcluster.health import admin_context
 from zstack_devcluster.kubeconfig import write_kubeconfig
-from zstack_devcluster.kubelet import runtime as kubelet_runtime
 from zstack_devcluster.layout import Layout
 from zstack_devcluster.pki import ensure_pki
 from zstack_devcluster.ports import free_port, port_is_free
@@ -25,26 +24,21 @@ from zstack_devcluster.progress import Say, Ticker, stderr_say
 from zstack_devcluster.state import ProcRecord, State, load, locked, save
 from zstack_devcluster.tools import missing_tools
 
-# Components are started phase by phase; a phase starts once the previous one is healthy. The node kinds:
-# "process" (the process kubelet, started beside the controllers) and "containers" (containernode/).
-NODE_KINDS = ("process", "containers")
-PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "process": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler", "kubelet")),
-    "containers": (("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler"),
-                   container_node.RUNTIME, container_node.AGENTS, container_node.POLICY),
-}
+# The one node kind (`zstack-dev up --node containers`): containerd, runc and a real kubelet (containernode/).
+NODE_KIND = "containers"
+# Components are started phase by phase; a phase starts once the previous one is healthy.
+PHASES: tuple[tuple[str, ...], ...] = (
+    ("etcd",), ("kube-apiserver",), ("kube-controller-manager", "kube-scheduler"),
+    container_node.RUNTIME, container_node.AGENTS, container_node.POLICY,
+)
 PHASE_TIMEOUT = {"etcd": 30.0, "kube-apiserver": 90.0, "kubelet": 60.0, "containerd": 30.0}
-REQUIRED_TOOLS = {
-    "process": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"),
-    "containers": ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet",
-                   "kube-proxy", "coredns", "pause", "kube-router"),
-}
-_BY_NAME = {c.name: c for c in COMPONENTS}
-_NODE_PROCESSES = ("kubelet", *container_node.RUNTIME, *container_node.AGENTS, *container_node.POLICY)
-# Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it can stop its pods while the
-# API still answers; etcd last.
+REQUIRED_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet",
+                  "kube-proxy", "coredns", "pause", "kube-router")
+_NODE_PROCESSES = (*container_node.RUNTIME, *container_node.AGENTS, *container_node.POLICY)
+# Stop order and SIGTERM grace (seconds) per tier: the kubelet first, so it starts no pod while the rest
+# stops (its pods are killed by cgroup right after it); etcd last.
 STOP_TIERS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("kubelet",), 15.0),  # the kubelet gives its containers up to 8 s (--shutdown-grace), then SIGKILL
+    (("kubelet",), 15.0),
     (("kube-proxy", "coredns", "network-policy", "containerd", "apiserver-bridge"), 5.0),
     (("kube-scheduler", "kube-controller-manager"), 5.0),
     (("kube-apiserver",), 10.0),
@@ -119,28 +113,29 @@ class UpResult:
 
 
 def components(lay: Layout, st: State) -> dict[str, Component]:
-    """The control plane plus the node of the kind `st` records, by name in start order."""
-    comps = {c.name: c for c in COMPONENTS if c.name != "kubelet"}
-    if st.node == "containers" and st.node_index is not None:
+    """The control plane plus, once `up` gave it a network, the container node; by name in start order."""
+    comps = {c.name: c for c in COMPONENTS}
+    if st.node_index is not None:
         comps.update({c.name: c for c in container_node.components(lay, NodeNetwork(st.node_index))})
-    else:
-        comps["kubelet"] = _BY_NAME["kubelet"]
     return comps
 
 
 def up(root: Path, say: Say = stderr_say, node: str | None = None) -> UpResult:
     """Start whatever is not running yet and wait until all of it is healthy. Idempotent.
 
-    ``node`` picks the node kind; None keeps the one this directory ran last ("process" at first).
+    ``node`` names the node kind: "containers", the only one (None means the same).
     """
+    if node not in (None, NODE_KIND):
+        raise DevclusterError(f"unknown node kind {node!r}: the only one is {NODE_KIND!r}")
     t0 = time.monotonic()
     lay = Layout(root)
     with locked(root):
-        st = load(root)
-        _choose_node(st, node or st.node)
-        missing = [t for t in missing_tools() if t in REQUIRED_TOOLS[st.node]]
+        missing = [t for t in missing_tools() if t in REQUIRED_TOOLS]
         if missing:
             raise DevclusterError(f"missing tool binaries: {', '.join(missing)}; run `zstack-dev tools` first")
+        st = load(root)
+        _choose_node(st)
+        save(root, st)  # the claimed network is this directory's from now on: `down` gives it back
         ensure_pki(lay.pki.root)
         ports = _allocate_ports(st)
         st.ports = ports
@@ -150,7 +145,7 @@ def up(root: Path, say: Say = stderr_say, node: str | None = None) -> UpResult:
         comps_by_name = components(lay, st)
         started: list[str] = []
         try:
-            for phase in PHASES[st.node]:
+            for phase in PHASES:
                 if phase == container_node.RUNTIME:
                     assert st.node_index is not None
                     st.sysctls = container_node.prepare(lay, NodeNetwork(st.node_index), ports, st.sysctls, say)
@@ -174,22 +169,21 @@ def up(root: Path, say: Say = stderr_say, node: str | None = None) -> UpResult:
     return UpResult(lay.kubeconfig, started, time.monotonic() - t0)
 
 
-def _choose_node(st: State, kind: str) -> None:
-    """Record the node kind (refusing to switch under a running node) and, for containers, its network."""
-    if kind not in NODE_KINDS:
-        raise DevclusterError(f"unknown node kind {kind!r}; use one of: {', '.join(NODE_KINDS)}")
-    if kind != st.node and any(procs.record_alive(st.procs.get(n)) for n in _NODE_PROCESSES):
-        raise DevclusterError(f"this devcluster runs a {st.node} node; run `zstack-dev down` first, "
-                              f"then `zstack-dev up --node {kind}`")
-    st.node = kind
-    if kind == "containers" and st.node_index is None:  # kept until `down` gives the network back
-        st.node_index = node_network.pick().index
+def _choose_node(st: State) -> None:
+    """Record the container node and claim its network (kept until `down` gives it back). The node of
+    another kind that a state.json of an older checkout may record is refused while it runs."""
+    if st.node != NODE_KIND and any(procs.record_alive(st.procs.get(n)) for n in _NODE_PROCESSES):
+        raise DevclusterError(f"this devcluster runs a {st.node!r} node of an older checkout: run `zstack-dev down` "
+                              "first, then `zstack-dev up`")
+    st.node = NODE_KIND
+    if st.node_index is None:
+        st.node_index = node_network.claim().index
 
 
 def _release_idle_node(lay: Layout, st: State, say: Say) -> None:
     """After a failed `up`: when no process of the container node runs, give its network namespace, veth,
     cgroups, mounts and sysctls back, as `down` would (a failure partway left them until `down`)."""
-    if st.node != "containers" or st.node_index is None:
+    if st.node_index is None:
         return
     if any(procs.record_alive(st.procs.get(n)) for n in _NODE_PROCESSES):
         return
@@ -219,12 +213,11 @@ def _ensure_running(lay: Layout, ports: Ports, comp: Component, st: State, start
 
 
 def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
-    """Stop the named components tier by tier (STOP_TIERS), then any leftover pod processes.
+    """Stop the named components tier by tier (STOP_TIERS), then any leftover processes they started.
 
     Clients go before the API server (it drains open connections before exiting) and etcd goes last.
-    Process-kubelet pods run in their own sessions, so they are found by pid: the process trees snapshotted
-    before stopping, and the kubelet's pidfiles (which also cover pods of a kubelet that crashed). Container
-    pods are found by their cgroups, and their shims by the containerd they serve.
+    Pods are found by their cgroups, and their shims by the containerd they serve; any other process the
+    components started, by the process trees snapshotted before stopping.
 
     Returns the names of the components that were running.
     """
@@ -235,12 +228,9 @@ def _stop(lay: Layout, st: State, names: list[str], say: Say) -> list[str]:
         group = [live[n] for n in tier if n in live]
         if group:
             procs.stop_groups([(r.pid, r.start_time) for r in group], grace)
-        if "kubelet" in tier and "kubelet" in recs:
-            # Read after the kubelet stopped, so containers it started meanwhile are included.
-            if st.node == "containers" and st.node_index is not None:
-                container_node.kill_pods(lay, NodeNetwork(st.node_index))
-            else:  # by session, so children whose container leader already exited are found too
-                kubelet_runtime.kill_leftovers(lay.kubelet_root)
+        if "kubelet" in tier and "kubelet" in recs and st.node_index is not None:
+            # After the kubelet stopped, so containers it started meanwhile are included.
+            container_node.kill_pods(lay, NodeNetwork(st.node_index))
     leftover = set()
     for pid, start in orphans:
         info = procs.read_proc(pid)
@@ -263,13 +253,13 @@ def down(root: Path, say: Say = stderr_say, purge: bool = False) -> list[str]:
     with locked(root):
         st = load(root)
         stopped = _stop(lay, st, [n for tier, _ in STOP_TIERS for n in tier], say)
-        if st.node == "containers" and st.node_index is not None:
+        if st.node_index is not None:
             container_node.teardown(lay, NodeNetwork(st.node_index), st.sysctls, say)
             st.sysctls, st.node_index = {}, None
         save(root, st)
         say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         if purge:
-            for sub in ("etcd", "pki", "kubeconfigs", "kubelet", "logs", "apiserver", "node"):
+            for sub in ("etcd", "pki", "kubeconfigs", "logs", "apiserver", "node"):
                 shutil.rmtree(root / sub, ignore_errors=True)
             for f in (lay.kubeconfig, root / "state.json"):
                 f.unlink(missing_ok=True)
@@ -293,21 +283,24 @@ class ComponentStatus:
 
 
 def status(root: Path) -> list[ComponentStatus]:
-    """Per component: recorded pid, whether it still runs, and whether its health check passes."""
+    """Per component: recorded pid, whether it still runs, and whether its health check passes. The node's
+    processes are listed, never healthy, before `up` gave the node a network."""
     lay = Layout(root)
     st = load(root)
     ctx = admin_context(lay.pki) if lay.pki.client_crt("admin").exists() else None
+    comps = components(lay, st)
     rows = []
-    for comp in components(lay, st).values():
-        rec: ProcRecord | None = st.procs.get(comp.name)
+    for name in [*comps, *(n for n in _NODE_PROCESSES if n not in comps)]:
+        comp = comps.get(name)
+        rec: ProcRecord | None = st.procs.get(name)
         running = procs.record_alive(rec)
         healthy = False
-        if running and ctx is not None and all(p in st.ports for p in ("apiserver", *comp.ports)):
+        if comp and running and ctx is not None and all(p in st.ports for p in ("apiserver", *comp.ports)):
             healthy = comp.healthy(lay, st.ports, ctx)
         rows.append(
             ComponentStatus(
-                name=comp.name, pid=rec.pid if rec else None, running=running, healthy=healthy,
-                ports={p: st.ports[p] for p in comp.ports if p in st.ports}, log=lay.log(comp.name),
+                name=name, pid=rec.pid if rec else None, running=running, healthy=healthy,
+                ports={p: st.ports[p] for p in (comp.ports if comp else ()) if p in st.ports}, log=lay.log(name),
             )
         )
     return rows

@@ -215,7 +215,7 @@ def _check_ready_to_start(root: Path) -> NodeFiles:
     if not controlplane.is_up(root):
         raise DemoError(f"the devcluster in {root} is not running: start it with `zstack-dev up --node containers`")
     if state.load(root).node != "containers":
-        raise DemoError(f"the devcluster in {root} runs the process kubelet; the demo runs in containers: "
+        raise DemoError(f"the devcluster in {root} runs the node of an older checkout; the demo runs in containers: "
                         "`zstack-dev down`, then `zstack-dev up --node containers` (needs root)")
     for path in (CHART, CRD, EXAMPLE):
         if not path.exists():

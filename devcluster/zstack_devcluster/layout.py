@@ -41,10 +41,6 @@ class Layout:
         return self.root / "etcd"
 
     @property
-    def kubelet_root(self) -> Path:
-        return self.root / "kubelet"
-
-    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

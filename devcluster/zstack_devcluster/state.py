@@ -29,7 +29,7 @@ class State:
 
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, ProcRecord] = field(default_factory=dict)
-    node: str = "process"  # the node kind: "process" (the process kubelet) or "containers"
+    node: str = "containers"  # the node kind; an older checkout may have recorded "process"
     node_index: int | None = None  # the container node's network number (containernode.network)
     sysctls: dict[str, str] = field(default_factory=dict)  # what the container node's kubelet found
 
@@ -42,7 +42,7 @@ def load(root: Path) -> State:
     except FileNotFoundError:
         return State()
     procs = {name: ProcRecord(**rec) for name, rec in raw.get("procs", {}).items()}
-    return State(ports=dict(raw.get("ports", {})), procs=procs, node=raw.get("node", "process"),
+    return State(ports=dict(raw.get("ports", {})), procs=procs, node=raw.get("node", "containers"),
                  node_index=raw.get("node_index"), sysctls=dict(raw.get("sysctls", {})))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from zstack_kube.errors import KubeError
 
-SA_NAMESPACE_FILE = "var/run/secrets/kubernetes.io/serviceaccount/namespace"
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def configuration(kubeconfig: str | os.PathLike[str] | None = None) -> Any:
@@ -66,23 +66,11 @@ def without_retries(api_client: Any) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
-def in_pod(path: str | Path) -> Path:
-    """An absolute path of the pod's filesystem. The process kubelet of the dev cluster cannot give a process
-    its own /, so it puts a pod's mounts below $ZSTACK_POD_ROOT: a file there wins."""
-    root = os.environ.get("ZSTACK_POD_ROOT")
-    if root and Path(path).is_absolute():
-        below = Path(root) / Path(path).relative_to("/")
-        if below.exists():
-            return below
-    return Path(path)
-
-
 def namespace(explicit: str | None) -> str:
     """The namespace: --pod-namespace / POD_NAMESPACE, else the ServiceAccount's namespace file."""
     if explicit:
         return explicit
-    path = in_pod("/" + SA_NAMESPACE_FILE)
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    if SA_NAMESPACE_FILE.is_file() and SA_NAMESPACE_FILE.read_text().strip():
+        return SA_NAMESPACE_FILE.read_text().strip()
     raise KubeError("Kubernetes is on but the namespace is unknown: set --pod-namespace / POD_NAMESPACE "
                     "(the downward API's metadata.namespace)")

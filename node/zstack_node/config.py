@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from zstack_kube.login import in_pod
 from zstack_node import tls
 from zstack_node.cloud.settings import CloudSettings
 from zstack_node.cloud.tokens import ApiTokens
@@ -155,7 +155,7 @@ def url_setting(name: str, value: str | None, path: str | None) -> str:
         raise ConfigError(f"{names}: pass exactly one of them" if value else f"{names} is required")
     if value:
         return value
-    resolved = in_pod(path)
+    resolved = Path(path)
     try:
         text = resolved.read_text().strip()
     except OSError as exc:

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from zstack_kube.login import in_pod
 from zstack_node import metrics
 from zstack_node.errors import ConfigError
 
@@ -114,7 +113,7 @@ class ServerTls:
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         """Load the pair; raise ConfigError naming the flag and file if it cannot be served."""
-        self.cert_path, self.key_path = in_pod(cert_file), in_pod(key_file)
+        self.cert_path, self.key_path = Path(cert_file), Path(key_file)
         self.context = server_context()
         self._served = CertificatePair.read(self.cert_path, self.key_path)
         self._refused: bytes | str | None = None  # the digest (or read error) of the last pair refused
@@ -197,7 +196,7 @@ def check_files(cert_file: str | None, key_file: str | None) -> None:
         raise ConfigError(f"{CERT_FLAG} and {KEY_FLAG} go together: pass both for HTTPS, or neither for plain "
                           "HTTP")
     if cert_file and key_file:
-        CertificatePair.read(in_pod(cert_file), in_pod(key_file))
+        CertificatePair.read(Path(cert_file), Path(key_file))
 
 
 def _read(path: Path, flag: str) -> bytes:

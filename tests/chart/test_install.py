@@ -1,5 +1,6 @@
-"""`helm install` of charts/zstack-operator on the devcluster, watching one namespace: the process kubelet runs
-the operator pod, the example ZStackCluster becomes Ready, and `helm uninstall` keeps the CRD.
+"""`helm install` of charts/zstack-operator on the devcluster, watching one namespace: the operator pod runs in
+a container from our image, the example ZStackCluster becomes Ready, and `helm uninstall` keeps the CRD.
+The chart's values for this node (our image, what its NetworkPolicy must let through) are `make demo`'s.
 
 (`make demo`, tested in tests/e2e/test_user_path.py, installs the same chart watching every namespace.)
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +21,8 @@ import yaml
 from tests.fixtures.chart import CHART, REPO, helm
 from tests.fixtures.kube import KubeCluster
 from tests.k8s.conftest import wait_for
-from zstack_devcluster.ports import free_port
+from zstack_devcluster import demo
+from zstack_devcluster import images as builds
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -61,12 +64,13 @@ def _apply_example(cluster: KubeCluster, namespace: str, broker: str, database: 
                for name, url in (("demo-external-broker", broker), ("demo-external-database", database))]
     example = yaml.safe_load(EXAMPLE.read_text())
     example["metadata"]["namespace"] = namespace
-    example["spec"]["api"] = {"port": free_port()}  # pod IPs are host addresses: keep clear of anything on 8080
+    example["spec"].update(image=builds.image_name("node"), imagePullPolicy="Never")
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([*secrets, example]))
 
 
 @pytest.fixture(scope="module")
-def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[Release]:
+def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any, pods_reach: Callable[[str], str],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     suffix = uuid.uuid4().hex[:6]
     rel = Release(devcluster, f"zso-{suffix}", f"zso-{suffix}", f"zsw-{suffix}", f"zsu-{suffix}", "")
     for ns in (rel.watched, rel.unwatched, rel.namespace):
@@ -77,13 +81,13 @@ def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[R
     rabbitmq.start()
     database = postgres.create_database(f"zsw_{suffix}")
     vhost = f"zsw-{suffix}"
-    urls = (rabbitmq.add_vhost(vhost), postgres.url_for(database))
+    urls = (pods_reach(rabbitmq.add_vhost(vhost)), pods_reach(postgres.url_for(database)))
+    values = Path(tmp_path_factory.mktemp("chart")) / "values.yaml"
+    values.write_text(yaml.safe_dump(demo.chart_values(devcluster.root)))
     try:
         rel.install_output = helm(
-            "install", rel.name, str(CHART), "--namespace", rel.namespace, "--wait",
-            "--timeout", "3m", "--set-json", f"watchNamespaces={json.dumps([rel.watched])}",
-            # The process kubelet runs pods in the host's network: each listens on its own pod IP only.
-            "--set-string", "metrics.bindAddress=$(POD_IP)",
+            "install", rel.name, str(CHART), "--namespace", rel.namespace, "--wait", "--timeout", "3m",
+            "--values", str(values), "--set-json", f"watchNamespaces={json.dumps([rel.watched])}",
             # The default name belongs to `make demo`'s release, which may share this devcluster.
             "--set-string", f"rbac.mnClusterRole={rel.mn_cluster_role}",
             kubeconfig=devcluster.kubeconfig).stdout
@@ -103,11 +107,14 @@ def release(devcluster: KubeCluster, postgres: Any, rabbitmq: Any) -> Iterator[R
         rabbitmq.delete_vhost(vhost)
 
 
-def test_install_runs_the_operator_pod_under_the_process_kubelet(release: Release) -> None:
+def test_install_runs_the_operator_pod_in_a_container_of_our_image(release: Release) -> None:
     notes = release.install_output.split("NOTES:", 1)[1]
     assert "zstack-operator:0.1.0" in notes and release.watched in notes and "kubectl get zsc" in notes
     (pod,) = release.operator_pods()
     assert pod["spec"]["serviceAccountName"] == release.fullname
+    (container,) = pod["status"]["containerStatuses"]
+    assert container["image"] == builds.image_name("operator"), container
+    assert container["containerID"].startswith("containerd://"), container
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True", pod["status"]
     ip = pod["status"]["podIP"]

@@ -12,7 +12,9 @@ import ipaddress
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from tests.fixtures.containernode import ContainerNode, restricted, wait_for
 from zstack_devcluster import controlplane, procs, tools
 from zstack_devcluster import images as builds
-from zstack_devcluster.containernode import config, host
+from zstack_devcluster.containernode import config, host, network
 from zstack_devcluster.containernode import node as container_node
 from zstack_devcluster.containernode.config import NodeFiles
 from zstack_devcluster.errors import DevclusterError
@@ -200,3 +202,21 @@ def test_an_up_that_fails_partway_gives_the_host_back(tmp_path: Path, monkeypatc
     after = host_snapshot()
     for key, value in before.items():
         assert after[key] == value, f"{key} changed: {value} -> {after[key]}"
+
+
+def test_ups_that_start_together_never_share_a_node_network() -> None:
+    """Each `up` claims its network by creating its namespace, which only one of them can do."""
+    barrier = threading.Barrier(4)
+
+    def claim_together() -> network.NodeNetwork:
+        barrier.wait()
+        return network.claim()
+
+    with ThreadPoolExecutor(4) as pool:
+        claimed = list(pool.map(lambda _: claim_together(), range(4)))
+    try:
+        assert len({net.index for net in claimed}) == 4, [net.index for net in claimed]
+        assert all(network.exists(net) for net in claimed)
+    finally:
+        for net in claimed:
+            network.destroy(net)

@@ -1,4 +1,5 @@
-"""The devcluster control plane: a Ready node, garbage collection, idempotent up, env, clean down."""
+"""The devcluster control plane and its container node: a Ready node, garbage collection, idempotent up, env,
+clean down."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kube import KubeCluster
-from zstack_devcluster import procs, tools
+from zstack_devcluster import controlplane, procs, tools
+from zstack_devcluster import images as builds
 from zstack_devcluster.layout import NODE_NAME
 from zstack_devcluster.state import load
 
@@ -144,13 +146,14 @@ SLEEPER = {
     "metadata": {"name": "sleeper", "namespace": "default"},
     "spec": {
         "terminationGracePeriodSeconds": 2,
-        "containers": [{"name": "main", "image": "none", "command": ["sleep", "3600"]}],
+        "containers": [{"name": "main", "image": builds.image_name("node"), "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"]}],
     },
 }
 
 
 @pytest.mark.slow
-def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
+def test_down_leaves_no_process_behind(tmp_path: Path, images_built: object) -> None:
     """A cluster of its own (with a running pod): after `down`, none of its processes remain."""
     root = tmp_path / "dev"
     cluster = KubeCluster(root=root, started_here=True)
@@ -160,20 +163,22 @@ def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
     try:
         assert up.returncode == 0, up.stderr
         recorded = _recorded_pids(root)
-        assert len(recorded) == 5 and all(procs.is_alive(*p) for p in recorded.values())
+        assert set(recorded) == {row.name for row in controlplane.status(root)}, recorded
+        assert len(recorded) == 10 and all(procs.is_alive(*p) for p in recorded.values())
 
-        # A pod process too: `down` must not leave the kubelet's children behind.
+        # A pod process too: `down` must not leave the kubelet's containers behind.
         def created() -> bool:  # retried: the `default` ServiceAccount appears shortly after start
             return cluster.kubectl("apply", "-f", "-", input=json.dumps(SLEEPER), check=False).returncode == 0
 
         wait_for("the sleeper pod to be accepted", created, timeout=60, interval=1)
         cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Running", "pod/sleeper", "--timeout=60s")
-        kubelet = load(root).procs["kubelet"]
-        tree = procs.descendants([kubelet])
-        assert any(b"sleep" in Path(f"/proc/{p.pid}/cmdline").read_bytes() for p in tree), tree
+        pid = cluster.container_pid("default", "sleeper", "main")
+        assert pid is not None and b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        sleeper = procs.read_proc(pid)
+        assert sleeper is not None
 
-        running = _processes_of(root) | {(p.pid, p.start_time) for p in tree} | set(recorded.values())
-        assert len(running) >= 6, running
+        running = _processes_of(root) | {(pid, sleeper.start_time)} | set(recorded.values())
+        assert len(running) >= 11, running
     finally:
         down = cluster.zstack_dev("down")
     assert down.returncode == 0, down.stderr

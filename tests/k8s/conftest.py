@@ -1,5 +1,6 @@
-"""MN pods on the devcluster: a plain StatefulSet of `zstack-node`, its ServiceAccount bound to
-node/manifests/mn-rbac.yaml, real RabbitMQ and PostgreSQL. One namespace, database and vhost per test.
+"""MN pods on the devcluster's container node: a plain StatefulSet of our `zstack-node` image, its
+ServiceAccount bound to node/zstack_node/manifests/mn-rbac.yaml, real RabbitMQ and PostgreSQL (on this
+machine, reached at the host's end of the node's veth). One namespace, database and vhost per test.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import ssl
-import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.fixtures.kube import KubeCluster
-from zstack_devcluster.layout import Layout
+from zstack_devcluster import images as builds
 from zstack_devcluster.ports import free_port
 from zstack_devcluster.tcpproxy import TcpProxy
 
@@ -124,7 +124,6 @@ class MnPods(InNamespace):
     database_url: str
     replicas: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
-    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "zstack_node"])
     _api: Any = field(default=None, repr=False)
 
     # ---- the API ---------------------------------------------------------------------------
@@ -159,7 +158,7 @@ class MnPods(InNamespace):
             {"name": "ZSTACK_CLUSTER", "value": CLUSTER},
         ] + [{"name": k, "value": v} for k, v in self.extra_env.items()]
         container = {
-            "name": "mn", "image": "zstack-node", "command": self.command, "env": env,
+            "name": "mn", "image": builds.image_name("node"), "imagePullPolicy": "Never", "env": env,
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": self.port}, "periodSeconds": 1},
         }
         return {
@@ -214,21 +213,14 @@ class MnPods(InNamespace):
     def lease(self, name: str) -> dict[str, Any] | None:
         return self.get("lease", name)
 
-    def pod_dir(self, name: str) -> Path | None:
-        uid = (self.pod(name) or {}).get("metadata", {}).get("uid")
-        path = Layout(self.cluster.root).kubelet_root / "pods" / f"{self.ns}_{name}_{uid}"
-        return path if uid and path.exists() else None
-
     def pid(self, name: str) -> int:
-        """The MN process of a pod, from the process kubelet's pidfile."""
-        pod_dir = wait_for(f"the pod directory of {name}", lambda: self.pod_dir(name), 10)
-        pidfile = pod_dir / "run" / "mn.pid"
-        return int(wait_for(f"{pidfile}", lambda: pidfile.read_text().split()[0], 10))
+        """The host PID of the pod's running MN container (its main process: zstack-node)."""
+        return wait_for(f"the MN container of {name} to run", lambda: self.cluster.container_pid(self.ns, name, "mn"),
+                        30)
 
     def log(self, name: str) -> str:
-        paths = sorted((Layout(self.cluster.root).kubelet_root / "pods").glob(f"{self.ns}_{name}_*/logs/mn.log"),
-                       key=lambda p: p.stat().st_mtime)
-        return "".join(p.read_text(errors="replace") for p in paths)
+        """What the MN container of pod `name` wrote, over every restart."""
+        return self.cluster.pod_log(self.ns, name, "mn")
 
 
 class RingRecorder:
@@ -283,12 +275,13 @@ def api_proxy(devcluster: KubeCluster) -> Iterator[TcpProxy]:
 
 
 @pytest.fixture
-def mn_pods(devcluster: KubeCluster, fresh_database: str, fresh_vhost: str) -> Iterator[MnPods]:
+def mn_pods(devcluster: KubeCluster, fresh_database: str, fresh_vhost: str,
+            pods_reach: Callable[[str], str]) -> Iterator[MnPods]:
     """A fresh namespace with the MN ServiceAccount and RBAC; `deploy()` starts the 3 MN pods."""
     ns = f"mn-{uuid.uuid4().hex[:8]}"
     devcluster.kubectl("create", "namespace", ns)
     devcluster.kubectl("-n", ns, "apply", "-f", "-", input=mn_rbac(MN_CLUSTER_ROLE))
-    pods = MnPods(devcluster, ns, free_port(), fresh_vhost, fresh_database)
+    pods = MnPods(devcluster, ns, free_port(), pods_reach(fresh_vhost), pods_reach(fresh_database))
     try:
         yield pods
     finally:

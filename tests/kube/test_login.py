@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zstack_kube import login as login_module
 from zstack_kube.errors import KubeError
-from zstack_kube.login import SA_NAMESPACE_FILE, configuration, login, namespace, without_retries
+from zstack_kube.login import configuration, login, namespace, without_retries
 
 
 def kubeconfig(path: Path, server: str) -> Path:
@@ -64,15 +65,12 @@ def test_login_options(tmp_path: Path) -> None:
 
 def test_namespace_explicit_else_the_service_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert namespace("given") == "given"
-    monkeypatch.setenv("ZSTACK_POD_ROOT", str(tmp_path))
-    (tmp_path / SA_NAMESPACE_FILE).parent.mkdir(parents=True)
-    (tmp_path / SA_NAMESPACE_FILE).write_text("zstack\n")
+    monkeypatch.setattr(login_module, "SA_NAMESPACE_FILE", tmp_path / "namespace")
+    (tmp_path / "namespace").write_text("zstack\n")
     assert namespace(None) == "zstack"
 
 
 def test_an_unknown_namespace_is_a_kube_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if (Path("/") / SA_NAMESPACE_FILE).is_file():
-        pytest.skip("this host runs in a pod: it has a ServiceAccount namespace")
-    monkeypatch.setenv("ZSTACK_POD_ROOT", str(tmp_path))
+    monkeypatch.setattr(login_module, "SA_NAMESPACE_FILE", tmp_path / "namespace")
     with pytest.raises(KubeError, match="namespace is unknown"):
         namespace("")

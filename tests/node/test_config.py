@@ -95,7 +95,7 @@ def test_bad_lease_settings_name_the_setting(override, named):
 def test_cli_with_leases_forced_on_needs_a_namespace():
     result = CliRunner().invoke(main, ["--kubernetes", "on"], env={
         "ZSTACK_BROKER_URL": GOOD["broker_url"], "ZSTACK_DATABASE_URL": GOOD["database_url"],
-        "POD_NAMESPACE": None, "ZSTACK_POD_ROOT": None})
+        "POD_NAMESPACE": None})
     assert result.exit_code == 2
     assert "POD_NAMESPACE" in result.output
 

@@ -1,6 +1,9 @@
 """The operator on the devcluster: the ZStackCluster CRD, the operator running as its own ServiceAccount
 (proving the Helm chart's RBAC is enough), and one ZStackCluster `demo` per test in external mode
 against the session's RabbitMQ and PostgreSQL.
+
+The operator runs on this machine, its MN pods in containers on the devcluster's node, from our image.
+Their API is opened to this machine (`spec.api.allowFrom`), where the operator and the tests reach them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tests.k8s.conftest import (
     pod_ip,
     wait_for,
 )
-from zstack_devcluster.layout import Layout
+from zstack_devcluster import images as builds
 from zstack_devcluster.ports import free_port
 from zstack_devcluster.tcpproxy import TcpProxy
 
@@ -319,8 +322,10 @@ class Zsc(InNamespace):
         metadata = overrides.pop("metadata", {})
         spec = {
             "replicas": 3,
+            "image": builds.image_name("node"),
+            "imagePullPolicy": "Never",  # imported into the node; nothing is ever pulled
             "terminationGracePeriodSeconds": 15,
-            "api": {"port": self.port},
+            "api": {"port": self.port, "allowFrom": [{"namespaceSelector": {}}, self.cluster.this_machine()]},
             "broker": {"external": {"secretRef": {"name": "external-broker", "key": "url"}}},
             "database": {"external": {"secretRef": {"name": "external-database", "key": "url"}}},
         }
@@ -485,10 +490,8 @@ class Zsc(InNamespace):
         wait_for(f"MN pods {names or 'all'} to be gone", gone, timeout, interval=0.2, info=self.describe)
 
     def log(self, name: str) -> str:
-        """Every run's log of the MN container of pod `name` (kept by the kubelet after the pod is deleted)."""
-        pods = Layout(self.cluster.root).kubelet_root / "pods"
-        paths = sorted(pods.glob(f"{self.ns}_{name}_*/logs/mn.log"), key=lambda p: p.stat().st_mtime)
-        return "".join(p.read_text(errors="replace") for p in paths)
+        """Every run's log of the MN container of pod `name`, also after the pod is deleted."""
+        return self.cluster.pod_log(self.ns, name, "mn")
 
     def describe(self) -> str:
         cr = self.kubectl("get", "zsc", self.name, "-o", "yaml", check=False)
@@ -518,7 +521,7 @@ def printer_columns(table: str) -> list[dict[str, str]]:
 
 @pytest.fixture
 def zsc(devcluster: KubeCluster, crd: None, operator_factory: OperatorFactory, fresh_database: str,
-        fresh_vhost: str) -> Iterator[Zsc]:
+        fresh_vhost: str, pods_reach: Callable[[str], str]) -> Iterator[Zsc]:
     """A fresh namespace holding the Secrets external-broker and external-database (key `url`); `apply()`
     creates the ZStackCluster. Teardown deletes it and waits for the MN pods to go before the database is
     dropped, and before the operators stop."""
@@ -527,7 +530,7 @@ def zsc(devcluster: KubeCluster, crd: None, operator_factory: OperatorFactory, f
     # Every pod the operator makes must pass Pod Security "restricted": the API server refuses any other here.
     devcluster.kubectl("label", "namespace", ns, f"{PSA_ENFORCE}=restricted")
     for secret, url in (("external-broker", fresh_vhost), ("external-database", fresh_database)):
-        devcluster.kubectl("-n", ns, "create", "secret", "generic", secret, f"--from-literal=url={url}")
+        devcluster.kubectl("-n", ns, "create", "secret", "generic", secret, f"--from-literal=url={pods_reach(url)}")
     cluster = Zsc(devcluster, ns, free_port(), operator_factory)
     try:
         yield cluster

@@ -3,7 +3,7 @@ both ways with graceful leaves, survives pod deletion, pauses, and is deleted wi
 cluster causes no writes; the operator restarts without rewriting anything, and a leader cut off from the API
 server exits before a standby takes over.
 
-The MN pods run under the process kubelet in external mode against the session's RabbitMQ and PostgreSQL.
+The MN pods run in containers on the devcluster's node, in external mode against the session's RabbitMQ and PostgreSQL.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from tests.operator.conftest import (
     OperatorProcess,
     Zsc,
 )
+from zstack_devcluster import images as builds
 from zstack_devcluster.services import PostgreSQL, RabbitMQ
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -92,7 +93,9 @@ def _policy(zsc: Zsc, name: str) -> dict[str, Any]:
 def test_managed_pods_pass_restricted_and_accept_only_their_mns(operator: OperatorProcess, zsc: Zsc) -> None:
     labels = zsc.cluster.kubectl("get", "namespace", zsc.ns, "-o", "jsonpath={.metadata.labels}").stdout
     assert '"pod-security.kubernetes.io/enforce":"restricted"' in labels
-    zsc.apply(replicas=1, broker={"external": None, "managed": {}}, database={"external": None, "managed": {}})
+    zsc.apply(replicas=1, api={"allowFrom": None},  # the default
+              broker={"external": None, "managed": {"image": builds.image_name("rabbitmq")}},
+              database={"external": None, "managed": {"image": builds.image_name("postgresql")}})
     # A pod that failed "restricted" would never exist: the API server refuses it at admission.
     for pod in ("demo-mn-0", "demo-rabbitmq-0", "demo-postgresql-0"):
         wait_for(f"pod {pod} admitted under restricted", lambda pod=pod: zsc.get("pod", pod), TIMEOUT, interval=0.5,

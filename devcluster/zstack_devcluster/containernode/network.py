@@ -91,8 +91,10 @@ def _host_networks() -> list[ipaddress.IPv4Network]:
     return out
 
 
-def pick() -> NodeNetwork:
-    """The lowest node number whose namespace, links and networks are all unused on this machine."""
+def claim() -> NodeNetwork:
+    """The lowest node number whose namespace, links and networks are all unused on this machine, claimed by
+    making its namespace: `ip netns add` refuses a name that exists, so two `up`s that start at the same
+    moment in different directories never share a network."""
     links, routed = _host_links(), _host_networks()
     for index in range(MAX_NODES):
         net = NodeNetwork(index)
@@ -100,7 +102,8 @@ def pick() -> NodeNetwork:
         if (net.netns_path.exists() or {net.host_if, net.node_if} & links
                 or any(m.overlaps(r) for m in mine for r in routed)):
             continue
-        return net
+        if _ip("netns", "add", net.netns, check=False).returncode == 0:
+            return net
     raise DevclusterError(f"all {MAX_NODES} container node networks are in use; "
                           "run `zstack-dev down` in devcluster directories you no longer need")
 
@@ -109,12 +112,19 @@ def exists(net: NodeNetwork) -> bool:
     return net.netns_path.exists()
 
 
+def linked(net: NodeNetwork) -> bool:
+    """Whether the namespace exists and the veth joins it to the host."""
+    return exists(net) and net.host_if in _host_links()
+
+
 def create(net: NodeNetwork) -> None:
-    """Make the namespace, the veth pair, the addresses and the routes (idempotent)."""
-    if exists(net) and net.host_if in _host_links():
+    """Make the namespace (unless `claim` made it), the veth pair, the addresses and the routes (idempotent)."""
+    if linked(net):
         return
-    destroy(net)
-    _ip("netns", "add", net.netns)
+    if not exists(net):
+        if net.host_if in _host_links():  # the host's end of a veth whose namespace was deleted by hand
+            _ip("link", "delete", net.host_if)
+        _ip("netns", "add", net.netns)
     try:
         _ip("link", "add", net.host_if, "type", "veth", "peer", "name", net.node_if, "netns", net.netns)
         _ip("addr", "add", f"{net.host_ip}/30", "dev", net.host_if)

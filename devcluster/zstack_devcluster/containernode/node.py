@@ -98,7 +98,7 @@ def components(lay: Layout, net: NodeNetwork) -> tuple[Component, ...]:
 def prepare(lay: Layout, net: NodeNetwork, ports: Ports, sysctls: dict[str, str], say: Say) -> dict[str, str]:
     """Network, cgroup root and configs; returns the sysctls to restore at `down` (recorded once)."""
     check_host()
-    if not network.exists(net):
+    if not network.linked(net):
         say(f"  node network: namespace {net.netns}, veth {net.host_if} {net.host_ip} <-> {net.node_ip}, "
             f"pods {net.pod_cidr}")
     network.create(net)

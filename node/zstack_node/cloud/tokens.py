@@ -13,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-from zstack_kube.login import in_pod
 from zstack_node.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ class ApiTokens:
     """The valid tokens: `token` (a flag or env var), or those in `path`, reloaded when the file changes."""
 
     def __init__(self, token: str | None = None, path: str | None = None) -> None:
-        self._path = in_pod(path) if path else None
+        self._path = Path(path) if path else None
         self._stamp: tuple[int, int, int] | None = None
         self._tokens: tuple[bytes, ...] = (token.encode(),) if token else ()
         if self._path is not None:

@@ -1,1 +1,0 @@
-"""Process kubelet: runs the pods bound to one Node as local processes (see README.md)."""
