@@ -211,12 +211,9 @@ def up(root: Path, replicas: int = 3, timeout: float = 300.0, say: Say = stderr_
 
 
 def _check_ready_to_start(root: Path) -> NodeFiles:
-    """The node's files, once the devcluster runs a container node and every image is built."""
+    """The node's files, once the devcluster runs (`is_up` needs its container node) and every image is built."""
     if not controlplane.is_up(root):
         raise DemoError(f"the devcluster in {root} is not running: start it with `zstack-dev up --node containers`")
-    if state.load(root).node != "containers":
-        raise DemoError(f"the devcluster in {root} runs the node of an older checkout; the demo runs in containers: "
-                        "`zstack-dev down`, then `zstack-dev up --node containers` (needs root)")
     for path in (CHART, CRD, EXAMPLE):
         if not path.exists():
             raise DemoError(f"{path} is missing: run the demo from a source checkout of the project")
@@ -293,10 +290,9 @@ def down(root: Path, say: Say = stderr_say) -> bool:
             kube.helm("uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait", "--timeout", "2m", check=False)
             kube.kubectl("-n", OPERATOR_NS, "wait", "--for=delete", "pod", "-l", OPERATOR_SELECTOR, "--timeout=60s",
                          check=False)  # helm waits for the Deployment, not for its pod
-        if state.load(root).node == "containers":
-            kube.kubectl("-n", NAMESPACE, "wait", "--for=delete", "pvc", "-l", CLUSTER_SELECTOR, "--timeout=60s",
-                         check=False)
-            recycle_volumes(Layout(root), say)
+        kube.kubectl("-n", NAMESPACE, "wait", "--for=delete", "pvc", "-l", CLUSTER_SELECTOR, "--timeout=60s",
+                     check=False)
+        recycle_volumes(Layout(root), say)
     if stop_prometheus(root):
         ran = True
         say("Prometheus stopped")
