@@ -140,6 +140,9 @@ def test_pods_run_in_containers_and_reach_services_by_dns_name(node: tuple[Conta
         assert ipaddress.ip_address(status["podIP"]) in ipaddress.ip_network("100.96.0.0/12")
 
 
+# The Node authorizer answers from a graph of pods bound to nodes, which lags the API by a moment: a kubelet
+# that reads a pod just bound to it may be refused once, and retries (as on any cluster).
+NODE_GRAPH_LAG = "no relationship found between node"
 IDENTITIES = {"kubelet": ("system:node:devcluster", ["system:nodes", "system:authenticated"]),
               "kube-proxy": ("system:kube-proxy", ["system:authenticated"]),
               "coredns": ("zstack-dev:coredns", ["system:authenticated"]),
@@ -165,7 +168,9 @@ def test_each_component_of_the_node_is_itself_to_the_api_server_never_the_admin(
             answer = as_component(component, "auth", "can-i", *forbidden)  # "no", maybe with a reason
             assert answer.split()[0] == "no", f"{component} may {forbidden}: {answer}"
         log = (Layout(cluster.root).log("network-policy" if component == "kube-router" else component)).read_text()
-        assert "forbidden" not in log.lower(), f"{component} was refused something it needs: {log[-2000:]}"
+        refused = [line for line in log.splitlines() if "forbidden" in line.lower()
+                   and NODE_GRAPH_LAG not in line]
+        assert not refused, f"{component} was refused something it needs: {refused[:5]}"
 
 
 def test_down_leaves_the_host_as_it_was(node: tuple[ContainerNode, dict]) -> None:
